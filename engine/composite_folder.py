@@ -1,0 +1,185 @@
+"""The composite model folder: K experts and their gate under one architecture.
+
+Layout (every file an ordinary Hugging Face / vLLM file, so vLLM loads it
+with no special loader)::
+
+    config.json                     the experts' shared config, architectures =
+                                    ["GatemixForCausalLM"], plus a "gatemix" block
+    experts-0000k-of-0000K.safetensors   expert k's tensors, named "experts.{k}.<hf name>"
+    model.safetensors.index.json
+    gate/router.json, gate/router.safetensors   the router artifact (gatemix.gate.artifact)
+    tokenizer files, generation_config.json     copied from the first expert
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from gatemix.engine.expert_folder import ExpertFolder, ExpertFolderError, check_compatible, read_expert
+from gatemix.gate.artifact import ArtifactError, RouterArtifact, load_router, save_router
+from gatemix.gate.router import constant_router
+
+logger = logging.getLogger(__name__)
+
+COMPOSITE_FORMAT = "gatemix-composite/1"
+COMPOSITE_ARCHITECTURE = "GatemixForCausalLM"
+GATE_SUBDIR = "gate"
+COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+class PackError(ValueError):
+    """Packing refused; the message is one line and nothing was written."""
+
+
+@dataclass(frozen=True)
+class CompositeInfo:
+    """What the server and the engine need to know about a composite folder."""
+
+    path: Path
+    expert_names: list[str]
+    expert_hashes: dict[str, str]
+    gate_version: str
+    gate_method: str
+    gate_created_at: float
+
+    @classmethod
+    def read(cls, path: str | Path) -> CompositeInfo:
+        path = Path(path)
+        try:
+            config = json.loads((path / "config.json").read_text())
+            block = config["gatemix"]
+            if block.get("format") != COMPOSITE_FORMAT:
+                raise KeyError("format")
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise PackError(f"{path} is not a gatemix composite folder ({exc})") from exc
+        gate = json.loads((path / GATE_SUBDIR / "router.json").read_text())
+        return cls(
+            path=path,
+            expert_names=list(block["expert_names"]),
+            expert_hashes=dict(block["expert_hashes"]),
+            gate_version=gate["version"],
+            gate_method=gate["method"],
+            gate_created_at=float(gate.get("created_at", 0.0)),
+        )
+
+
+def parse_gate_spec(spec: str | None, experts: list[ExpertFolder]) -> RouterArtifact:
+    """``None``/"uniform", "name=w,..." or "w1,w2,..." -> a constant router; else an artifact folder."""
+    names = [expert.name for expert in experts]
+    hashes = {expert.name: expert.weights_hash for expert in experts}
+    hidden_size = int(experts[0].config["hidden_size"])
+    if spec is None or spec == "uniform":
+        weights = [1.0] * len(names)
+    elif Path(spec).is_dir():
+        try:
+            artifact = load_router(spec)
+            artifact.check_experts(names, hashes)
+        except ArtifactError as exc:
+            raise PackError(str(exc)) from exc
+        if artifact.router.form.hidden_size != hidden_size:
+            raise PackError(f"router reads hidden size {artifact.router.form.hidden_size}, experts have {hidden_size}")
+        return artifact
+    else:
+        weights = _parse_weights(spec, names)
+    try:
+        router = constant_router(weights, hidden_size)
+    except ValueError as exc:
+        raise PackError(f"gate {spec!r}: {exc}") from exc
+    return RouterArtifact(router=router, expert_names=names, expert_hashes=hashes, method="constant")
+
+
+def _parse_weights(spec: str, names: list[str]) -> list[float]:
+    try:
+        if "=" in spec:
+            pairs = dict(item.split("=", 1) for item in spec.split(","))
+            unknown = set(pairs) - set(names)
+            if unknown:
+                raise PackError(f"gate names unknown experts {sorted(unknown)}; experts are {names}")
+            return [float(pairs.get(name, 0.0)) for name in names]
+        weights = [float(item) for item in spec.split(",")]
+    except ValueError as exc:
+        raise PackError(f"gate {spec!r} is not a folder, 'uniform', or a list of weights") from exc
+    if len(weights) != len(names):
+        raise PackError(f"gate has {len(weights)} weights for {len(names)} experts")
+    return weights
+
+
+def pack_composite(
+    expert_paths: list[str | Path],
+    out_dir: str | Path,
+    gate: str | RouterArtifact | None = None,
+    names: list[str] | None = None,
+    overwrite: bool = False,
+) -> CompositeInfo:
+    """Write one composite folder from expert folders; all checks run before any write."""
+    out_dir = Path(out_dir)
+    if names is not None and len(names) != len(expert_paths):
+        raise PackError(f"{len(names)} names for {len(expert_paths)} experts")
+    try:
+        experts = [read_expert(p, names[i] if names else None) for i, p in enumerate(expert_paths)]
+        check_compatible(experts)
+    except ExpertFolderError as exc:
+        raise PackError(str(exc)) from exc
+    artifact = gate if isinstance(gate, RouterArtifact) else parse_gate_spec(gate, experts)
+    if out_dir.exists() and not overwrite:
+        raise PackError(f"{out_dir} exists; pass --overwrite to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        _write_composite(experts, artifact, staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    logger.info("packed %d experts into %s (gate %s)", len(experts), out_dir, artifact.version)
+    return CompositeInfo.read(out_dir)
+
+
+def _write_composite(experts: list[ExpertFolder], artifact: RouterArtifact, staging: Path) -> None:
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    for index, expert in enumerate(experts):
+        file_name = f"experts-{index + 1:05d}-of-{len(experts):05d}.safetensors"
+        tensors = {}
+        for weights in expert.weight_files:
+            with safe_open(str(weights), framework="pt") as handle:
+                for key in handle.keys():
+                    tensors[f"experts.{index}.{key}"] = handle.get_tensor(key)
+        save_file(tensors, str(staging / file_name), metadata={"format": "pt"})
+        for key, tensor in tensors.items():
+            weight_map[key] = file_name
+            total_size += tensor.numel() * tensor.element_size()
+        del tensors
+    index_json = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (staging / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
+    save_router(artifact, staging / GATE_SUBDIR)
+    config = dict(experts[0].config)
+    config["architectures"] = [COMPOSITE_ARCHITECTURE]
+    config["gatemix"] = {
+        "format": COMPOSITE_FORMAT,
+        "expert_names": [expert.name for expert in experts],
+        "expert_hashes": {expert.name: expert.weights_hash for expert in experts},
+        "expert_architecture": experts[0].config["architectures"][0],
+        "gate_version": artifact.version,
+    }
+    (staging / "config.json").write_text(json.dumps(config, indent=2))
+    for name in COPIED_FILES:
+        source = experts[0].path / name
+        if source.is_file():
+            shutil.copy2(source, staging / name)

@@ -1,0 +1,223 @@
+"""GatemixForCausalLM: K Llama experts and their router as one vLLM model.
+
+Each engine step runs every expert over the same token batch (one forward pass
+per expert, sharing the scheduler, the paged KV cache and the sampler), then
+``compute_logits`` returns the exact mixture
+
+    log p(y | ctx) = logsumexp_k( log w_k(h_t) + log_softmax(z_k)(y) ),
+
+where ``w(h_t)`` is the router applied to the experts' final hidden states at
+that position. vLLM's sampler then treats these log-probs as logits, so
+temperature, top-p/top-k, penalties and logprobs apply to the mixture.
+
+``forward`` returns, per token, the K hidden states and the token's log gate
+weights (after per-request pins and restrictions). The weights travel with the
+hidden state so that every later use of it (sampling, or prompt logprobs for
+``echo`` scoring) mixes with the weights of that token's own request. They are
+stored as a bf16/fp16-safe (high, low) pair so half-precision models keep
+~16 bits of precision in the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import VllmConfig
+from vllm.distributed import get_pp_group
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.llama import LlamaDecoderLayer
+from vllm.sequence import IntermediateTensors
+
+from gatemix.engine.composite_folder import GATE_SUBDIR
+from gatemix.engine.request_gates import token_rows_from_forward_context, worker_gate_table
+from gatemix.gate.artifact import load_router
+from gatemix.gate.mixing import mix_logits
+from gatemix.gate.router import HiddenStateRouter, RouterForm
+
+logger = logging.getLogger(__name__)
+
+# HF checkpoint names -> vLLM's fused parameters (param suffix, checkpoint suffix, shard).
+STACKED_PARAMS = (
+    (".qkv_proj", ".q_proj", "q"),
+    (".qkv_proj", ".k_proj", "k"),
+    (".qkv_proj", ".v_proj", "v"),
+    (".gate_up_proj", ".gate_proj", 0),
+    (".gate_up_proj", ".up_proj", 1),
+)
+# Attention layers are named "gatemix.layers.{k * L + i}": vLLM binds KV caches
+# by the single integer in each attention layer's name, so it must be unique.
+ATTENTION_PREFIX = "gatemix.layers"
+LOG_WEIGHT_FLOOR = -1e4  # stands in for log 0; exp() of it is exactly 0 in float32
+
+
+class ExpertStack(nn.Module):
+    """One Llama expert: embeddings, decoder layers, final norm and LM head."""
+
+    def __init__(self, vllm_config: VllmConfig, expert_index: int) -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        quant_config = vllm_config.quant_config
+        num_layers = config.num_hidden_layers
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant_config)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(
+                vllm_config=vllm_config,
+                prefix=f"{ATTENTION_PREFIX}.{expert_index * num_layers + layer_index}",
+            )
+            for layer_index in range(num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=quant_config)
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.embed_tokens)
+
+    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states  # (T, H)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], tied: bool) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
+                continue
+            for param_suffix, checkpoint_suffix, shard in STACKED_PARAMS:
+                if checkpoint_suffix in name:
+                    name = name.replace(checkpoint_suffix, param_suffix)
+                    params[name].weight_loader(params[name], tensor, shard)
+                    break
+            else:
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded.add(name)
+        if tied:
+            loaded.add("lm_head.weight")
+        return loaded
+
+
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0}
+)
+class ExpertEnsemble(nn.Module):
+    """All K expert stacks; compiled as one graph. ``(T,) -> (T, K*H)``."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        num_experts = len(vllm_config.model_config.hf_config.gatemix["expert_names"])
+        self.experts = nn.ModuleList(ExpertStack(vllm_config, k) for k in range(num_experts))
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat([expert.embed_tokens(input_ids) for expert in self.experts], dim=-1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_input_ids(input_ids)
+        per_expert = inputs_embeds.chunk(len(self.experts), dim=-1)
+        return torch.cat(
+            [expert(embeds, positions) for expert, embeds in zip(self.experts, per_expert)], dim=-1
+        )
+
+
+class GatemixForCausalLM(nn.Module):
+    """The composite model vLLM serves for a gatemix folder (see module docstring)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        if get_pp_group().world_size > 1:
+            raise ValueError("gatemix composites do not support pipeline parallelism yet; use tensor parallelism")
+        config = vllm_config.model_config.hf_config
+        self.model_dir = Path(vllm_config.model_config.model)
+        self.expert_names = list(config.gatemix["expert_names"])
+        self.num_experts = len(self.expert_names)
+        self.hidden_size = config.hidden_size
+        self.tied = bool(config.tie_word_embeddings)
+        self.ensemble = ExpertEnsemble(vllm_config=vllm_config, prefix=prefix)
+        # Rebuilt with the artifact's own form in load_weights; a linear head is the default.
+        self.router = HiddenStateRouter(RouterForm(self.num_experts, self.hidden_size))
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.gate_table = worker_gate_table()
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.ensemble.embed_input_ids(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        expert_hidden = self.ensemble(input_ids, positions, intermediate_tensors, inputs_embeds)
+        log_weights = self.router(expert_hidden)  # (T, K) float32
+        token_rows = token_rows_from_forward_context(expert_hidden.shape[0], expert_hidden.device)
+        log_weights = self.gate_table.apply_overrides(log_weights, token_rows)
+        return torch.cat([expert_hidden, *encode_log_weights(log_weights, expert_hidden.dtype)], dim=-1)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``(N, K*H + 2K)`` -> ``(N, V)`` mixture log-probs, float32."""
+        num_experts, hidden_size = self.num_experts, self.hidden_size
+        split = num_experts * hidden_size
+        log_weights = decode_log_weights(hidden_states[:, split:], num_experts)  # (N, K)
+        expert_hidden = hidden_states[:, :split].view(-1, num_experts, hidden_size)
+        expert_logits = torch.stack(
+            [
+                self.logits_processor(expert.lm_head, expert_hidden[:, k])
+                for k, expert in enumerate(self.ensemble.experts)
+            ],
+            dim=1,
+        )  # (N, K, V)
+        self.gate_table.last_sample_log_weights = log_weights
+        return mix_logits(expert_logits, log_weights)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        per_expert: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(self.num_experts)]
+        for name, tensor in weights:
+            _, index, rest = name.split(".", 2)  # "experts.{k}.<hf name>"
+            per_expert[int(index)].append((rest, tensor))
+        loaded: set[str] = set()
+        for k, expert in enumerate(self.ensemble.experts):
+            names = expert.load_weights(per_expert[k], tied=self.tied)
+            loaded |= {f"ensemble.experts.{k}.{name}" for name in names}
+        loaded |= self._load_router()
+        return loaded
+
+    def _load_router(self) -> set[str]:
+        artifact = load_router(self.model_dir / GATE_SUBDIR)
+        if artifact.expert_names != self.expert_names:
+            raise ValueError(f"gate was fitted for {artifact.expert_names}, composite holds {self.expert_names}")
+        device = next(self.ensemble.parameters()).device
+        self.router = artifact.router.to(device=device, dtype=torch.float32)
+        logger.info("gatemix router %s (%s) loaded for %s", artifact.version, artifact.method, self.expert_names)
+        return {f"router.{name}" for name, _ in self.router.named_parameters()}
+
+
+def encode_log_weights(log_weights: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(T, K)`` float32 -> (high, low) in ``dtype``, with ``high + low`` ~ the input."""
+    log_weights = log_weights.float().clamp_min(LOG_WEIGHT_FLOOR)
+    high = log_weights.to(dtype)
+    low = (log_weights - high.float()).to(dtype)
+    return high, low
+
+
+def decode_log_weights(packed: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Inverse of ``encode_log_weights``: ``(N, 2K)`` -> ``(N, K)`` float32."""
+    return packed[:, :num_experts].float() + packed[:, num_experts:].float()

@@ -1,0 +1,162 @@
+"""Reading and checking the expert folders that go into a composite.
+
+A composite can hold experts that share one tokenizer and one Llama
+architecture of identical shape (BTM-style branches of one base): the engine
+runs them as K copies of one stack, and the mixture is only meaningful over a
+shared vocabulary. Everything else is refused here, before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+EXPERT_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+# Config fields that must agree across experts for them to share one stack shape.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class ExpertFolderError(ValueError):
+    """An expert folder that cannot go into a composite; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ExpertFolder:
+    name: str
+    path: Path
+    config: dict
+    weights_hash: str
+    tokenizer_fingerprint: str
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return sorted(self.path.glob("*.safetensors"))
+
+
+def _file_sha256(path: Path, digest) -> None:
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+
+
+def expert_hash(folder: str | Path) -> str:
+    """sha256 over an expert's config.json and *.safetensors, in name order."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in [folder / "config.json", *sorted(folder.glob("*.safetensors"))]:
+        digest.update(path.name.encode())
+        _file_sha256(path, digest)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(folder: Path) -> str:
+    """A hash of what decides token ids: the vocabulary, merges, normalizer and special tokens."""
+    tokenizer_path = folder / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise ExpertFolderError(f"{folder}: no tokenizer.json (only fast tokenizers are supported)")
+    try:
+        tokenizer = json.loads(tokenizer_path.read_text())
+        tok_config = json.loads((folder / "tokenizer_config.json").read_text()) if (
+            folder / "tokenizer_config.json"
+        ).is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExpertFolderError(f"{folder}: corrupt tokenizer files ({exc})") from exc
+    decisive = {
+        key: tokenizer.get(key)
+        for key in ("model", "normalizer", "pre_tokenizer", "added_tokens", "post_processor")
+    }
+    decisive["special"] = {
+        key: tok_config.get(key) for key in ("bos_token", "eos_token", "pad_token", "unk_token")
+    }
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
+
+
+def read_expert(path: str | Path, name: str | None = None) -> ExpertFolder:
+    """Check one expert folder and read what the composite needs from it."""
+    path = Path(path)
+    name = name or path.name
+    if not EXPERT_NAME_PATTERN.match(name):
+        raise ExpertFolderError(
+            f"expert name {name!r} must be lowercase letters, digits, '-' or '_', starting with a letter"
+        )
+    if not path.is_dir():
+        raise ExpertFolderError(f"expert folder {path} does not exist")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ExpertFolderError(f"{path}: no config.json, not a Hugging Face model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExpertFolderError(f"{path}: corrupt config.json ({exc})") from exc
+    architectures = config.get("architectures") or []
+    if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
+        raise ExpertFolderError(
+            f"{path}: architecture {architectures} is not supported; a composite holds "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} experts"
+        )
+    if not list(path.glob("*.safetensors")):
+        raise ExpertFolderError(f"{path}: no *.safetensors weights")
+    _check_safetensors(path)
+    return ExpertFolder(
+        name=name,
+        path=path,
+        config=config,
+        weights_hash=expert_hash(path),
+        tokenizer_fingerprint=tokenizer_fingerprint(path),
+    )
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # safetensors raises several types for corrupt files
+            raise ExpertFolderError(f"{weights}: corrupt safetensors file ({exc})") from exc
+
+
+def check_compatible(experts: list[ExpertFolder]) -> None:
+    """Refuse a set of experts that one composite cannot hold."""
+    if len(experts) < 1:
+        raise ExpertFolderError("a composite needs at least one expert")
+    names = [expert.name for expert in experts]
+    if len(set(names)) != len(names):
+        raise ExpertFolderError(f"expert names must be unique, got {names}")
+    first = experts[0]
+    for other in experts[1:]:
+        if other.tokenizer_fingerprint != first.tokenizer_fingerprint:
+            raise ExpertFolderError(
+                f"experts {first.name!r} and {other.name!r} have different tokenizers; "
+                "a mixture needs one shared vocabulary"
+            )
+        for field in SHAPE_FIELDS:
+            if first.config.get(field) != other.config.get(field):
+                raise ExpertFolderError(
+                    f"experts {first.name!r} and {other.name!r} differ in {field} "
+                    f"({first.config.get(field)!r} vs {other.config.get(field)!r}); "
+                    "the composite holds experts of one shape"
+                )

@@ -1,0 +1,162 @@
+"""How per-token gate weights leave the vLLM worker.
+
+The worker knows each sampled token's gate weights; the API server needs them
+for the ``mixture`` object of responses and for metrics. vLLM's output path has
+no slot for them, so the worker pushes them on a side channel: a ZeroMQ PUSH
+socket per destination named in the request (``trace_to``), one message per
+engine step holding ``(trace_id, token_index, weights)`` records. The server
+binds the PULL end (``GateTraceReceiver``) and waits, per request, until the
+weights of every token it has received from the engine have arrived.
+
+Sends never block the engine: with no receiver, or a full queue, the records are
+dropped and counted, and the server reports the request's weights as missing
+rather than stalling decoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import Sequence
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+logger = logging.getLogger(__name__)
+
+TraceRecord = tuple[str, int, list[float]]  # (trace_id, token_index, gate weights over experts)
+
+
+class TraceSender:
+    """Worker side: non-blocking PUSH sockets, one per destination address."""
+
+    def __init__(self) -> None:
+        self._context: zmq.Context | None = None
+        self._sockets: dict[str, zmq.Socket] = {}
+        self.dropped_records = 0
+
+    def _socket(self, address: str) -> zmq.Socket:
+        if address not in self._sockets:
+            if self._context is None:
+                self._context = zmq.Context.instance()
+            socket = self._context.socket(zmq.PUSH)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.SNDHWM, 10_000)
+            socket.connect(address)
+            self._sockets[address] = socket
+        return self._sockets[address]
+
+    def send(self, address: str, records: Sequence[TraceRecord]) -> None:
+        if not records:
+            return
+        try:
+            self._socket(address).send(msgspec.msgpack.encode(records), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.dropped_records += len(records)
+
+
+class _Trace:
+    __slots__ = ("weights", "changed")
+
+    def __init__(self) -> None:
+        self.weights: dict[int, list[float]] = {}
+        self.changed = asyncio.Event()
+
+
+class GateTraceReceiver:
+    """Server side: collects the per-token weights of registered requests.
+
+    Records for trace ids that were never registered, or already released, are
+    dropped, so a client that disconnects cannot leak memory here.
+    """
+
+    def __init__(self, address: str | None = None) -> None:
+        if address is None:
+            path = os.path.join(tempfile.gettempdir(), f"gatemix-trace-{uuid.uuid4().hex[:12]}.sock")
+            address = f"ipc://{path}"
+        self.address = address
+        self._traces: dict[str, _Trace] = {}
+        self._context: zmq.asyncio.Context | None = None
+        self._socket: zmq.asyncio.Socket | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.PULL)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 100_000)
+        self._socket.bind(self.address)
+        self._task = asyncio.create_task(self._receive_loop(), name="gatemix-trace-receiver")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._socket is not None:
+            self._socket.close()
+        if self._context is not None:
+            self._context.term()
+        if self.address.startswith("ipc://"):
+            try:
+                os.unlink(self.address[len("ipc://"):])
+            except OSError:
+                pass
+
+    async def _receive_loop(self) -> None:
+        assert self._socket is not None
+        decoder = msgspec.msgpack.Decoder()
+        while True:
+            payload = await self._socket.recv()
+            try:
+                records = decoder.decode(payload)
+            except msgspec.DecodeError:
+                logger.warning("dropping an undecodable gate trace message")
+                continue
+            touched: set[str] = set()
+            for trace_id, token_index, weights in records:
+                trace = self._traces.get(trace_id)
+                if trace is not None:
+                    trace.weights[token_index] = weights  # a re-sampled index overwrites
+                    touched.add(trace_id)
+            for trace_id in touched:
+                self._traces[trace_id].changed.set()
+
+    def new_trace_id(self) -> str:
+        trace_id = uuid.uuid4().hex
+        self._traces[trace_id] = _Trace()
+        return trace_id
+
+    async def wait_for(
+        self, trace_id: str, num_tokens: int, start: int = 0, timeout: float = 5.0
+    ) -> list[list[float]] | None:
+        """The weights of tokens ``start..num_tokens-1``, or None if they do not all arrive in time."""
+        trace = self._traces.get(trace_id)
+        if trace is None:
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(i not in trace.weights for i in range(start, num_tokens)):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                logger.warning("gate weights for trace %s did not arrive in %.1fs", trace_id, timeout)
+                return None
+            trace.changed.clear()
+            try:
+                await asyncio.wait_for(trace.changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+        return [trace.weights[i] for i in range(start, num_tokens)]
+
+    def release(self, trace_id: str) -> None:
+        self._traces.pop(trace_id, None)
+
+    @property
+    def open_traces(self) -> int:
+        return len(self._traces)

@@ -1,0 +1,213 @@
+"""Per-request gate settings inside the vLLM worker.
+
+vLLM's model interface sees a flat batch of tokens, not requests. The one
+extension point that is told, before every forward pass, which request sits in
+which batch row, and with which ``SamplingParams``, is a v1 logits processor.
+``RequestGateProcessor`` is that processor: it keeps a per-process table of
+batch rows -> ``RequestGate`` that the composite model reads in ``forward`` (to
+pin or restrict the weights of each row's tokens) and, after sampling, pushes
+each traced row's gate weights out through ``gate_trace``.
+
+Requests carry their settings in ``SamplingParams.extra_args["gatemix"]``;
+``gate_request_args`` builds that dict. The processor is installed through the
+``vllm.logits_processors`` entry point, so every engine in an environment where
+gatemix is installed has it; for other models it does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gatemix.engine.gate_trace import TraceRecord, TraceSender
+from gatemix.gate.mixing import restrict_log_weights
+
+logger = logging.getLogger(__name__)
+
+GATE_ARGS_KEY = "gatemix"
+COMPOSITE_ARCHITECTURE = "GatemixForCausalLM"
+
+
+def gate_request_args(
+    *,
+    pinned_weights: Sequence[float] | None = None,
+    expert_mask: Sequence[bool] | None = None,
+    trace_id: str | None = None,
+    trace_to: str | None = None,
+) -> dict:
+    """``SamplingParams.extra_args`` for one request. Weights are in expert order."""
+    args: dict = {}
+    if pinned_weights is not None:
+        args["weights"] = [float(w) for w in pinned_weights]
+    if expert_mask is not None:
+        args["experts_mask"] = [bool(m) for m in expert_mask]
+    if trace_id is not None and trace_to is not None:
+        args["trace_id"], args["trace_to"] = trace_id, trace_to
+    return {GATE_ARGS_KEY: args}
+
+
+@dataclass
+class RequestGate:
+    """One batch row's gate settings, parsed once when the request joins the batch."""
+
+    pinned_log_weights: torch.Tensor | None  # (K,)
+    expert_mask: torch.Tensor | None  # (K,) bool
+    trace_id: str | None
+    trace_to: str | None
+    output_token_ids: list[int]  # vLLM's live list: its length is the next token's index
+
+
+def parse_request_gate(extra_args: dict | None, output_token_ids: list[int]) -> RequestGate | None:
+    args = (extra_args or {}).get(GATE_ARGS_KEY)
+    if not args:
+        return None
+    pinned = args.get("weights")
+    pinned_log = None
+    if pinned is not None:
+        probs = torch.tensor(pinned, dtype=torch.float64)
+        # Same floor as the router: exp(-1e4) is exactly 0 in float32.
+        pinned_log = torch.log(probs / probs.sum()).clamp_min(-1e4).float()
+    mask = args.get("experts_mask")
+    return RequestGate(
+        pinned_log_weights=pinned_log,
+        expert_mask=torch.tensor(mask, dtype=torch.bool) if mask is not None else None,
+        trace_id=args.get("trace_id"),
+        trace_to=args.get("trace_to"),
+        output_token_ids=output_token_ids,
+    )
+
+
+class BatchGateTable:
+    """Worker-process state shared by the logits processor and the composite model."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, RequestGate] = {}
+        self.last_sample_log_weights: torch.Tensor | None = None  # (N, K) of the last sampling call
+        self.sender = TraceSender()
+
+    def apply_overrides(self, log_weights: torch.Tensor, token_rows: torch.Tensor | None) -> torch.Tensor:
+        """Pin or restrict the ``(T, K)`` log weights of tokens whose request asks for it.
+
+        ``token_rows`` maps each token to its batch row; None (profiling runs) skips.
+        """
+        if token_rows is None or not any(
+            gate.pinned_log_weights is not None or gate.expert_mask is not None
+            for gate in self.rows.values()
+        ):
+            return log_weights
+        for row, gate in self.rows.items():
+            tokens = token_rows == row
+            if gate.pinned_log_weights is not None:
+                log_weights = torch.where(
+                    tokens.unsqueeze(-1), gate.pinned_log_weights.to(log_weights), log_weights
+                )
+            if gate.expert_mask is not None:
+                restricted = restrict_log_weights(log_weights, gate.expert_mask.to(log_weights.device))
+                log_weights = torch.where(tokens.unsqueeze(-1), restricted, log_weights)
+        return log_weights
+
+    def trace_records(self, num_rows: int) -> dict[str, list[TraceRecord]]:
+        """The last sampling call's weights, grouped by destination address."""
+        log_weights = self.last_sample_log_weights
+        if log_weights is None or log_weights.shape[0] != num_rows:
+            return {}
+        by_address: dict[str, list[TraceRecord]] = {}
+        weights = None
+        for row, gate in self.rows.items():
+            if gate.trace_id is None or row >= num_rows:
+                continue
+            if weights is None:
+                weights = log_weights.float().exp().cpu().tolist()
+            record = (gate.trace_id, len(gate.output_token_ids), weights[row])
+            by_address.setdefault(gate.trace_to, []).append(record)
+        return by_address
+
+
+_WORKER_TABLE: BatchGateTable | None = None
+
+
+def worker_gate_table() -> BatchGateTable:
+    """The table of this worker process (created on first use, never at import)."""
+    global _WORKER_TABLE
+    if _WORKER_TABLE is None:
+        _WORKER_TABLE = BatchGateTable()
+    return _WORKER_TABLE
+
+
+def token_rows_from_forward_context(num_tokens: int, device: torch.device) -> torch.Tensor | None:
+    """Batch row of each of the ``num_tokens`` tokens in this forward pass.
+
+    Tokens are laid out in batch-row order; ``query_start_loc`` (num_rows + 1)
+    marks where each row starts. Padding tokens map past the last row.
+    """
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    attn_metadata = get_forward_context().attn_metadata
+    if not attn_metadata:
+        return None
+    if isinstance(attn_metadata, list):  # micro-batched: one dict per ubatch
+        attn_metadata = attn_metadata[0]
+    metadata = next(iter(attn_metadata.values())) if isinstance(attn_metadata, dict) else attn_metadata
+    query_start_loc = getattr(metadata, "query_start_loc", None)
+    if query_start_loc is None:
+        return None
+    positions = torch.arange(num_tokens, device=query_start_loc.device)
+    rows = torch.searchsorted(query_start_loc[1:], positions, right=True)
+    return rows.to(device)
+
+
+def _load_logits_processor_base():
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+    from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+    return BatchUpdate, LogitsProcessor, process_dict_updates
+
+
+_BatchUpdate, _LogitsProcessor, _process_dict_updates = _load_logits_processor_base()
+
+
+class RequestGateProcessor(_LogitsProcessor):
+    """Tracks batch rows' gate settings and exports sampled tokens' weights; never edits logits."""
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        architectures = getattr(vllm_config.model_config.hf_config, "architectures", None) or []
+        self.active = COMPOSITE_ARCHITECTURE in architectures
+        self.table = worker_gate_table()
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        args = (sampling_params.extra_args or {}).get(GATE_ARGS_KEY)
+        if args is None:
+            return
+        if not isinstance(args, dict):
+            raise ValueError(f"extra_args[{GATE_ARGS_KEY!r}] must be an object")
+        weights = args.get("weights")
+        if weights is not None:
+            if not all(isinstance(w, (int, float)) and w >= 0 for w in weights) or sum(weights) <= 0:
+                raise ValueError("gate weights must be non-negative numbers with a positive sum")
+        mask = args.get("experts_mask")
+        if mask is not None and not any(mask):
+            raise ValueError("the expert subset must name at least one expert")
+
+    def is_argmax_invariant(self) -> bool:
+        # False makes vLLM call apply() on greedy steps too, where the trace is exported.
+        return not self.active
+
+    def update_state(self, batch_update) -> None:
+        if self.active:
+            _process_dict_updates(
+                self.table.rows,
+                batch_update,
+                lambda params, _prompt_ids, output_ids: parse_request_gate(params.extra_args, output_ids),
+            )
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.active and self.table.rows:
+            for address, records in self.table.trace_records(logits.shape[0]).items():
+                self.table.sender.send(address, records)
+        return logits

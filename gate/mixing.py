@@ -1,0 +1,69 @@
+"""The mixture math, shared by the engine, the offline fit and the tests.
+
+Everything stays in log space: experts can put (numerically) zero mass on a
+token and gates can put exactly zero weight on an expert, and both must come
+out as -inf rather than NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def mix_logprobs(expert_logprobs: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+    """Exact mixture ``log sum_k w_k p_k(y)``.
+
+    Shapes: ``(..., K, V)`` and ``(..., K)`` -> ``(..., V)``. ``expert_logprobs``
+    must already be normalized over V and ``log_weights`` over K.
+    """
+    return torch.logsumexp(expert_logprobs + log_weights.unsqueeze(-1), dim=-2)
+
+
+def mix_logits(expert_logits: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+    """The mixture from raw expert logits: log-softmax each expert, then mix.
+
+    Shapes: ``(..., K, V)``, ``(..., K)`` -> ``(..., V)``. Computed in float32
+    whatever the input dtype, since the mixture is what the sampler sees.
+    """
+    expert_logprobs = torch.log_softmax(expert_logits.float(), dim=-1)
+    return mix_logprobs(expert_logprobs, log_weights.float())
+
+
+def mix_sequence_logprobs(
+    expert_sequence_logprobs: torch.Tensor, log_gate: torch.Tensor
+) -> torch.Tensor:
+    """Sequence-level gated model ``log pi_g(x) = logsumexp_k(log g(x,k) + log pi_k(x))``.
+
+    Shapes: ``(B, K)``, ``(B, K)`` -> ``(B,)``.
+    """
+    return torch.logsumexp(expert_sequence_logprobs + log_gate, dim=-1)
+
+
+def normalize_log_weights(log_weights: torch.Tensor) -> torch.Tensor:
+    """Project unnormalized log weights onto the simplex. ``(..., K) -> (..., K)``."""
+    return log_weights - torch.logsumexp(log_weights, dim=-1, keepdim=True)
+
+
+def log_weights_from_probs(weights: torch.Tensor) -> torch.Tensor:
+    """Non-negative weights with a positive sum -> normalized log weights.
+
+    Zero weights become -inf, which ``mix_logprobs`` handles exactly.
+    """
+    if (weights < 0).any() or not torch.isfinite(weights).all():
+        raise ValueError("mixture weights must be finite and non-negative")
+    total = weights.sum(dim=-1, keepdim=True)
+    if (total <= 0).any():
+        raise ValueError("mixture weights must have a positive sum")
+    return torch.log(weights / total)
+
+
+def restrict_log_weights(log_weights: torch.Tensor, expert_mask: torch.Tensor) -> torch.Tensor:
+    """Renormalize ``(..., K)`` log weights over the experts where ``expert_mask`` is True.
+
+    Rows whose allowed experts all have zero weight fall back to uniform over the
+    allowed set, so a restriction never produces an all -inf row.
+    """
+    masked = log_weights.masked_fill(~expert_mask, float("-inf"))
+    all_dead = torch.isinf(masked).all(dim=-1, keepdim=True)
+    uniform = torch.zeros_like(masked).masked_fill(~expert_mask, float("-inf"))
+    return normalize_log_weights(torch.where(all_dead, uniform, masked))
