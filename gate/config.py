@@ -1,0 +1,132 @@
+"""The one config of ``gatemix fit-gate``: a dataclass with help on every field.
+
+``PrimalDualConfig`` holds the loop's hyperparameters and is all that the loop
+itself reads (the synthetic experiment uses it alone); ``FitGateConfig`` adds
+the paths, the features and the distillation for the real-text job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+def _help(text: str, **kwargs) -> dict:
+    return {"metadata": {"help": text}, **kwargs}
+
+
+@dataclass
+class PrimalDualConfig:
+    steps: int = field(default=600, **_help("primal-dual iterations"))
+    batch_per_domain: int = field(default=16, **_help("sequences sampled per domain each step"))
+    learning_rate: float = field(default=1e-3, **_help("AdamW learning rate for the gate (theta)"))
+    weight_decay: float = field(default=0.01, **_help("AdamW weight decay for the gate"))
+    lambda_step: float = field(
+        default=1.0, **_help("exponentiated-gradient step size for lambda, per nat/token of loss")
+    )
+    lambda_smoothing: float = field(
+        default=0.0, **_help("mix lambda with uniform after each step (0: none, 1: lambda fixed uniform)")
+    )
+    lambda_lower: tuple[float, ...] | None = field(
+        default=None, **_help("prior region: per-domain lower bounds on lambda (None: the simplex)")
+    )
+    lambda_upper: tuple[float, ...] | None = field(
+        default=None, **_help("prior region: per-domain upper bounds on lambda (None: 1)")
+    )
+    fixed_lambda: tuple[float, ...] | None = field(
+        default=None, **_help("freeze lambda at these weights (ERM with data proportions); no EG")
+    )
+    mu_step: float = field(default=0.5, **_help("dual-ascent step size for mu on Z_g - 1"))
+    mu_nonnegative: bool = field(
+        default=False, **_help("treat the constraint as Z_g <= 1 (mu >= 0) instead of Z_g = 1")
+    )
+    z_ema_decay: float = field(default=0.9, **_help("EMA decay of the Z_g estimate used by the mu step"))
+    loss: str = field(
+        default="excess",
+        **_help("per-domain loss: 'excess' over the in-domain expert (KL proxy) or 'cross_entropy'"),
+    )
+    average_from: float = field(
+        default=0.5, **_help("fraction of the steps after which lambda, mu and Z are averaged")
+    )
+    checkpoint_every: int = field(default=100, **_help("steps between checkpoints (0: never)"))
+    seed: int = field(default=0, **_help("seed for the gate's init and the minibatch sampling"))
+    torch_threads: int = field(default=2, **_help("CPU threads torch may use"))
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_per_domain < 1:
+            raise ValueError("steps and batch_per_domain must be positive")
+        if self.learning_rate <= 0 or self.weight_decay < 0:
+            raise ValueError("learning_rate must be positive and weight_decay non-negative")
+        if self.lambda_step < 0 or self.mu_step < 0:
+            raise ValueError("lambda_step and mu_step must be non-negative")
+        if not 0 <= self.lambda_smoothing <= 1:
+            raise ValueError(f"lambda_smoothing must be in [0, 1], got {self.lambda_smoothing}")
+        if not 0 <= self.z_ema_decay < 1:
+            raise ValueError(f"z_ema_decay must be in [0, 1), got {self.z_ema_decay}")
+        if not 0 <= self.average_from < 1:
+            raise ValueError(f"average_from must be in [0, 1), got {self.average_from}")
+        if self.loss not in ("excess", "cross_entropy"):
+            raise ValueError(f"loss must be 'excess' or 'cross_entropy', got {self.loss!r}")
+        if self.checkpoint_every < 0 or self.torch_threads < 1:
+            raise ValueError("checkpoint_every must be >= 0 and torch_threads >= 1")
+        if self.lambda_lower is not None and sum(self.lambda_lower) > 1:
+            raise ValueError("lambda_lower sums above 1: the prior region is empty")
+        if self.lambda_upper is not None and sum(self.lambda_upper) < 1:
+            raise ValueError("lambda_upper sums below 1: the prior region is empty")
+        if self.fixed_lambda is not None and (
+            min(self.fixed_lambda) < 0 or abs(sum(self.fixed_lambda) - 1) > 1e-6
+        ):
+            raise ValueError("fixed_lambda must be non-negative and sum to 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FitGateConfig(PrimalDualConfig):
+    demo_dir: str = field(default="", **_help("the demo folder (experts/, data, manifest)"))
+    out_dir: str = field(default="artifacts/router-robust", **_help("where the router artifact goes"))
+    work_dir: str = field(
+        default="", **_help("checkpoints, plots and the report (default: <out_dir>/fit)")
+    )
+    cache_dir: str = field(default=".cache/gate-features", **_help("disk cache of expert features"))
+    experts: tuple[str, ...] = field(
+        default=(), **_help("expert (= domain) names in order (default: all in <demo>/experts)")
+    )
+    max_length: int = field(default=256, **_help("tokens per sequence read from the gate split"))
+    max_sequences: int = field(default=0, **_help("cap on sequences per domain and split (0: all)"))
+    feature_batch_size: int = field(default=8, **_help("sequences per expert forward pass"))
+    gate_width: int = field(default=48, **_help("sequence gate width (about 0.3M params at 48)"))
+    gate_layers: int = field(default=2, **_help("sequence gate transformer layers"))
+    gate_heads: int = field(default=4, **_help("sequence gate attention heads"))
+    gate_pooling: str = field(default="mean", **_help("sequence gate pooling: 'mean' or 'last'"))
+    router_hidden: int = field(default=0, **_help("causal router hidden width (0: linear head)"))
+    sampler: str = field(default="sir", **_help("sampling from the robust model: 'sir' or 'rejection'"))
+    distill_samples: int = field(default=256, **_help("sequences sampled from the robust model"))
+    sample_length: int = field(default=64, **_help("new tokens per sampled sequence"))
+    sir_oversample: int = field(default=4, **_help("SIR: proposals drawn per kept sample"))
+    distill_steps: int = field(default=400, **_help("router training steps"))
+    distill_batch_size: int = field(default=16, **_help("sequences per router training step"))
+    distill_learning_rate: float = field(default=3e-3, **_help("router AdamW learning rate"))
+    direct_router: bool = field(
+        default=False, **_help("also fit the ablation: the router trained directly by primal-dual")
+    )
+    evaluate: bool = field(default=True, **_help("evaluate against the baselines on the eval split"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.feature_batch_size, self.gate_width, self.gate_heads) < 1:
+            raise ValueError("feature_batch_size, gate_width and gate_heads must be positive")
+        if self.max_length < 2:
+            raise ValueError("max_length must be at least 2 (one scored token)")
+        if self.max_sequences < 0 or self.router_hidden < 0 or self.gate_layers < 0:
+            raise ValueError("max_sequences, router_hidden and gate_layers must be non-negative")
+        if self.gate_width % self.gate_heads:
+            raise ValueError("gate_width must be a multiple of gate_heads")
+        if self.gate_pooling not in ("mean", "last"):
+            raise ValueError(f"gate_pooling must be 'mean' or 'last', got {self.gate_pooling!r}")
+        if self.sampler not in ("sir", "rejection"):
+            raise ValueError(f"sampler must be 'sir' or 'rejection', got {self.sampler!r}")
+        if min(self.distill_samples, self.sample_length, self.sir_oversample) < 1:
+            raise ValueError("distill_samples, sample_length and sir_oversample must be positive")
+        if self.distill_steps < 1 or self.distill_batch_size < 1 or self.distill_learning_rate <= 0:
+            raise ValueError("distill_steps, distill_batch_size, distill_learning_rate must be positive")

@@ -1,0 +1,241 @@
+"""Structural distillation: the sequence-level robust gate -> the causal router the engine runs.
+
+``pi_g`` reads the whole sequence, so it cannot generate token by token. We
+sample sequences from it exactly, using the proposal ``q = (1/K) sum_k pi_k``
+(pick an expert uniformly, let it generate), and
+
+- rejection: accept x with probability ``pi_g(x) / (K q(x))``, which is at most
+  1 because ``pi_g <= K q`` for any gate on the simplex (acceptance about 1/K);
+- SIR: draw ``oversample`` times more proposals and resample them in
+  proportion to ``pi_g(x) / q(x)`` (no rejection loop, slightly biased for small pools).
+
+On the kept samples, with the experts' per-token log-probs and final hidden
+states cached, the router ``gamma_phi`` minimizes the per-token mixture loss
+``-log sum_k gamma_phi(h_<=t)_k pi_k(x_{t+1} | x_<=t)``. The experts stay frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from gatemix.gate.losses import importance_log_ratios
+from gatemix.gate.mixing import mix_logprobs, mix_sequence_logprobs
+from gatemix.gate.router import HiddenStateRouter, RouterForm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenFeatures:
+    """What the experts say about a batch of sequences, aligned on the predicted token.
+
+    Position t holds the prediction of token t+1 from tokens <= t:
+    ``next_logprobs`` (N, T-1, K) = log pi_k(x_{t+1} | x_<=t), ``hidden``
+    (N, T-1, K*H) = the K experts' final hidden states at t, concatenated in
+    expert order (the router's input in the engine), ``token_mask`` (N, T-1).
+    """
+
+    input_ids: torch.Tensor  # (N, T)
+    attention_mask: torch.Tensor  # (N, T)
+    next_logprobs: torch.Tensor
+    hidden: torch.Tensor | None
+    token_mask: torch.Tensor
+
+    def sequence_logprobs(self) -> torch.Tensor:
+        """``log pi_k(x)`` of the scored tokens. -> (N, K)."""
+        return (self.next_logprobs * self.token_mask.unsqueeze(-1)).sum(1)
+
+    def num_tokens(self) -> torch.Tensor:
+        return self.token_mask.sum(1).float()
+
+    def select(self, indices: torch.Tensor) -> TokenFeatures:
+        return TokenFeatures(
+            self.input_ids[indices], self.attention_mask[indices], self.next_logprobs[indices],
+            None if self.hidden is None else self.hidden[indices], self.token_mask[indices],
+        )
+
+    @staticmethod
+    def concat(parts: list[TokenFeatures]) -> TokenFeatures:
+        width = max(part.input_ids.shape[1] for part in parts)
+
+        def pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
+            extra = length - tensor.shape[1]
+            if extra == 0:
+                return tensor
+            shape = (tensor.shape[0], extra, *tensor.shape[2:])
+            return torch.cat([tensor, tensor.new_zeros(shape)], dim=1)
+
+        return TokenFeatures(
+            torch.cat([pad(p.input_ids, width) for p in parts]),
+            torch.cat([pad(p.attention_mask, width) for p in parts]),
+            torch.cat([pad(p.next_logprobs, width - 1) for p in parts]),
+            None if parts[0].hidden is None else torch.cat([pad(p.hidden, width - 1) for p in parts]),
+            torch.cat([pad(p.token_mask, width - 1) for p in parts]),
+        )
+
+
+class ExpertBank(Protocol):
+    """The frozen experts, as the fit and the distillation need them."""
+
+    num_experts: int
+    hidden_size: int
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TokenFeatures: ...
+
+    def sample(self, expert: int, num: int, length: int, generator: torch.Generator) -> tuple[
+        torch.Tensor, torch.Tensor
+    ]: ...
+
+
+def routed_token_logprobs(
+    router: HiddenStateRouter, hidden: torch.Tensor, next_logprobs: torch.Tensor
+) -> torch.Tensor:
+    """``log sum_k gamma(h_t)_k pi_k(x_{t+1}|x_<=t)``. ``(N, T, K*H)``, ``(N, T, K)`` -> ``(N, T)``."""
+    log_weights = router(hidden.float())  # (N, T, K)
+    return mix_logprobs(next_logprobs.unsqueeze(-1), log_weights).squeeze(-1)
+
+
+def routed_sequence_logprobs(router: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sequence log-prob of the per-token mixture (the primal-dual ablation's model). -> (B,)."""
+    token_logprobs = routed_token_logprobs(router, batch["hidden"], batch["next_logprobs"])
+    return (token_logprobs * batch["token_mask"]).sum(1)
+
+
+@torch.no_grad()
+def _propose(bank: ExpertBank, count: int, length: int, generator: torch.Generator,
+             batch_size: int) -> TokenFeatures:
+    """``count`` draws from q: an expert chosen uniformly, then its own sample."""
+    choices = torch.randint(bank.num_experts, (count,), generator=generator)
+    parts = []
+    for expert in range(bank.num_experts):
+        remaining = int((choices == expert).sum())
+        while remaining > 0:
+            num = min(batch_size, remaining)
+            input_ids, attention_mask = bank.sample(expert, num, length, generator)
+            parts.append(bank.score(input_ids, attention_mask))
+            remaining -= num
+    return TokenFeatures.concat(parts)
+
+
+@torch.no_grad()
+def gate_log_ratios(gate: nn.Module, features: TokenFeatures) -> torch.Tensor:
+    """``log pi_g(x)/q(x)`` of scored sequences under the sequence gate. -> (N,)."""
+    expert_logprobs = features.sequence_logprobs()
+    log_gate = gate(features.input_ids, features.attention_mask)
+    return importance_log_ratios(mix_sequence_logprobs(expert_logprobs, log_gate), expert_logprobs)
+
+
+@torch.no_grad()
+def sample_robust_model(
+    bank: ExpertBank,
+    gate: nn.Module,
+    num_samples: int,
+    length: int,
+    *,
+    method: str = "rejection",
+    oversample: int = 4,
+    seed: int = 0,
+    batch_size: int = 64,
+    max_rounds: int = 50,
+) -> tuple[TokenFeatures, dict]:
+    """Exact (rejection) or SIR samples from ``pi_g``, with their expert features."""
+    generator = torch.Generator().manual_seed(seed)
+    gate.eval()
+    if method == "sir":
+        proposals = _propose(bank, num_samples * oversample, length, generator, batch_size)
+        log_ratios = gate_log_ratios(gate, proposals)
+        probs = torch.softmax(log_ratios.double(), 0)
+        picked = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+        ess = float(1.0 / (probs**2).sum())
+        return proposals.select(picked), {"method": "sir", "proposals": len(probs), "ess": ess}
+    if method != "rejection":
+        raise ValueError(f"unknown sampler {method!r}")
+    kept, proposed = [], 0
+    for _ in range(max_rounds):
+        proposals = _propose(bank, num_samples, length, generator, batch_size)
+        accept_log_prob = gate_log_ratios(gate, proposals) - math.log(bank.num_experts)
+        uniform = torch.rand(accept_log_prob.shape, generator=generator, dtype=torch.float64)
+        accepted = torch.nonzero(uniform.log() < accept_log_prob.double()).squeeze(1)
+        kept.append(proposals.select(accepted))
+        proposed += num_samples
+        if sum(part.input_ids.shape[0] for part in kept) >= num_samples:
+            break
+    samples = TokenFeatures.concat(kept)
+    accepted_count = samples.input_ids.shape[0]
+    if accepted_count < num_samples:
+        logger.warning("rejection sampling kept %s of %s samples", accepted_count, num_samples)
+    samples = samples.select(torch.arange(min(num_samples, accepted_count)))
+    return samples, {"method": "rejection", "proposals": proposed,
+                     "acceptance": accepted_count / proposed}
+
+
+def train_router(
+    router: HiddenStateRouter,
+    features: TokenFeatures,
+    *,
+    steps: int,
+    batch_size: int = 32,
+    learning_rate: float = 3e-3,
+    seed: int = 0,
+) -> list[float]:
+    """Minimize the per-token mixture NLL ``-log gamma(h_t) . P_t`` over ``features``.
+
+    Returns the training loss (nats/token) per step.
+    """
+    if features.hidden is None:
+        raise ValueError("router training needs the experts' hidden states")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(router.parameters(), lr=learning_rate, weight_decay=0.0)
+    num_sequences, losses = features.input_ids.shape[0], []
+    router.train()
+    for _ in range(steps):
+        picked = torch.randint(num_sequences, (min(batch_size, num_sequences),), generator=generator)
+        mask = features.token_mask[picked]
+        token_logprobs = routed_token_logprobs(
+            router, features.hidden[picked], features.next_logprobs[picked]
+        )
+        loss = -(token_logprobs * mask).sum() / mask.sum().clamp_min(1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    router.eval()
+    return losses
+
+
+def distill_router(
+    bank: ExpertBank,
+    gate: nn.Module,
+    *,
+    router_hidden: int = 0,
+    num_samples: int = 256,
+    length: int = 64,
+    sampler: str = "sir",
+    oversample: int = 4,
+    steps: int = 400,
+    batch_size: int = 16,
+    learning_rate: float = 3e-3,
+    seed: int = 0,
+) -> tuple[HiddenStateRouter, dict]:
+    """Sample from the robust gated model, then fit a ``HiddenStateRouter`` to it.
+
+    Returns the router and the sampling/training statistics for the artifact.
+    """
+    samples, sampling = sample_robust_model(
+        bank, gate, num_samples, length, method=sampler, oversample=oversample, seed=seed
+    )
+    torch.manual_seed(seed)
+    router = HiddenStateRouter(RouterForm(bank.num_experts, bank.hidden_size, router_hidden))
+    losses = train_router(
+        router, samples, steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed
+    )
+    tail = losses[-max(1, len(losses) // 10):]
+    stats = {"sampling": sampling, "samples": samples.input_ids.shape[0],
+             "final_train_nll": sum(tail) / len(tail)}
+    return router, stats

@@ -1,0 +1,76 @@
+"""The ``gatemix`` command: one subcommand per stage of the pipeline.
+
+    build-demo -> fit-gate -> distill-gate -> pack -> serve -> bench
+
+Each subcommand's module owns its arguments; this file only dispatches and
+turns the pipeline's own errors into one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> module exposing add_parser(subparsers) and run(args) -> int | None
+SUBCOMMANDS = {
+    "build-demo": "gatemix.demo.cli",
+    "pack": "gatemix.engine.pack_cli",
+    "serve": "gatemix.server.cli",
+    "fit-gate": "gatemix.gate.cli",
+    "bench": "gatemix.bench.cli",
+}
+
+
+class UserError(Exception):
+    """Raised by subcommands for bad input; printed as one line."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [UserError, FileNotFoundError]
+    for module, name in (
+        ("gatemix.engine.composite_folder", "PackError"),
+        ("gatemix.engine.expert_folder", "ExpertFolderError"),
+        ("gatemix.gate.artifact", "ArtifactError"),
+        ("gatemix.demo.errors", "DemoBuildError"),
+    ):
+        try:
+            types.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(types)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gatemix", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Import only the chosen subcommand's module (vLLM imports are slow), but list all in --help.
+    chosen = next((arg for arg in argv if arg in SUBCOMMANDS), None)
+    for name, module in SUBCOMMANDS.items():
+        if name == chosen:
+            importlib.import_module(module).add_parser(subparsers)
+        else:
+            subparsers.add_parser(name, help=f"see `gatemix {name} --help`", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.run(args) or 0)
+    except _user_error_types() as exc:
+        print(f"gatemix {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
