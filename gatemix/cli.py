@@ -1,6 +1,6 @@
 """The ``gatemix`` command: one subcommand per stage of the pipeline.
 
-    build-demo -> fit-gate -> distill-gate -> pack -> serve -> bench
+    build-demo -> fit-gate -> pack -> serve -> bench, and distill
 
 Each subcommand's module owns its arguments; this file only dispatches and
 turns the pipeline's own errors into one line on stderr and a non-zero exit.
@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "pack": "gatemix.engine.pack_cli",
     "serve": "gatemix.server.cli",
     "fit-gate": "gatemix.gate.cli",
+    "distill": "gatemix.distill.cli",
     "bench": "gatemix.bench.cli",
 }
 

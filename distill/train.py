@@ -1,0 +1,88 @@
+"""``gatemix distill``: train one student model on the ensemble's distributions.
+
+The student has an expert's architecture and is initialized from an expert, so
+vLLM serves it alone as an ordinary Llama folder, at the cost of one model per
+token instead of K. It loses the ensemble's modularity; the benchmark shows what
+it buys in speed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from gatemix.distill.config import DistillConfig
+from gatemix.distill.loss import generalized_jsd_loss
+from gatemix.distill.teacher import EnsembleTeacher
+
+logger = logging.getLogger(__name__)
+
+
+def _token_stream(config: DistillConfig, tokenizer) -> list[int]:
+    ids: list[int] = []
+    for path in config.text_files:
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                ids += tokenizer(json.loads(line)["text"], add_special_tokens=False).input_ids
+                ids.append(tokenizer.eos_token_id)
+    if len(ids) < config.seq_len + 1:
+        raise ValueError(f"the text files hold {len(ids)} tokens, fewer than one sequence of {config.seq_len}")
+    return ids
+
+
+def _batches(ids: list[int], config: DistillConfig, rng: random.Random):
+    starts = range(0, len(ids) - config.seq_len, config.seq_len)
+    while True:
+        chosen = rng.sample(list(starts), min(config.batch_size, len(starts)))
+        yield torch.tensor([ids[s : s + config.seq_len] for s in chosen])
+
+
+def distill(config: DistillConfig) -> Path:
+    """Train the student and write it atomically to ``config.out_dir``; returns that path."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads)
+    teacher = EnsembleTeacher.load(config.composite_dir, config.expert_dirs)
+    tokenizer = AutoTokenizer.from_pretrained(config.expert_dirs[0])
+    student = LlamaForCausalLM.from_pretrained(config.init_from or config.expert_dirs[0], dtype=torch.float32)
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / config.steps)
+    batches = _batches(_token_stream(config, tokenizer), config, random.Random(config.seed))
+    progress = tqdm(range(config.steps), desc="distill", unit="step")
+    for _ in progress:
+        input_ids = next(batches)
+        teacher_logprobs, _ = teacher(input_ids)
+        loss = generalized_jsd_loss(student(input_ids=input_ids).logits, teacher_logprobs, beta=config.beta)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        progress.set_postfix(kl=f"{loss.item():.4f}")
+    return _save(student, tokenizer, config)
+
+
+def _save(student, tokenizer, config: DistillConfig) -> Path:
+    out = Path(config.out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    student.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    for name in ("generation_config.json",):
+        source = Path(config.expert_dirs[0]) / name
+        if source.is_file():
+            shutil.copy2(source, staging / name)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    logger.info("student written to %s", out)
+    return out
