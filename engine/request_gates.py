@@ -87,27 +87,48 @@ class BatchGateTable:
         self.rows: dict[int, RequestGate] = {}
         self.last_sample_log_weights: torch.Tensor | None = None  # (N, K) of the last sampling call
         self.sender = TraceSender()
+        self._dense: tuple[torch.Tensor, ...] | None = None  # row tensors, rebuilt when rows change
+
+    def rows_changed(self) -> None:
+        self._dense = None
+
+    def _dense_overrides(self, num_experts: int, device: torch.device) -> tuple[torch.Tensor, ...] | None:
+        """Per-row ``(R, K)`` pins and masks with ``(R,)`` flags; None when no row overrides."""
+        if self._dense is None:
+            overriding = {
+                row: gate for row, gate in self.rows.items()
+                if gate.pinned_log_weights is not None or gate.expert_mask is not None
+            }
+            if not overriding:
+                self._dense = ()
+            else:
+                num_rows = max(overriding) + 1
+                pins = torch.zeros(num_rows, num_experts)
+                has_pin = torch.zeros(num_rows, dtype=torch.bool)
+                masks = torch.ones(num_rows, num_experts, dtype=torch.bool)
+                for row, gate in overriding.items():
+                    if gate.pinned_log_weights is not None:
+                        pins[row], has_pin[row] = gate.pinned_log_weights, True
+                    if gate.expert_mask is not None:
+                        masks[row] = gate.expert_mask
+                self._dense = tuple(t.to(device) for t in (pins, has_pin, masks))
+        return self._dense or None
 
     def apply_overrides(self, log_weights: torch.Tensor, token_rows: torch.Tensor | None) -> torch.Tensor:
         """Pin or restrict the ``(T, K)`` log weights of tokens whose request asks for it.
 
         ``token_rows`` maps each token to its batch row; None (profiling runs) skips.
         """
-        if token_rows is None or not any(
-            gate.pinned_log_weights is not None or gate.expert_mask is not None
-            for gate in self.rows.values()
-        ):
+        dense = self._dense_overrides(log_weights.shape[-1], log_weights.device) if token_rows is not None else None
+        if dense is None:
             return log_weights
-        for row, gate in self.rows.items():
-            tokens = token_rows == row
-            if gate.pinned_log_weights is not None:
-                log_weights = torch.where(
-                    tokens.unsqueeze(-1), gate.pinned_log_weights.to(log_weights), log_weights
-                )
-            if gate.expert_mask is not None:
-                restricted = restrict_log_weights(log_weights, gate.expert_mask.to(log_weights.device))
-                log_weights = torch.where(tokens.unsqueeze(-1), restricted, log_weights)
-        return log_weights
+        pins, has_pin, masks = dense
+        in_table = token_rows < pins.shape[0]
+        rows = token_rows.clamp(max=pins.shape[0] - 1)
+        pinned = has_pin[rows] & in_table  # (T,)
+        log_weights = torch.where(pinned.unsqueeze(-1), pins[rows].to(log_weights), log_weights)
+        token_masks = masks[rows] | ~in_table.unsqueeze(-1)  # (T, K); rows past the table keep all experts
+        return restrict_log_weights(log_weights, token_masks)
 
     def trace_records(self, num_rows: int) -> dict[str, list[TraceRecord]]:
         """The last sampling call's weights, grouped by destination address."""
@@ -199,12 +220,12 @@ class RequestGateProcessor(_LogitsProcessor):
         return not self.active
 
     def update_state(self, batch_update) -> None:
-        if self.active:
-            _process_dict_updates(
-                self.table.rows,
-                batch_update,
-                lambda params, _prompt_ids, output_ids: parse_request_gate(params.extra_args, output_ids),
-            )
+        if self.active and _process_dict_updates(
+            self.table.rows,
+            batch_update,
+            lambda params, _prompt_ids, output_ids: parse_request_gate(params.extra_args, output_ids),
+        ):
+            self.table.rows_changed()
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.active and self.table.rows:
