@@ -29,11 +29,14 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group
+from vllm.distributed.utils import get_pp_indices
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.model_executor.models.llama import LlamaDecoderLayer
+from vllm.model_executor.models.utils import PPMissingLayer, make_empty_intermediate_tensors_factory
 from vllm.sequence import IntermediateTensors
 
 from gatemix.engine.composite_folder import GATE_SUBDIR
@@ -59,32 +62,50 @@ LOG_WEIGHT_FLOOR = -1e4  # stands in for log 0; exp() of it is exactly 0 in floa
 
 
 class ExpertStack(nn.Module):
-    """One Llama expert: embeddings, decoder layers, final norm and LM head."""
+    """One Llama expert: embeddings, decoder layers, final norm and LM head.
+
+    Under pipeline parallelism each rank holds the same slice of every expert's
+    layers, the first rank the embeddings, the last the norm and LM head.
+    """
 
     def __init__(self, vllm_config: VllmConfig, expert_index: int) -> None:
         super().__init__()
         config = vllm_config.model_config.hf_config
         quant_config = vllm_config.quant_config
+        pp_group = get_pp_group()
         num_layers = config.num_hidden_layers
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant_config)
+        self.start_layer, self.end_layer = get_pp_indices(num_layers, pp_group.rank_in_group, pp_group.world_size)
+        self.embed_tokens = (
+            VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=quant_config)
+            if pp_group.is_first_rank or (config.tie_word_embeddings and pp_group.is_last_rank)
+            else PPMissingLayer()
+        )
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(
                 vllm_config=vllm_config,
                 prefix=f"{ATTENTION_PREFIX}.{expert_index * num_layers + layer_index}",
             )
+            if self.start_layer <= layer_index < self.end_layer
+            else PPMissingLayer()
             for layer_index in range(num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=quant_config)
-        if config.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.embed_tokens)
+        if pp_group.is_last_rank:
+            self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=quant_config)
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.embed_tokens)
+        else:
+            self.norm, self.lm_head = PPMissingLayer(), PPMissingLayer()
 
-    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        residual = None
-        for layer in self.layers:
+    def forward(
+        self, hidden_states: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's layers; on the last rank also the final norm. ``(T, H)`` each."""
+        for layer in self.layers[self.start_layer : self.end_layer]:
             hidden_states, residual = layer(positions, hidden_states, residual)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states  # (T, H)
+        if get_pp_group().is_last_rank:
+            hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states, residual
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], tied: bool) -> set[str]:
         params = dict(self.named_parameters())
@@ -96,13 +117,16 @@ class ExpertStack(nn.Module):
             for param_suffix, checkpoint_suffix, shard in STACKED_PARAMS:
                 if checkpoint_suffix in name:
                     name = name.replace(checkpoint_suffix, param_suffix)
-                    params[name].weight_loader(params[name], tensor, shard)
+                    if name in params:  # absent: another pipeline rank's layer
+                        params[name].weight_loader(params[name], tensor, shard)
                     break
             else:
+                if name not in params:
+                    continue
                 param = params[name]
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(name)
-        if tied:
+        if tied and "lm_head.weight" in params:
             loaded.add("lm_head.weight")
         return loaded
 
@@ -111,12 +135,20 @@ class ExpertStack(nn.Module):
     dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0}
 )
 class ExpertEnsemble(nn.Module):
-    """All K expert stacks; compiled as one graph. ``(T,) -> (T, K*H)``."""
+    """All K expert stacks; compiled as one graph. ``(T,) -> (T, K*H)``.
+
+    Between pipeline ranks the K hidden states and residuals travel
+    concatenated, as ``(T, K*H)`` intermediate tensors.
+    """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
-        num_experts = len(vllm_config.model_config.hf_config.gatemix["expert_names"])
+        config = vllm_config.model_config.hf_config
+        num_experts = len(config.gatemix["expert_names"])
         self.experts = nn.ModuleList(ExpertStack(vllm_config, k) for k in range(num_experts))
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], num_experts * config.hidden_size
+        )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return torch.cat([expert.embed_tokens(input_ids) for expert in self.experts], dim=-1)
@@ -127,22 +159,29 @@ class ExpertEnsemble(nn.Module):
         positions: torch.Tensor,
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_input_ids(input_ids)
-        per_expert = inputs_embeds.chunk(len(self.experts), dim=-1)
-        return torch.cat(
-            [expert(embeds, positions) for expert, embeds in zip(self.experts, per_expert)], dim=-1
-        )
+    ) -> torch.Tensor | IntermediateTensors:
+        num_experts = len(self.experts)
+        if get_pp_group().is_first_rank:
+            if inputs_embeds is None:
+                inputs_embeds = self.embed_input_ids(input_ids)
+            hidden = inputs_embeds.chunk(num_experts, dim=-1)
+            residual = [None] * num_experts
+        else:
+            hidden = intermediate_tensors["hidden_states"].chunk(num_experts, dim=-1)
+            residual = intermediate_tensors["residual"].chunk(num_experts, dim=-1)
+        outputs = [expert(h, r, positions) for expert, h, r in zip(self.experts, hidden, residual)]
+        hidden_states = torch.cat([h for h, _ in outputs], dim=-1)
+        if not get_pp_group().is_last_rank:
+            residuals = torch.cat([r for _, r in outputs], dim=-1)
+            return IntermediateTensors({"hidden_states": hidden_states, "residual": residuals})
+        return hidden_states
 
 
-class GatemixForCausalLM(nn.Module):
+class GatemixForCausalLM(nn.Module, SupportsPP):
     """The composite model vLLM serves for a gatemix folder (see module docstring)."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
-        if get_pp_group().world_size > 1:
-            raise ValueError("gatemix composites do not support pipeline parallelism yet; use tensor parallelism")
         config = vllm_config.model_config.hf_config
         self.model_dir = Path(vllm_config.model_config.model)
         self.expert_names = list(config.gatemix["expert_names"])
@@ -154,6 +193,7 @@ class GatemixForCausalLM(nn.Module):
         self.router = HiddenStateRouter(RouterForm(self.num_experts, self.hidden_size))
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.gate_table = worker_gate_table()
+        self.make_empty_intermediate_tensors = self.ensemble.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.ensemble.embed_input_ids(input_ids)
@@ -165,26 +205,28 @@ class GatemixForCausalLM(nn.Module):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | IntermediateTensors:
         expert_hidden = self.ensemble(input_ids, positions, intermediate_tensors, inputs_embeds)
+        if not get_pp_group().is_last_rank:
+            return expert_hidden  # IntermediateTensors for the next pipeline stage
         log_weights = self.router(expert_hidden)  # (T, K) float32
         token_rows = token_rows_from_forward_context(expert_hidden.shape[0], expert_hidden.device)
         log_weights = self.gate_table.apply_overrides(log_weights, token_rows)
         return torch.cat([expert_hidden, *encode_log_weights(log_weights, expert_hidden.dtype)], dim=-1)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """``(N, K*H + 2K)`` -> ``(N, V)`` mixture log-probs, float32."""
         num_experts, hidden_size = self.num_experts, self.hidden_size
         split = num_experts * hidden_size
         log_weights = decode_log_weights(hidden_states[:, split:], num_experts)  # (N, K)
         expert_hidden = hidden_states[:, :split].view(-1, num_experts, hidden_size)
-        expert_logits = torch.stack(
-            [
-                self.logits_processor(expert.lm_head, expert_hidden[:, k])
-                for k, expert in enumerate(self.ensemble.experts)
-            ],
-            dim=1,
-        )  # (N, K, V)
+        per_expert = [
+            self.logits_processor(expert.lm_head, expert_hidden[:, k])
+            for k, expert in enumerate(self.ensemble.experts)
+        ]
+        if per_expert[0] is None:  # tensor-parallel rank that does not receive the gathered logits
+            return None
+        expert_logits = torch.stack(per_expert, dim=1)  # (N, K, V)
         self.gate_table.last_sample_log_weights = log_weights
         return mix_logits(expert_logits, log_weights)
 

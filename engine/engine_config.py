@@ -25,7 +25,7 @@ class EngineSettings:
     max_num_seqs: int = field(default=64, metadata={"help": "most sequences decoded in one step"})
     max_num_batched_tokens: int | None = field(default=None, metadata={"help": "token budget per step"})
     gpu_memory_utilization: float = field(default=0.1, metadata={"help": "fraction of device memory for vLLM (CPU: see kv_cache_gib)"})
-    kv_cache_gib: float = field(default=1.0, metadata={"help": "CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)"})
+    kv_cache_gib: int = field(default=1, metadata={"help": "CPU only: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE)"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per engine (vLLM tensor parallelism)"})
     enforce_eager: bool = field(default=True, metadata={"help": "skip torch.compile / CUDA graphs"})
     seed: int = field(default=0, metadata={"help": "engine seed"})
@@ -35,15 +35,15 @@ class EngineSettings:
             raise ValueError("max_model_len >= 16, max_num_seqs >= 1 and tensor_parallel_size >= 1 required")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
-        if self.kv_cache_gib <= 0:
-            raise ValueError("kv_cache_gib must be positive")
+        if self.kv_cache_gib < 1:
+            raise ValueError("kv_cache_gib must be a whole number of GiB, at least 1")
 
 
 def engine_kwargs(settings: EngineSettings) -> dict:
     """Keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs``."""
     if on_cpu():
         # The CPU backend sizes its KV cache from this variable, read at engine start.
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.kv_cache_gib:g}"
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(settings.kv_cache_gib))
     kwargs = dict(
         model=settings.model_dir,
         dtype=settings.dtype,
