@@ -24,7 +24,8 @@ class PrimalDualConfig:
         default=1.0, **_help("exponentiated-gradient step size for lambda, per nat/token of loss")
     )
     lambda_smoothing: float = field(
-        default=0.0, **_help("mix lambda with uniform after each step (0: none, 1: lambda fixed uniform)")
+        default=0.0,
+        **_help("mix lambda with uniform after each step (0: none, 1: lambda fixed uniform)"),
     )
     lambda_lower: tuple[float, ...] | None = field(
         default=None, **_help("prior region: per-domain lower bounds on lambda (None: the simplex)")
@@ -39,10 +40,14 @@ class PrimalDualConfig:
     mu_nonnegative: bool = field(
         default=False, **_help("treat the constraint as Z_g <= 1 (mu >= 0) instead of Z_g = 1")
     )
-    z_ema_decay: float = field(default=0.9, **_help("EMA decay of the Z_g estimate used by the mu step"))
+    z_ema_decay: float = field(
+        default=0.9, **_help("EMA decay of the Z_g estimate used by the mu step")
+    )
     loss: str = field(
         default="excess",
-        **_help("per-domain loss: 'excess' over the in-domain expert (KL proxy) or 'cross_entropy'"),
+        **_help(
+            "per-domain loss: 'excess' over the in-domain expert (KL proxy) or 'cross_entropy'"
+        ),
     )
     average_from: float = field(
         default=0.5, **_help("fraction of the steps after which lambda, mu and Z are averaged")
@@ -84,7 +89,9 @@ class PrimalDualConfig:
 @dataclass
 class FitGateConfig(PrimalDualConfig):
     demo_dir: str = field(default="", **_help("the demo folder (experts/, data, manifest)"))
-    out_dir: str = field(default="artifacts/router-robust", **_help("where the router artifact goes"))
+    out_dir: str = field(
+        default="artifacts/router-robust", **_help("where the router artifact goes")
+    )
     work_dir: str = field(
         default="", **_help("checkpoints, plots and the report (default: <out_dir>/fit)")
     )
@@ -100,7 +107,9 @@ class FitGateConfig(PrimalDualConfig):
     gate_heads: int = field(default=4, **_help("sequence gate attention heads"))
     gate_pooling: str = field(default="mean", **_help("sequence gate pooling: 'mean' or 'last'"))
     router_hidden: int = field(default=0, **_help("causal router hidden width (0: linear head)"))
-    sampler: str = field(default="sir", **_help("sampling from the robust model: 'sir' or 'rejection'"))
+    sampler: str = field(
+        default="sir", **_help("sampling from the robust model: 'sir' or 'rejection'")
+    )
     distill_samples: int = field(default=256, **_help("sequences sampled from the robust model"))
     sample_length: int = field(default=64, **_help("new tokens per sampled sequence"))
     sir_oversample: int = field(default=4, **_help("SIR: proposals drawn per kept sample"))
@@ -110,7 +119,9 @@ class FitGateConfig(PrimalDualConfig):
     direct_router: bool = field(
         default=False, **_help("also fit the ablation: the router trained directly by primal-dual")
     )
-    evaluate: bool = field(default=True, **_help("evaluate against the baselines on the eval split"))
+    evaluate: bool = field(
+        default=True, **_help("evaluate against the baselines on the eval split")
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,4 +140,6 @@ class FitGateConfig(PrimalDualConfig):
         if min(self.distill_samples, self.sample_length, self.sir_oversample) < 1:
             raise ValueError("distill_samples, sample_length and sir_oversample must be positive")
         if self.distill_steps < 1 or self.distill_batch_size < 1 or self.distill_learning_rate <= 0:
-            raise ValueError("distill_steps, distill_batch_size, distill_learning_rate must be positive")
+            raise ValueError(
+                "distill_steps, distill_batch_size, distill_learning_rate must be positive"
+            )

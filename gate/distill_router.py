@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from torch import nn
-
 from gatemix.gate.losses import importance_log_ratios
 from gatemix.gate.mixing import mix_logprobs, mix_sequence_logprobs
 from gatemix.gate.router import HiddenStateRouter, RouterForm
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +55,11 @@ class TokenFeatures:
 
     def select(self, indices: torch.Tensor) -> TokenFeatures:
         return TokenFeatures(
-            self.input_ids[indices], self.attention_mask[indices], self.next_logprobs[indices],
-            None if self.hidden is None else self.hidden[indices], self.token_mask[indices],
+            self.input_ids[indices],
+            self.attention_mask[indices],
+            self.next_logprobs[indices],
+            None if self.hidden is None else self.hidden[indices],
+            self.token_mask[indices],
         )
 
     @staticmethod
@@ -75,7 +77,9 @@ class TokenFeatures:
             torch.cat([pad(p.input_ids, width) for p in parts]),
             torch.cat([pad(p.attention_mask, width) for p in parts]),
             torch.cat([pad(p.next_logprobs, width - 1) for p in parts]),
-            None if parts[0].hidden is None else torch.cat([pad(p.hidden, width - 1) for p in parts]),
+            None
+            if parts[0].hidden is None
+            else torch.cat([pad(p.hidden, width - 1) for p in parts]),
             torch.cat([pad(p.token_mask, width - 1) for p in parts]),
         )
 
@@ -88,9 +92,9 @@ class ExpertBank(Protocol):
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TokenFeatures: ...
 
-    def sample(self, expert: int, num: int, length: int, generator: torch.Generator) -> tuple[
-        torch.Tensor, torch.Tensor
-    ]: ...
+    def sample(
+        self, expert: int, num: int, length: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def routed_token_logprobs(
@@ -108,8 +112,9 @@ def routed_sequence_logprobs(router: nn.Module, batch: dict[str, torch.Tensor]) 
 
 
 @torch.no_grad()
-def _propose(bank: ExpertBank, count: int, length: int, generator: torch.Generator,
-             batch_size: int) -> TokenFeatures:
+def _propose(
+    bank: ExpertBank, count: int, length: int, generator: torch.Generator, batch_size: int
+) -> TokenFeatures:
     """``count`` draws from q: an expert chosen uniformly, then its own sample."""
     choices = torch.randint(bank.num_experts, (count,), generator=generator)
     parts = []
@@ -171,8 +176,11 @@ def sample_robust_model(
     if accepted_count < num_samples:
         logger.warning("rejection sampling kept %s of %s samples", accepted_count, num_samples)
     samples = samples.select(torch.arange(min(num_samples, accepted_count)))
-    return samples, {"method": "rejection", "proposals": proposed,
-                     "acceptance": accepted_count / proposed}
+    return samples, {
+        "method": "rejection",
+        "proposals": proposed,
+        "acceptance": accepted_count / proposed,
+    }
 
 
 def train_router(
@@ -195,7 +203,9 @@ def train_router(
     num_sequences, losses = features.input_ids.shape[0], []
     router.train()
     for _ in range(steps):
-        picked = torch.randint(num_sequences, (min(batch_size, num_sequences),), generator=generator)
+        picked = torch.randint(
+            num_sequences, (min(batch_size, num_sequences),), generator=generator
+        )
         mask = features.token_mask[picked]
         token_logprobs = routed_token_logprobs(
             router, features.hidden[picked], features.next_logprobs[picked]
@@ -235,7 +245,10 @@ def distill_router(
     losses = train_router(
         router, samples, steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed
     )
-    tail = losses[-max(1, len(losses) // 10):]
-    stats = {"sampling": sampling, "samples": samples.input_ids.shape[0],
-             "final_train_nll": sum(tail) / len(tail)}
+    tail = losses[-max(1, len(losses) // 10) :]
+    stats = {
+        "sampling": sampling,
+        "samples": samples.input_ids.shape[0],
+        "final_train_nll": sum(tail) / len(tail),
+    }
     return router, stats

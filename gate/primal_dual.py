@@ -26,19 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from gatemix.gate.config import PrimalDualConfig
 from gatemix.gate.losses import (
     cross_entropy_loss,
     domain_means,
     dual_ascent_step,
-    ema_update,
     eg_lambda_step,
+    ema_update,
     estimate_normalizer,
     excess_loss,
 )
 from gatemix.gate.mixing import mix_sequence_logprobs
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -181,10 +180,12 @@ def run_primal_dual(
         steps = tqdm(steps, desc="primal-dual", initial=start, total=config.steps)
     model.train()
     for step in steps:
-        indices = torch.cat([
-            idx[torch.randint(len(idx), (config.batch_per_domain,), generator=generator)]
-            for idx in per_domain
-        ])
+        indices = torch.cat(
+            [
+                idx[torch.randint(len(idx), (config.batch_per_domain,), generator=generator)]
+                for idx in per_domain
+            ]
+        )
         batch = data.select(indices)
         model_logprobs = sequence_logprob_fn(model, batch)  # (B,)
         losses = domain_means(
@@ -202,14 +203,21 @@ def run_primal_dual(
 
         if config.fixed_lambda is None:
             domain_lambda = eg_lambda_step(
-                domain_lambda, losses.detach(), config.lambda_step,
-                config.lambda_smoothing, lower, upper,
+                domain_lambda,
+                losses.detach(),
+                config.lambda_step,
+                config.lambda_smoothing,
+                lower,
+                upper,
             )
         if not normalized:
             z_ema = ema_update(z_ema, z_batch, config.z_ema_decay)
             mu = dual_ascent_step(mu, z_ema - 1, config.mu_step, config.mu_nonnegative)
         record = {
-            "lambda": domain_lambda.tolist(), "mu": mu, "z_ema": z_ema, "z_batch": z_batch,
+            "lambda": domain_lambda.tolist(),
+            "mu": mu,
+            "z_ema": z_ema,
+            "z_batch": z_batch,
             "losses": losses.detach().tolist(),
         }
         for name, value in record.items():
@@ -217,21 +225,34 @@ def run_primal_dual(
         if on_step is not None:
             on_step(step, record)
         done = step + 1
-        if checkpoint_path is not None and config.checkpoint_every and (
-            done % config.checkpoint_every == 0 or done == config.steps
+        if (
+            checkpoint_path is not None
+            and config.checkpoint_every
+            and (done % config.checkpoint_every == 0 or done == config.steps)
         ):
             checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-            _save_checkpoint(checkpoint_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(), "lambda": domain_lambda, "mu": mu,
-                "z_ema": z_ema, "history": history, "step": done,
-                "config": _comparable(config), "fingerprint": data.fingerprint,
-            })
+            _save_checkpoint(
+                checkpoint_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(),
+                    "lambda": domain_lambda,
+                    "mu": mu,
+                    "z_ema": z_ema,
+                    "history": history,
+                    "step": done,
+                    "config": _comparable(config),
+                    "fingerprint": data.fingerprint,
+                },
+            )
     model.eval()
     return _summarize(history, config, resumed_from=start)
 
 
-def _summarize(history: dict[str, list], config: PrimalDualConfig, resumed_from: int) -> PrimalDualResult:
+def _summarize(
+    history: dict[str, list], config: PrimalDualConfig, resumed_from: int
+) -> PrimalDualResult:
     first = min(int(config.average_from * len(history["mu"])), len(history["mu"]) - 1)
 
     def mean_rows(rows: list) -> list[float]:

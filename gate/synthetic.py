@@ -17,13 +17,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
-
 from gatemix.gate.config import PrimalDualConfig
 from gatemix.gate.distill_router import TokenFeatures, distill_router, routed_token_logprobs
 from gatemix.gate.mixing import mix_sequence_logprobs
 from gatemix.gate.primal_dual import GateFitData, run_primal_dual
 from gatemix.gate.sequence_gate import SequenceGate, SequenceGateForm
+from torch import nn
 
 VOCAB = 100
 DIRECTIONS = (1, -1)  # domain A, domain B
@@ -38,8 +37,9 @@ class TinyCausalLM(nn.Module):
         self.token_embedding = nn.Embedding(VOCAB, width)
         self.position_embedding = nn.Embedding(max_length, width)
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True,
-                                       norm_first=True)
+            nn.TransformerEncoderLayer(
+                width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
+            )
             for _ in range(layers)
         )
         self.norm = nn.LayerNorm(width)
@@ -60,9 +60,9 @@ def rule_sequences(direction: int, starts: torch.Tensor, length: int) -> torch.T
     return (starts.unsqueeze(1) + direction * torch.arange(length)) % VOCAB
 
 
-def mixed_batch(weights: tuple[float, float], size: int, length: int, generator) -> tuple[
-    torch.Tensor, torch.Tensor
-]:
+def mixed_batch(
+    weights: tuple[float, float], size: int, length: int, generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch from ``P_lambda``: ids (size, length) and domain ids (size,)."""
     domain = torch.multinomial(torch.tensor(weights), size, replacement=True, generator=generator)
     starts = torch.randint(VOCAB, (size,), generator=generator)
@@ -70,8 +70,16 @@ def mixed_batch(weights: tuple[float, float], size: int, length: int, generator)
     return (starts.unsqueeze(1) + direction.unsqueeze(1) * torch.arange(length)) % VOCAB, domain
 
 
-def train_lm(model: TinyCausalLM, weights: tuple[float, float], *, steps: int, length: int,
-             batch_size: int = 64, learning_rate: float = 1e-2, seed: int = 0) -> float:
+def train_lm(
+    model: TinyCausalLM,
+    weights: tuple[float, float],
+    *,
+    steps: int,
+    length: int,
+    batch_size: int = 64,
+    learning_rate: float = 1e-2,
+    seed: int = 0,
+) -> float:
     """Next-token training on ``P_weights``; returns the last loss (nats/token)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
@@ -111,12 +119,17 @@ class SyntheticExpertBank:
             logprobs.append(torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]))
             hidden.append(states)
         return TokenFeatures(
-            input_ids, attention_mask, torch.cat(logprobs, -1), torch.cat(hidden, -1),
+            input_ids,
+            attention_mask,
+            torch.cat(logprobs, -1),
+            torch.cat(hidden, -1),
             attention_mask[:, 1:].float(),
         )
 
     @torch.no_grad()
-    def sample(self, expert: int, num: int, length: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, expert: int, num: int, length: int, generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = torch.randint(VOCAB, (num, 1), generator=generator)
         for _ in range(length - 1):
             logits, _ = self.experts[expert](input_ids)
@@ -125,7 +138,9 @@ class SyntheticExpertBank:
         return input_ids, torch.ones_like(input_ids)
 
 
-def kl_curve(domain_logprobs: tuple[torch.Tensor, torch.Tensor], lambdas: list[float]) -> list[float]:
+def kl_curve(
+    domain_logprobs: tuple[torch.Tensor, torch.Tensor], lambdas: list[float]
+) -> list[float]:
     """Exact ``KL(P_lambda || m)`` in nats per sequence from ``log m`` on all A and all B sequences."""
     mean_a, mean_b = (float(lp.double().mean()) for lp in domain_logprobs)
     curve = []
@@ -142,19 +157,31 @@ def kl_curve(domain_logprobs: tuple[torch.Tensor, torch.Tensor], lambdas: list[f
 @dataclass
 class SyntheticConfig:
     length: int = 8
-    expert_width: int = 8
+    expert_width: int = 16  # width 8 learns the rule, but its hidden states hide the direction
     gate_width: int = 6
-    monolithic_width: int = 16
-    lm_steps: int = 400  # per expert; the monolithic model gets twice as many (same compute)
+    monolithic_width: int = 28  # about the parameters of two experts, the gate and the router
+    lm_steps: int = 500  # per expert; the monolithic model gets twice as many (same compute)
+    lm_learning_rate: float = 3e-2
     gate_sequences: int = 200  # per domain, in the gate split
-    router_hidden: int = 32
-    distill_samples: int = 400
-    distill_steps: int = 300
+    router_hidden: int = 64
+    distill_samples: int = (
+        2000  # enough to visit every (start, direction): the router must see them
+    )
+    distill_steps: int = 3000
+    distill_learning_rate: float = 1e-2
     seed: int = 0
-    primal_dual: PrimalDualConfig = field(default_factory=lambda: PrimalDualConfig(
-        steps=300, batch_per_domain=16, learning_rate=3e-3, lambda_step=2.0, mu_step=0.5,
-        z_ema_decay=0.8, checkpoint_every=0, torch_threads=2,
-    ))
+    primal_dual: PrimalDualConfig = field(
+        default_factory=lambda: PrimalDualConfig(
+            steps=300,
+            batch_per_domain=16,
+            learning_rate=3e-3,
+            lambda_step=0.3,
+            mu_step=0.5,
+            z_ema_decay=0.8,
+            checkpoint_every=0,
+            torch_threads=1,
+        )
+    )
 
 
 @dataclass
@@ -169,18 +196,28 @@ class SyntheticResult:
     history: dict
 
 
-def _fit_features(bank: SyntheticExpertBank, per_domain: int, length: int, generator) -> GateFitData:
-    parts = [bank.score(ids, torch.ones_like(ids)) for ids in (
-        rule_sequences(d, torch.randint(VOCAB, (per_domain,), generator=generator), length)
-        for d in DIRECTIONS
-    )]
+def _fit_features(
+    bank: SyntheticExpertBank, per_domain: int, length: int, generator
+) -> GateFitData:
+    parts = [
+        bank.score(ids, torch.ones_like(ids))
+        for ids in (
+            rule_sequences(d, torch.randint(VOCAB, (per_domain,), generator=generator), length)
+            for d in DIRECTIONS
+        )
+    ]
     features = TokenFeatures.concat(parts)
     domain = torch.arange(2).repeat_interleave(per_domain)
-    return GateFitData({
-        "domain": domain, "num_tokens": features.num_tokens(),
-        "expert_sequence_logprobs": features.sequence_logprobs(),
-        "input_ids": features.input_ids, "attention_mask": features.attention_mask,
-    }, num_domains=2)
+    return GateFitData(
+        {
+            "domain": domain,
+            "num_tokens": features.num_tokens(),
+            "expert_sequence_logprobs": features.sequence_logprobs(),
+            "input_ids": features.input_ids,
+            "attention_mask": features.attention_mask,
+        },
+        num_domains=2,
+    )
 
 
 def run_synthetic_experiment(config: SyntheticConfig | None = None) -> SyntheticResult:
@@ -191,44 +228,85 @@ def run_synthetic_experiment(config: SyntheticConfig | None = None) -> Synthetic
     experts = [TinyCausalLM(config.expert_width) for _ in DIRECTIONS]
     for index, expert in enumerate(experts):
         weights = (1.0, 0.0) if index == 0 else (0.0, 1.0)
-        train_lm(expert, weights, steps=config.lm_steps, length=config.length, seed=config.seed + index)
+        train_lm(
+            expert,
+            weights,
+            steps=config.lm_steps,
+            length=config.length,
+            learning_rate=config.lm_learning_rate,
+            seed=config.seed + index,
+        )
     monolithic = TinyCausalLM(config.monolithic_width)
-    train_lm(monolithic, (0.5, 0.5), steps=2 * config.lm_steps, length=config.length,
-             seed=config.seed + 2)
+    train_lm(
+        monolithic,
+        (0.5, 0.5),
+        steps=2 * config.lm_steps,
+        length=config.length,
+        learning_rate=config.lm_learning_rate,
+        seed=config.seed + 2,
+    )
     bank = SyntheticExpertBank(experts)
 
     generator = torch.Generator().manual_seed(config.seed + 3)
     data = _fit_features(bank, config.gate_sequences, config.length, generator)
-    gate = SequenceGate(SequenceGateForm(VOCAB, 2, width=config.gate_width, num_layers=1,
-                                         num_heads=2, max_length=config.length))
+    gate = SequenceGate(
+        SequenceGateForm(
+            VOCAB, 2, width=config.gate_width, num_layers=1, num_heads=2, max_length=config.length
+        )
+    )
     fit = run_primal_dual(gate, data, config.primal_dual)
     router, distill_stats = distill_router(
-        bank, gate, router_hidden=config.router_hidden, num_samples=config.distill_samples,
-        length=config.length, sampler="rejection", steps=config.distill_steps, batch_size=32,
-        learning_rate=1e-2, seed=config.seed,
+        bank,
+        gate,
+        router_hidden=config.router_hidden,
+        num_samples=config.distill_samples,
+        length=config.length,
+        sampler="rejection",
+        steps=config.distill_steps,
+        batch_size=256,
+        learning_rate=config.distill_learning_rate,
+        seed=config.seed,
     )
 
     everything = torch.arange(VOCAB)
-    test = [bank.score(ids, torch.ones_like(ids))
-            for ids in (rule_sequences(d, everything, config.length) for d in DIRECTIONS)]
+    test = [
+        bank.score(ids, torch.ones_like(ids))
+        for ids in (rule_sequences(d, everything, config.length) for d in DIRECTIONS)
+    ]
     with torch.no_grad():
         per_method = {
             "expert_a": [f.sequence_logprobs()[:, 0] for f in test],
             "expert_b": [f.sequence_logprobs()[:, 1] for f in test],
-            "uniform_constant": [mix_sequence_logprobs(f.sequence_logprobs(),
-                                                       torch.full((2,), -math.log(2))) for f in test],
-            "gate": [mix_sequence_logprobs(f.sequence_logprobs(),
-                                           gate(f.input_ids, f.attention_mask)) for f in test],
-            "router": [routed_token_logprobs(router, f.hidden, f.next_logprobs).sum(1) for f in test],
+            "uniform_constant": [
+                mix_sequence_logprobs(f.sequence_logprobs(), torch.full((2,), -math.log(2)))
+                for f in test
+            ],
+            "gate": [
+                mix_sequence_logprobs(f.sequence_logprobs(), gate(f.input_ids, f.attention_mask))
+                for f in test
+            ],
+            "uniform_per_token": [
+                torch.logsumexp(f.next_logprobs - math.log(2), -1).sum(1) for f in test
+            ],
+            "router": [
+                routed_token_logprobs(router, f.hidden, f.next_logprobs).sum(1) for f in test
+            ],
             "monolithic": [lm_sequence_logprobs(monolithic, f.input_ids) for f in test],
         }
     lambdas = [round(0.1 * i, 1) for i in range(11)]
-    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    count = lambda module: sum(p.numel() for p in module.parameters())
     return SyntheticResult(
         lambdas=lambdas,
         kl={name: kl_curve(tuple(lps), lambdas) for name, lps in per_method.items()},
-        lambda_avg=fit.lambda_avg, z_avg=fit.z_avg, mu_avg=fit.mu_avg,
-        parameters={"expert": count(experts[0]), "gate": count(gate), "router": count(router),
-                    "monolithic": count(monolithic)},
-        distill=distill_stats, history=fit.history,
+        lambda_avg=fit.lambda_avg,
+        z_avg=fit.z_avg,
+        mu_avg=fit.mu_avg,
+        parameters={
+            "expert": count(experts[0]),
+            "gate": count(gate),
+            "router": count(router),
+            "monolithic": count(monolithic),
+        },
+        distill=distill_stats,
+        history=fit.history,
     )

@@ -1,0 +1,269 @@
+"""Start, watch and stop the servers that ``gatemix bench serve`` compares.
+
+Each system is a set of processes started in their own process groups (so a
+stop takes their engine workers too), with logs under one folder, free
+loopback ports, and a readiness wait on ``/v1/models`` that fails fast with
+the log's tail when a process dies. :class:`PeakMemory` samples the resident
+memory of a system's whole process tree while the load runs.
+
+Systems (``SYSTEMS``):
+
+* ``ensemble``: ``gatemix serve`` of the composite (K experts, one engine);
+* ``single``: ``gatemix serve`` of one expert's plain Hugging Face folder;
+* ``vllm``: vLLM's own OpenAI server of the same expert folder;
+* ``student``: ``gatemix serve`` of a distilled student folder, when given;
+* ``lockstep``: K vLLM servers, one per expert, behind the lockstep server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+from typing_extensions import Self
+
+logger = logging.getLogger(__name__)
+
+SYSTEMS = ("ensemble", "single", "vllm", "student", "lockstep")
+
+
+class ServerStartError(RuntimeError):
+    """A server died or did not become ready; the message carries its log's tail."""
+
+
+@dataclass
+class ServerOptions:
+    """Engine settings shared by every system, so that they differ only in the server."""
+
+    max_model_len: int = field(metadata={"help": "context length; covers prompt + output"})
+    max_num_seqs: int = field(default=64, metadata={"help": "most sequences per engine step"})
+    dtype: str = field(default="float32", metadata={"help": "engine dtype"})
+    kv_cache_gib: int = field(default=1, metadata={"help": "CPU KV cache per engine (whole GiB)"})
+    enforce_eager: bool = field(default=True, metadata={"help": "no torch.compile, as gatemix's default"})
+    startup_timeout_s: float = field(default=300.0, metadata={"help": "wait this long for /v1/models"})
+    log_dir: Path = field(default=Path("artifacts/bench/logs"), metadata={"help": "one log file per process"})
+
+
+@dataclass
+class RunningSystem:
+    """A started system: where to send the load and which processes to watch."""
+
+    name: str
+    base_url: str
+    model_name: str
+    processes: list[subprocess.Popen]
+    expert_urls: list[str] = field(default_factory=list)  # lockstep only: the per-expert vLLM servers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _log_tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@contextmanager
+def managed_process(command: list[str], log_path: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """Run ``command`` in its own process group; on exit stop the whole group."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("starting %s (log %s)", " ".join(command), log_path)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def wait_ready(base_url: str, procs: list[subprocess.Popen], logs: list[Path], timeout_s: float) -> str:
+    """Poll ``/v1/models`` until it answers; returns the first model id."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for proc, log in zip(procs, logs):
+            if proc.poll() is not None:
+                raise ServerStartError(f"{proc.args[:4]} exited with {proc.returncode}; {log}:\n{_log_tail(log)}")
+        try:
+            response = httpx.get(f"{base_url}/v1/models", timeout=5.0)
+            if response.status_code == 200:
+                return response.json()["data"][0]["id"]
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    raise ServerStartError(f"{base_url} not ready after {timeout_s:.0f}s; {logs[-1]}:\n{_log_tail(logs[-1])}")
+
+
+def _env(options: ServerOptions) -> dict[str, str]:
+    env = dict(os.environ)
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(options.kv_cache_gib)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def vllm_serve_command(model_dir: str, port: int, options: ServerOptions) -> list[str]:
+    """vLLM's own OpenAI server (the ``vllm`` console script of vllm-cpu fails at start)."""
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", options.dtype,
+        "--max-model-len", str(options.max_model_len), "--max-num-seqs", str(options.max_num_seqs),
+        "--gpu-memory-utilization", "0.1",
+    ]
+    if options.enforce_eager:
+        command.append("--enforce-eager")
+    return command
+
+
+def gatemix_serve_command(model_dir: str, port: int, options: ServerOptions, served_model_name: str) -> list[str]:
+    """``gatemix serve`` of a composite or a plain expert folder."""
+    return [
+        sys.executable, "-m", "gatemix.cli", "serve", "--model-dir", str(model_dir),
+        "--served-model-name", served_model_name, "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", options.dtype, "--max-model-len", str(options.max_model_len),
+        "--max-num-seqs", str(options.max_num_seqs), "--kv-cache-gib", str(options.kv_cache_gib),
+        "--log-level", "warning", "--enforce-eager" if options.enforce_eager else "--no-enforce-eager",
+    ]
+
+
+def lockstep_mixer_command(expert_urls: list[str], tokenizer_dir: str, port: int,
+                           weights: list[float] | None = None) -> list[str]:
+    """The lockstep mixer in front of already running expert servers."""
+    command = [sys.executable, "-m", "gatemix.bench.lockstep_server", "--tokenizer", str(tokenizer_dir),
+               "--host", "127.0.0.1", "--port", str(port)]
+    for url in expert_urls:
+        command += ["--expert", url]
+    if weights is not None:
+        command += ["--weights", ",".join(f"{w:g}" for w in weights)]
+    return command
+
+
+@contextmanager
+def _single_server(name: str, command_for_port, options: ServerOptions,
+                   model_name: str | None = None) -> Iterator[RunningSystem]:
+    """One server process; the load goes to ``model_name``, or to the first model it lists."""
+    port = free_port()
+    log = options.log_dir / f"{name}.log"
+    with managed_process(command_for_port(port), log, _env(options)) as proc:
+        base_url = f"http://127.0.0.1:{port}"
+        first_model = wait_ready(base_url, [proc], [log], options.startup_timeout_s)
+        yield RunningSystem(name=name, base_url=base_url, model_name=model_name or first_model, processes=[proc])
+
+
+@contextmanager
+def _lockstep(expert_dirs: list[str], options: ServerOptions,
+              weights: list[float] | None = None) -> Iterator[RunningSystem]:
+    with ExitStack() as stack:
+        procs, logs, expert_urls = [], [], []
+        for k, expert_dir in enumerate(expert_dirs):
+            port = free_port()
+            log = options.log_dir / f"lockstep-expert{k}-{Path(expert_dir).name}.log"
+            command = vllm_serve_command(expert_dir, port, options)
+            procs.append(stack.enter_context(managed_process(command, log, _env(options))))
+            logs.append(log)
+            expert_urls.append(f"http://127.0.0.1:{port}")
+        for url in expert_urls:  # the experts start in parallel; the mixer needs all of them up
+            wait_ready(url, procs, logs, options.startup_timeout_s)
+        port = free_port()
+        command = lockstep_mixer_command(expert_urls, expert_dirs[0], port, weights)
+        log = options.log_dir / "lockstep-mixer.log"
+        procs.append(stack.enter_context(managed_process(command, log, _env(options))))
+        logs.append(log)
+        base_url = f"http://127.0.0.1:{port}"
+        model_name = wait_ready(base_url, procs, logs, options.startup_timeout_s)
+        yield RunningSystem(name="lockstep", base_url=base_url, model_name=model_name, processes=procs,
+                            expert_urls=expert_urls)
+
+
+def launch(system: str, *, composite_dir: str | None, expert_dirs: list[str], options: ServerOptions,
+           student_dir: str | None = None, lockstep_weights: list[float] | None = None):
+    """A context manager that starts ``system`` and yields a :class:`RunningSystem`."""
+    expert = str(expert_dirs[0])
+    gatemix_folders = {"ensemble": composite_dir, "single": expert, "student": student_dir}
+    if system in gatemix_folders:
+        folder = gatemix_folders[system]
+        if not folder:
+            raise ValueError(f"the {system} system needs a model folder")
+        name = f"gatemix-{system}"
+        return _single_server(system, lambda port: gatemix_serve_command(folder, port, options, name), options, name)
+    if system == "vllm":
+        return _single_server(system, lambda port: vllm_serve_command(expert, port, options), options)
+    if system == "lockstep":
+        return _lockstep([str(d) for d in expert_dirs], options, lockstep_weights)
+    raise ValueError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
+
+
+class PeakMemory:
+    """Peak resident memory (MiB) of process trees, sampled in a background thread.
+
+    The figure is the sum of RSS over every process in the trees (servers,
+    engine cores, workers), sampled every ``interval_s``. Pages shared between
+    processes count once per process, as ``ps`` would show them.
+    """
+
+    def __init__(self, pids: list[int], interval_s: float = 0.2) -> None:
+        self.pids = pids
+        self.interval_s = interval_s
+        self.peak_mib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peak-memory", daemon=True)
+
+    def sample(self) -> float:
+        total = 0
+        for pid in self.pids:
+            try:
+                root = psutil.Process(pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            for proc in tree:
+                try:
+                    total += proc.memory_info().rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+        return total / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mib = max(self.peak_mib, self.sample())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> Self:
+        self.peak_mib = self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mib = max(self.peak_mib, self.sample())

@@ -1,0 +1,221 @@
+"""What the frozen experts say about the gate and eval splits, computed once and cached on disk.
+
+For every sequence: each expert's log-prob of every next token and, when the
+causal router needs them, each expert's final hidden state (after the final
+norm: ``hidden_states[-1]`` in transformers), which is what the engine feeds
+the router. The cache key hashes the experts' weights, the text and the
+settings, so a changed expert or split never reads stale features.
+
+Sharding is ``torchrun``-ready: with ``rank``/``world_size`` each process scores
+``sequences[rank::world_size]`` into its own cache file, and rank 0 merges them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from gatemix.gate.distill_router import TokenFeatures
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+FEATURES_VERSION = "gate-features/1"
+
+
+def expert_hash(folder: str | Path) -> str:
+    """sha256 over an expert's config.json and *.safetensors, in name order.
+
+    The same digest as ``gatemix.engine.expert_folder.expert_hash``, so an
+    artifact's hashes can be checked against a composite's.
+    """
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in [folder / "config.json", *sorted(folder.glob("*.safetensors"))]:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def data_hash(texts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode()).digest())
+    return digest.hexdigest()
+
+
+class HFExpertBank:
+    """K Hugging Face causal LMs sharing one tokenizer, behind the ``ExpertBank`` protocol."""
+
+    def __init__(
+        self,
+        expert_dirs: list[str | Path],
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.expert_dirs = [Path(path) for path in expert_dirs]
+        self.tokenizer = AutoTokenizer.from_pretrained(self.expert_dirs[0])
+        self.models = [
+            AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+            for path in self.expert_dirs
+        ]
+        self.device = device
+        self.num_experts = len(self.models)
+        self.hidden_size = self.models[0].config.hidden_size
+        self.hashes = [expert_hash(path) for path in self.expert_dirs]
+        self.with_hidden = True
+
+    def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
+        encoded = self.tokenizer(
+            texts, add_special_tokens=True, truncation=True, max_length=max_length
+        )["input_ids"]
+        return [ids for ids in encoded if len(ids) >= 2]  # a sequence needs one scored token
+
+    def _start_token(self) -> int:
+        for token in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, 0):
+            if token is not None:
+                return int(token)
+        return 0
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TokenFeatures:
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        logprobs, hidden = [], []
+        for model in self.models:
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                output_hidden_states=self.with_hidden,
+            )
+            token_logprobs = torch.log_softmax(out.logits[:, :-1].float(), -1)
+            logprobs.append(token_logprobs.gather(-1, input_ids[:, 1:, None]))  # (B, T-1, 1)
+            if self.with_hidden:
+                hidden.append(out.hidden_states[-1][:, :-1].float())  # (B, T-1, H)
+        token_mask = (attention_mask[:, 1:] * attention_mask[:, :-1]).float().cpu()
+        next_logprobs = torch.cat(logprobs, -1).cpu().masked_fill(token_mask[..., None] == 0, 0.0)
+        return TokenFeatures(
+            input_ids.cpu(),
+            attention_mask.cpu(),
+            next_logprobs,
+            torch.cat(hidden, -1).cpu() if self.with_hidden else None,
+            token_mask,
+        )
+
+    @torch.no_grad()
+    def sample(
+        self, expert: int, num: int, length: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ancestral samples at temperature 1 from one expert; tokens after EOS are masked."""
+        model = self.models[expert]
+        input_ids = torch.full((num, 1), self._start_token(), device=self.device)
+        out = model(input_ids=input_ids, use_cache=True)
+        for _ in range(length):
+            probs = torch.softmax(out.logits[:, -1].double().cpu(), -1)
+            next_ids = torch.multinomial(probs, 1, generator=generator).to(self.device)
+            input_ids = torch.cat([input_ids, next_ids], 1)
+            out = model(input_ids=next_ids, past_key_values=out.past_key_values, use_cache=True)
+        attention_mask = torch.ones_like(input_ids)
+        eos = self.tokenizer.eos_token_id
+        if eos is not None:
+            is_eos = (input_ids[:, 1:] == eos).long()
+            after_eos = (is_eos.cumsum(1) - is_eos) > 0  # strictly after the first EOS
+            attention_mask[:, 1:] = (~after_eos).long()
+        return input_ids.cpu(), attention_mask.cpu()
+
+
+def pad_sequences(
+    token_lists: list[list[int]], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(N, T)`` ids and mask."""
+    width = max(len(ids) for ids in token_lists)
+    input_ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for row, ids in enumerate(token_lists):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def score_sequences(
+    bank, token_lists: list[list[int]], *, batch_size: int = 8, progress: bool = False
+) -> TokenFeatures:
+    """Score sequences in length-sorted batches (less padding) and return them in input order."""
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="expert features")
+    parts = [bank.score(*pad_sequences([token_lists[i] for i in batch])) for batch in batches]
+    features = TokenFeatures.concat(parts)
+    return features.select(torch.argsort(torch.tensor(order)))
+
+
+def _save(features: TokenFeatures, path: Path) -> None:
+    tensors = {
+        "input_ids": features.input_ids,
+        "attention_mask": features.attention_mask,
+        "next_logprobs": features.next_logprobs,
+        "token_mask": features.token_mask,
+    }
+    if features.hidden is not None:
+        tensors["hidden"] = features.hidden.half()  # halves the cache; the router casts back
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def _load(path: Path) -> TokenFeatures:
+    tensors = load_file(str(path))
+    hidden = tensors.get("hidden")
+    return TokenFeatures(
+        tensors["input_ids"],
+        tensors["attention_mask"],
+        tensors["next_logprobs"],
+        None if hidden is None else hidden.float(),
+        tensors["token_mask"],
+    )
+
+
+def cached_features(
+    bank: HFExpertBank,
+    texts: list[str],
+    *,
+    cache_dir: str | Path,
+    max_length: int,
+    with_hidden: bool,
+    batch_size: int = 8,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+) -> TokenFeatures:
+    """Expert features of ``texts``, read from the disk cache or computed and stored there."""
+    key = hashlib.sha256(
+        "|".join(
+            [
+                FEATURES_VERSION,
+                *bank.hashes,
+                data_hash(texts),
+                str(max_length),
+                str(with_hidden),
+            ]
+        ).encode()
+    ).hexdigest()[:24]
+    shard = "" if world_size == 1 else f"-{rank}of{world_size}"
+    path = Path(cache_dir) / f"{key}{shard}.safetensors"
+    if path.is_file():
+        logger.info("expert features from cache %s", path)
+        return _load(path)
+    token_lists = bank.tokenize(texts, max_length)[rank::world_size]
+    bank.with_hidden = with_hidden
+    features = score_sequences(bank, token_lists, batch_size=batch_size, progress=progress)
+    _save(features, path)
+    return features

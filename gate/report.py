@@ -1,0 +1,128 @@
+"""The fit's evaluation on the demo's eval split: the robust router against every baseline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from gatemix.gate.config import FitGateConfig
+from gatemix.gate.distill_router import TokenFeatures
+from gatemix.gate.evaluate import compare_to_baselines, evaluate_methods, write_report
+from gatemix.gate.features import HFExpertBank
+from gatemix.gate.fit import (
+    fit_router_directly,
+    in_domain_cross_entropy,
+    load_split_features,
+    primal_dual_part,
+    proportions,
+)
+from gatemix.gate.mixing import mix_sequence_logprobs
+from gatemix.gate.primal_dual import GateFitData
+from gatemix.gate.registry import GATES
+from gatemix.gate.router import HiddenStateRouter
+from gatemix.gate.sequence_gate import SequenceGate
+
+
+@torch.no_grad()
+def sequence_gate_token_logprobs(gate: SequenceGate, features: TokenFeatures) -> torch.Tensor:
+    """The non-causal gate's ``log pi_g(x)`` spread evenly over the scored tokens. -> (N, T-1)."""
+    log_gate = gate(features.input_ids, features.attention_mask)
+    sequence = mix_sequence_logprobs(features.sequence_logprobs(), log_gate)  # (N,)
+    per_token = sequence / features.num_tokens().clamp_min(1)
+    return per_token.unsqueeze(1) * features.token_mask
+
+
+@torch.no_grad()
+def model_token_logprobs(
+    model_dir: Path, features: dict[str, TokenFeatures]
+) -> dict[str, torch.Tensor]:
+    """One extra model (the monolithic one) scored on the same token ids."""
+    bank = HFExpertBank([model_dir])
+    bank.with_hidden = False
+    return {
+        domain: bank.score(part.input_ids, part.attention_mask).next_logprobs[..., 0]
+        for domain, part in features.items()
+    }
+
+
+def evaluate_fit(
+    config: FitGateConfig,
+    bank: HFExpertBank,
+    domains: list[str],
+    data: GateFitData,
+    router: HiddenStateRouter,
+    gate: SequenceGate,
+    work_dir: Path,
+) -> dict:
+    """Fit the ERM (and the direct-robust) routers, score everything, write ``report.md``."""
+    bank.with_hidden = True
+    eval_features = load_split_features(bank, config, domains, "eval", with_hidden=True)
+    gate_features_ce = in_domain_cross_entropy(
+        {d: _domain_slice(data, j) for j, d in enumerate(domains)}
+    )
+    base = primal_dual_part(config)
+    erm_router, _ = fit_router_directly(
+        data,
+        router.form,
+        dataclasses.replace(
+            base, fixed_lambda=proportions(data), loss="cross_entropy", checkpoint_every=0
+        ),
+    )
+    gates = {
+        "uniform": GATES["uniform"](len(domains)),
+        "posterior": GATES["posterior"](),
+        "robust_constant": GATES["robust_constant"](gate_features_ce),
+        "erm": GATES["learned"](erm_router),
+        "robust_router": GATES["learned"](router),
+    }
+    if config.direct_router:
+        direct, _ = fit_router_directly(
+            data, router.form, dataclasses.replace(base, checkpoint_every=0)
+        )
+        gates["direct_robust_router"] = GATES["learned"](direct)
+    extra = {
+        "sequence_gate (not causal)": {
+            d: sequence_gate_token_logprobs(gate, f) for d, f in eval_features.items()
+        }
+    }
+    monolithic = Path(config.demo_dir) / "monolithic"
+    if (monolithic / "config.json").is_file():
+        extra["monolithic"] = model_token_logprobs(monolithic, eval_features)
+    report = evaluate_methods(eval_features, gates, extra, seed=config.seed)
+    report.notes = compare_to_baselines(report, "robust_router")
+    if "direct_robust_router" in report.methods:
+        report.notes += [
+            note.replace("beats robust_router", "(ablation) beats the two-stage robust_router")
+            for note in compare_to_baselines(report, "robust_router", ("direct_robust_router",))
+            if "beats" in note
+        ]
+    write_report(
+        report,
+        work_dir,
+        title="Robust gate: evaluation on the eval split",
+        plots={"lambda, mu and Z over the primal-dual iterations": "primal_dual.png"},
+    )
+    (work_dir / "evaluation.json").write_text(json.dumps(report.to_dict(), indent=2))
+    return {
+        name: {
+            "cross_entropy": dict(zip(domains, score.cross_entropy)),
+            "excess": dict(zip(domains, score.excess)),
+            "dirichlet_worst": score.dirichlet_worst,
+            "dirichlet_p90": score.dirichlet_p90,
+        }
+        for name, score in report.methods.items()
+    }
+
+
+def _domain_slice(data: GateFitData, domain: int) -> TokenFeatures:
+    rows = data.tensors["domain"] == domain
+    tensors = data.tensors
+    return TokenFeatures(
+        tensors["input_ids"][rows],
+        tensors["attention_mask"][rows],
+        tensors["next_logprobs"][rows],
+        None,
+        tensors["token_mask"][rows],
+    )

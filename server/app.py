@@ -1,0 +1,97 @@
+"""``create_app(settings)``: the FastAPI app; its lifespan builds the engine.
+
+Nothing happens at import or in ``create_app``: the model folder is resolved
+(the demo built if needed), the tokenizer loaded and vLLM's ``AsyncLLM``
+started when the server starts, and shut down when it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from gatemix.server.errors import install_error_handlers
+from gatemix.server.routes import router
+from gatemix.server.served_models import ServedModels
+from gatemix.server.serving import ServingEngine
+from gatemix.server.serving_chat import OpenAIServingChat
+from gatemix.server.serving_completion import OpenAIServingCompletion
+from gatemix.server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_dir(settings: Settings) -> Path:
+    """The folder to serve: ``model_dir``, else ``<demo_dir>/composite`` (built if missing)."""
+    if settings.model_dir is not None:
+        if not (settings.model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{settings.model_dir} is not a model folder (no config.json)")
+        return settings.model_dir
+    from gatemix.demo.cli import ensure_demo
+
+    logger.info("no --model-dir: serving the demo in %s (building it if needed)", settings.demo_dir)
+    return ensure_demo(settings.demo_dir)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    from gatemix.engine.engine_config import build_async_engine
+    from gatemix.engine.gate_trace import GateTraceReceiver
+    from gatemix.server.metrics import GateMetrics
+    from transformers import AutoTokenizer
+
+    settings: Settings = app.state.settings
+    model_dir = await asyncio.to_thread(resolve_model_dir, settings)
+    models = ServedModels.from_folder(model_dir, settings.served_model_name)
+    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
+    logger.info(
+        "serving %s from %s: experts %s", models.ensemble_name, model_dir, models.expert_names
+    )
+    # AsyncLLM starts its output handler on the running loop, so it is built here, not in a thread.
+    engine = build_async_engine(settings.engine_settings(model_dir))
+    receiver = GateTraceReceiver() if models.is_composite else None
+    try:
+        if receiver is not None:
+            await receiver.start()
+        metrics = GateMetrics(
+            models.expert_names, models.gate_version or "none", models.gate_loaded_at
+        )
+        core = ServingEngine(
+            engine=engine,
+            tokenizer=tokenizer,
+            models=models,
+            receiver=receiver,
+            metrics=metrics,
+            settings=settings,
+            vocab_size=engine.model_config.get_vocab_size(),
+        )
+        app.state.engine = engine
+        app.state.models = models
+        app.state.metrics = metrics
+        app.state.serving_core = core
+        app.state.serving_completion = OpenAIServingCompletion(core=core)
+        app.state.serving_chat = OpenAIServingChat(core=core)
+        yield
+    finally:
+        engine.shutdown()
+        if receiver is not None:
+            await receiver.close()
+
+
+def create_app(settings: Settings) -> FastAPI:
+    from gatemix import __version__
+
+    app = FastAPI(
+        title="gatemix",
+        version=__version__,
+        description="OpenAI-compatible server for a gated mixture of expert language models.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

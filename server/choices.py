@@ -1,0 +1,127 @@
+"""One choice = one engine request: its job, its output so far, its timing.
+
+``merge_streams`` runs several choices concurrently and yields their outputs
+as they arrive; closing it cancels the choices still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+
+
+@dataclass
+class ChoiceJob:
+    """One engine request: one choice of one prompt."""
+
+    index: int
+    prompt_ids: list[int]
+    params: object  # vllm SamplingParams, without the gate's extra_args yet
+    drop_output: bool  # max_tokens 0: the engine makes one token, the client gets none
+    request_id: str
+
+
+@dataclass
+class ChoiceDelta:
+    """What one engine output added to a choice."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[dict] | None  # per new token: token id -> vllm Logprob
+    gate_weights: list[list[float]] | None  # (new tokens, K); None when missing
+    finish_reason: str | None
+
+
+@dataclass
+class ChoiceState:
+    """A choice's output so far."""
+
+    index: int
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list[dict | None] | None = None  # (prompt tokens,), first entry None
+    gate_weights: list[list[float]] | None = field(default_factory=list)  # (tokens, K)
+    finish_reason: str | None = None
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self.token_ids += delta.token_ids
+        self.text += delta.text
+        if delta.logprobs:
+            self.logprobs += delta.logprobs
+        if self.gate_weights is not None and delta.gate_weights is not None:
+            self.gate_weights += delta.gate_weights
+        elif delta.token_ids:
+            self.gate_weights = None  # one missing token makes the mean unknown
+        self.finish_reason = delta.finish_reason or self.finish_reason
+
+    def weight_sums(self, experts: Sequence[str]) -> dict[str, float]:
+        if not self.gate_weights:
+            return {}
+        return {
+            name: sum(token[k] for token in self.gate_weights) for k, name in enumerate(experts)
+        }
+
+    def mean_weights(self, experts: Sequence[str]) -> dict[str, float]:
+        sums = self.weight_sums(experts)
+        return {name: total / len(self.gate_weights) for name, total in sums.items()}
+
+
+@dataclass
+class ChoiceTiming:
+    """Seconds (monotonic) of one choice: arrival, first token, gaps between tokens."""
+
+    arrival: float
+    last: float = 0.0
+    ttft_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+
+    def tick(self, new_tokens: int, finished: bool) -> None:
+        now = time.monotonic()
+        if new_tokens:
+            if self.ttft_s is None:
+                self.ttft_s = now - self.arrival
+                self.itl_s += [0.0] * (new_tokens - 1)
+            else:
+                self.itl_s += [(now - self.last) / new_tokens] * new_tokens
+        self.last = now
+
+
+async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator:
+    """Items of several async iterators as they come; closing this cancels the rest."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((item, None))
+            await queue.put((done, None))
+        except Exception as exc:  # noqa: BLE001 - re-raised in the consumer
+            await queue.put((None, exc))
+
+    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                remaining -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)

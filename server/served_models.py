@@ -1,0 +1,124 @@
+"""The model names the server answers to, and what each one asks of the gate.
+
+A composite folder serves K + 1 names: the ensemble's (the gated mixture) and
+each expert's (that expert alone, as a one-hot pinned gate in the same engine).
+A plain single-model folder serves one name, reported as a one-expert mixture.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gatemix.server.errors import bad_request, model_not_found
+from gatemix.server.protocol import MixtureRequest, ModelCard, ModelList
+
+
+@dataclass(frozen=True)
+class GatePlan:
+    """One request's gate: what goes into ``gate_request_args`` and the report."""
+
+    model: str  # the name the client asked for
+    pinned_weights: list[float] | None  # (K,) expert order, or None: the gate decides
+    expert_mask: list[bool] | None  # (K,) or None: all experts
+    per_token: bool
+
+
+@dataclass(frozen=True)
+class ServedModels:
+    ensemble_name: str
+    expert_names: list[str]  # expert order (K); [ensemble_name] for a plain folder
+    gate_version: str | None
+    gate_loaded_at: float
+    is_composite: bool
+    root: str
+
+    @classmethod
+    def from_folder(
+        cls, model_dir: str | Path, served_model_name: str | None = None
+    ) -> ServedModels:
+        model_dir = Path(model_dir)
+        name = served_model_name or model_dir.resolve().name
+        config = json.loads((model_dir / "config.json").read_text())
+        if "gatemix" not in config:
+            return cls(name, [name], None, time.time(), False, str(model_dir))
+        from gatemix.engine.composite_folder import CompositeInfo
+
+        info = CompositeInfo.read(model_dir)
+        if name in info.expert_names:
+            raise ValueError(f"served model name {name!r} clashes with an expert's name")
+        return cls(name, info.expert_names, info.gate_version, time.time(), True, str(model_dir))
+
+    def model_list(self) -> ModelList:
+        cards = [ModelCard(id=self.ensemble_name, root=self.root, experts=list(self.expert_names))]
+        if self.is_composite:
+            cards += [
+                ModelCard(id=name, root=self.root, experts=[name]) for name in self.expert_names
+            ]
+        return ModelList(data=cards)
+
+    def plan(self, model: str | None, mixture: MixtureRequest | None) -> GatePlan:
+        """Resolve the model name and validate the ``mixture`` extension (400/404 on bad input)."""
+        model = model or self.ensemble_name
+        per_token = bool(mixture and mixture.per_token)
+        if model == self.ensemble_name:
+            pinned = (
+                self._pinned_weights(mixture.weights)
+                if mixture and mixture.weights is not None
+                else None
+            )
+            mask = (
+                self._expert_mask(mixture.experts)
+                if mixture and mixture.experts is not None
+                else None
+            )
+            if (
+                pinned is not None
+                and mask is not None
+                and not any(w > 0 for w, m in zip(pinned, mask) if m)
+            ):
+                raise bad_request(
+                    "the pinned weights give no weight to the chosen experts", "mixture"
+                )
+            if not self.is_composite:  # one model: nothing to pin or restrict
+                pinned = mask = None
+            return GatePlan(model, pinned, mask, per_token)
+        if self.is_composite and model in self.expert_names:
+            if mixture and (mixture.weights is not None or mixture.experts is not None):
+                raise bad_request(
+                    f"`mixture` weights and experts apply to the ensemble `{self.ensemble_name}`, "
+                    f"not to the expert `{model}`",
+                    "mixture",
+                )
+            one_hot = [1.0 if name == model else 0.0 for name in self.expert_names]
+            return GatePlan(model, one_hot, None, per_token)
+        raise model_not_found(model)
+
+    def _pinned_weights(self, weights: dict[str, float]) -> list[float]:
+        unknown = sorted(set(weights) - set(self.expert_names))
+        if unknown:
+            raise bad_request(
+                f"mixture.weights names unknown experts {unknown}; experts are {self.expert_names}",
+                "mixture.weights",
+            )
+        values = [float(weights.get(name, 0.0)) for name in self.expert_names]
+        if any(not math.isfinite(w) or w < 0 for w in values):
+            raise bad_request("mixture.weights must be finite and non-negative", "mixture.weights")
+        total = sum(values)
+        if not total > 0:
+            raise bad_request("mixture.weights must have a positive sum", "mixture.weights")
+        return [w / total for w in values]
+
+    def _expert_mask(self, experts: list[str]) -> list[bool]:
+        unknown = sorted(set(experts) - set(self.expert_names))
+        if unknown:
+            raise bad_request(
+                f"mixture.experts names unknown experts {unknown}; experts are {self.expert_names}",
+                "mixture.experts",
+            )
+        if not experts:
+            raise bad_request("mixture.experts must name at least one expert", "mixture.experts")
+        return [name in experts for name in self.expert_names]

@@ -1,0 +1,109 @@
+"""The primal-dual loop on a tiny fake world: invariants, resumption, plots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gatemix.gate.config import PrimalDualConfig
+from gatemix.gate.primal_dual import (
+    GateFitData,
+    ResumeError,
+    plot_history,
+    run_primal_dual,
+)
+from gatemix.gate.sequence_gate import SequenceGate, SequenceGateForm
+
+
+def _fake_data(per_domain: int = 24, length: int = 6, vocab: int = 20) -> GateFitData:
+    """Two domains with distinct tokens; expert j is better on domain j."""
+    generator = torch.Generator().manual_seed(0)
+    domain = torch.arange(2).repeat_interleave(per_domain)
+    input_ids = torch.randint(vocab // 2, (2 * per_domain, length), generator=generator)
+    input_ids = input_ids + domain.unsqueeze(1) * (vocab // 2)
+    own = -5.0 - torch.rand(2 * per_domain, generator=generator)
+    other = own - 4.0
+    expert_logprobs = torch.stack(
+        [torch.where(domain == 0, own, other), torch.where(domain == 1, own, other)], dim=1
+    )
+    return GateFitData(
+        {
+            "domain": domain,
+            "num_tokens": torch.full((2 * per_domain,), length - 1.0),
+            "expert_sequence_logprobs": expert_logprobs,
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+        },
+        num_domains=2,
+        fingerprint="fake",
+    )
+
+
+def _gate() -> SequenceGate:
+    torch.manual_seed(0)
+    return SequenceGate(SequenceGateForm(20, 2, width=8, num_layers=1, num_heads=2, max_length=6))
+
+
+def _config(**overrides) -> PrimalDualConfig:
+    values = {
+        "steps": 24,
+        "batch_per_domain": 4,
+        "learning_rate": 1e-2,
+        "lambda_step": 0.5,
+        "checkpoint_every": 5,
+        "torch_threads": 1,
+    }
+    return PrimalDualConfig(**{**values, **overrides})
+
+
+def test_lambda_stays_on_the_simplex_and_everything_is_recorded():
+    result = run_primal_dual(_gate(), _fake_data(), _config(checkpoint_every=0))
+    assert len(result.history["lambda"]) == 24
+    for domain_lambda in result.history["lambda"]:
+        assert min(domain_lambda) >= 0 and abs(sum(domain_lambda) - 1) < 1e-9
+    assert abs(sum(result.lambda_avg) - 1) < 1e-9
+
+
+def test_fixed_lambda_is_not_moved():
+    result = run_primal_dual(
+        _gate(), _fake_data(), _config(fixed_lambda=(0.25, 0.75), checkpoint_every=0)
+    )
+    assert all(domain_lambda == [0.25, 0.75] for domain_lambda in result.history["lambda"])
+
+
+def test_an_interrupted_fit_resumes_to_the_uninterrupted_result(tmp_path):
+    straight = run_primal_dual(_gate(), _fake_data(), _config(checkpoint_every=0))
+
+    def interrupt(step: int, record: dict) -> None:
+        if step == 12:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_primal_dual(_gate(), _fake_data(), _config(), work_dir=tmp_path, on_step=interrupt)
+    resumed_gate = _gate()
+    resumed = run_primal_dual(resumed_gate, _fake_data(), _config(), work_dir=tmp_path)
+    assert resumed.resumed_from == 10
+    torch.testing.assert_close(
+        torch.tensor(resumed.history["lambda"]), torch.tensor(straight.history["lambda"])
+    )
+    assert resumed.history["mu"] == pytest.approx(straight.history["mu"])
+
+
+def test_a_checkpoint_from_another_fit_is_refused(tmp_path):
+    run_primal_dual(_gate(), _fake_data(), _config(steps=5), work_dir=tmp_path)
+    with pytest.raises(ResumeError, match="other data or settings"):
+        run_primal_dual(_gate(), _fake_data(), _config(steps=5, lambda_step=0.7), work_dir=tmp_path)
+
+
+def test_history_plot_is_written(tmp_path):
+    result = run_primal_dual(_gate(), _fake_data(), _config(steps=6, checkpoint_every=0))
+    path = plot_history(result.history, tmp_path / "fit.png", ["a", "b"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_range_checks():
+    with pytest.raises(ValueError, match="lambda_smoothing"):
+        PrimalDualConfig(lambda_smoothing=1.5)
+    with pytest.raises(ValueError, match="loss"):
+        PrimalDualConfig(loss="kl")
+    with pytest.raises(ValueError, match="fixed_lambda"):
+        PrimalDualConfig(fixed_lambda=(0.5, 0.6))

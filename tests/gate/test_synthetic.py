@@ -1,0 +1,71 @@
+"""The paper's synthetic experiment (vocab 100, x+1 vs x-1) as a test.
+
+One run trains the experts, the monolithic model, the robust gate and its
+router (about 15 s on one CPU thread); the tests check its figures. KL values
+are exact (all 200 sequences enumerated), in nats per sequence of 7 scored tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from gatemix.gate.synthetic import SyntheticResult, run_synthetic_experiment
+
+
+@pytest.fixture(scope="module")
+def result() -> SyntheticResult:
+    return run_synthetic_experiment()
+
+
+def _at(result: SyntheticResult, method: str, lam: float) -> float:
+    return result.kl[method][result.lambdas.index(lam)]
+
+
+def test_primal_dual_lambda_converges_to_the_middle_and_z_to_one(result):
+    assert all(abs(value - 0.5) < 0.05 for value in result.lambda_avg)
+    assert abs(result.z_avg - 1) < 0.05
+
+
+def test_experts_are_good_in_domain_and_useless_out_of_domain(result):
+    assert _at(result, "expert_a", 1.0) < 0.05 and _at(result, "expert_b", 0.0) < 0.05
+    assert _at(result, "expert_a", 0.0) > 10 and _at(result, "expert_b", 1.0) > 10
+
+
+def test_the_robust_gate_reaches_the_minimax_value(result):
+    # For disjoint domains no model has a worst case below log 2 (it must split its mass).
+    assert max(result.kl["gate"]) < math.log(2) + 0.05
+    assert _at(result, "gate", 0.5) < 0.05
+
+
+def test_near_the_middle_the_gate_beats_the_monolithic_model(result):
+    assert _at(result, "gate", 0.5) < _at(result, "monolithic", 0.5)
+
+
+def test_the_router_reads_context_where_static_per_token_weights_cannot(result):
+    # Fixed per-token weights pay log 2 at every token after the first; the router must not.
+    assert _at(result, "uniform_per_token", 0.5) > 6 * math.log(2) - 0.1
+    assert max(result.kl["router"]) < 0.5 * max(result.kl["uniform_per_token"])
+    assert _at(result, "router", 0.5) < 0.5
+
+
+def test_distillation_samples_the_robust_model_at_the_expected_rate(result):
+    # pi_g / (K q) averages 1/K = 0.5 when the gate is close to constant.
+    assert abs(result.distill["sampling"]["acceptance"] - 0.5) < 0.05
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "not reproduced: a 1-layer monolithic model of the same total size learns both rules "
+        "(KL 0.018 at lambda=0.5), so its worst case is log 2 + 0.01; the router, a head on the "
+        "experts' final hidden states, decodes the direction imperfectly and lands at ~0.9"
+    ),
+)
+def test_router_worst_case_is_below_the_monolithic_models(result):
+    assert max(result.kl["router"]) < max(result.kl["monolithic"])
+
+
+@pytest.mark.xfail(strict=True, reason="same cause: the distilled router misroutes a few contexts")
+def test_router_nearly_matches_the_robust_gate(result):
+    assert max(abs(r - g) for r, g in zip(result.kl["router"], result.kl["gate"])) < 0.1

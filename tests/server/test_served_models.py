@@ -1,0 +1,61 @@
+"""Model names and the ``mixture`` extension, without an engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from gatemix.server.choices import ChoiceDelta, ChoiceState
+from gatemix.server.errors import APIError
+from gatemix.server.protocol import MixtureRequest
+from gatemix.server.served_models import ServedModels
+
+MODELS = ServedModels("ens", ["code", "legal", "tech"], "v1", 0.0, True, "/m")
+
+
+def test_ensemble_name_lets_the_gate_decide():
+    plan = MODELS.plan("ens", None)
+    assert plan.pinned_weights is None and plan.expert_mask is None and not plan.per_token
+    assert MODELS.plan(None, None).model == "ens"
+
+
+def test_expert_name_pins_a_one_hot_gate():
+    assert MODELS.plan("legal", MixtureRequest(per_token=True)).pinned_weights == [0.0, 1.0, 0.0]
+
+
+def test_pinned_weights_are_normalized_in_expert_order():
+    plan = MODELS.plan("ens", MixtureRequest(weights={"tech": 3.0, "code": 1.0}))
+    assert plan.pinned_weights == pytest.approx([0.25, 0.0, 0.75])
+
+
+def test_expert_subset_becomes_a_mask():
+    assert MODELS.plan("ens", MixtureRequest(experts=["tech"])).expert_mask == [False, False, True]
+
+
+@pytest.mark.parametrize(
+    "model, mixture, status",
+    [
+        ("nope", None, 404),
+        ("ens", MixtureRequest(weights={"code": 0.0}), 400),
+        ("ens", MixtureRequest(weights={"code": float("inf")}), 400),
+        ("ens", MixtureRequest(weights={"law": 1.0}), 400),
+        ("ens", MixtureRequest(experts=["law"]), 400),
+        ("ens", MixtureRequest(weights={"code": 1.0}, experts=["legal"]), 400),
+        ("code", MixtureRequest(weights={"code": 1.0}), 400),
+    ],
+)
+def test_bad_model_or_mixture_is_a_client_error(model, mixture, status):
+    with pytest.raises(APIError) as error:
+        MODELS.plan(model, mixture)
+    assert error.value.status_code == status
+
+
+def test_model_list_has_the_ensemble_then_the_experts():
+    assert [card.id for card in MODELS.model_list().data] == ["ens", "code", "legal", "tech"]
+
+
+def test_choice_mean_weights_average_over_tokens_and_missing_weights_clear_them():
+    state = ChoiceState(index=0, prompt_ids=[1])
+    state.add(ChoiceDelta([5, 6], "ab", None, [[1.0, 0.0], [0.5, 0.5]], None))
+    assert state.mean_weights(["a", "b"]) == {"a": 0.75, "b": 0.25}
+    state.add(ChoiceDelta([7], "c", None, None, "stop"))
+    assert state.mean_weights(["a", "b"]) == {} and state.finish_reason == "stop"
