@@ -266,6 +266,10 @@ def save_model_folder(model: LlamaForCausalLM, folder: Path, tokenizer_dir: Path
                      pad_token_id=tokenizer.PAD_ID).save_pretrained(folder)
     for name in tokenizer.TOKENIZER_FILES:
         shutil.copy2(tokenizer_dir / name, folder / name)
+    # The weights are written through a private temp file (mode 0600); a server
+    # running as another user must be able to read them.
+    for path in folder.iterdir():
+        path.chmod(0o644)
 
 
 def _manifest(config: DemoConfig, paths: DemoPaths, stamps: dict[str, dict]) -> dict:
@@ -276,6 +280,8 @@ def _manifest(config: DemoConfig, paths: DemoPaths, stamps: dict[str, dict]) -> 
         models[name] = {"role": role, "path": str(model_dir.relative_to(paths.root)),
                         **stamps[name]["info"]}
     eval_loss = stamps["eval"]["info"]["eval_loss"]
+    best_expert = {domain: min(config.domains, key=lambda expert: eval_loss[expert][domain])
+                   for domain in config.domains}
     return {
         "format": MANIFEST_FORMAT,
         "domains": list(config.domains),
@@ -288,6 +294,7 @@ def _manifest(config: DemoConfig, paths: DemoPaths, stamps: dict[str, dict]) -> 
         "models": models,
         "eval_loss": eval_loss,
         "eval_tokens": stamps["eval"]["info"]["eval_tokens"],
+        "best_expert": best_expert,  # per domain, the expert with the lowest eval loss
         "stages": {name: {"key": stamp["key"], "build_id": stamp["build_id"],
                           "build_seconds": stamp["build_seconds"]}
                    for name, stamp in stamps.items()},

@@ -11,6 +11,7 @@ no result and are never hashed.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,7 +226,7 @@ class DemoConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def preset(cls, name: str, out_dir: str, **overrides: Any) -> DemoConfig:
+    def preset(cls, name: str, out_dir: str | os.PathLike[str], **overrides: Any) -> DemoConfig:
         """``"full"`` (about 10 minutes on 2 cores) or ``"test"`` (about 2), then overrides."""
         if name not in PRESETS:
             raise DemoBuildError(f"unknown demo preset {name!r}; known: {sorted(PRESETS)}")

@@ -19,6 +19,7 @@ import os
 import random
 import re
 import sysconfig
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def iter_documents(candidates: Iterable[Candidate], *, max_docs: int, max_chars:
     for doc_id, read in candidates:
         try:
             text = normalize_text(read(), max_chars)
-        except (OSError, UnicodeDecodeError, EOFError) as error:
+        except (OSError, UnicodeDecodeError, EOFError, zlib.error) as error:
             logger.debug("skipping %s: %s", doc_id, error)
             continue
         digest = hashlib.sha256(text.encode()).hexdigest()

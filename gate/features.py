@@ -17,28 +17,13 @@ import logging
 from pathlib import Path
 
 import torch
+from gatemix.engine.expert_folder import expert_hash  # noqa: F401  (re-exported)
 from gatemix.gate.distill_router import TokenFeatures
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
 
 FEATURES_VERSION = "gate-features/1"
-
-
-def expert_hash(folder: str | Path) -> str:
-    """sha256 over an expert's config.json and *.safetensors, in name order.
-
-    The same digest as ``gatemix.engine.expert_folder.expert_hash``, so an
-    artifact's hashes can be checked against a composite's.
-    """
-    folder = Path(folder)
-    digest = hashlib.sha256()
-    for path in [folder / "config.json", *sorted(folder.glob("*.safetensors"))]:
-        digest.update(path.name.encode())
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def data_hash(texts: list[str]) -> str:

@@ -59,8 +59,10 @@ def test_experts_share_the_base_shape_and_monolithic_is_bigger(micro_demo):
 
 
 def test_manifest_has_an_eval_loss_for_every_model_and_domain(micro_demo):
-    eval_loss = load_manifest(micro_demo.root)["eval_loss"]
+    manifest = load_manifest(micro_demo.root)
+    eval_loss = manifest["eval_loss"]
     assert list(eval_loss) == MODEL_NAMES
+    assert set(manifest["best_expert"]) == {"code", "legal", "docs"}
     for losses in eval_loss.values():
         assert list(losses) == ["code", "legal", "docs"]
         assert all(0 < loss < 10 for loss in losses.values())

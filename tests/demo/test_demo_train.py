@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -15,7 +16,7 @@ def test_lr_warms_up_linearly_then_decays_to_the_floor():
     factors = [lr_factor(step, total_steps=100, warmup_steps=10, min_ratio=0.1)
                for step in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
     assert lr_factor(100, total_steps=100, warmup_steps=10, min_ratio=0.1) == pytest.approx(0.1)
 
 

@@ -23,7 +23,7 @@ API_KEY = "test-key-1"
 SECOND_API_KEY = "test-key-2"
 ENSEMBLE = "gatemix-test"
 MAX_N = 4
-STARTUP_TIMEOUT_S = 300
+STARTUP_TIMEOUT_S = 600  # engine start; minutes on a busy shared CPU
 
 
 @dataclass(frozen=True)
