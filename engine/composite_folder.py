@@ -105,14 +105,16 @@ def parse_gate_spec(spec: str | None, experts: list[ExpertFolder]) -> RouterArti
 def _parse_weights(spec: str, names: list[str]) -> list[float]:
     try:
         if "=" in spec:
-            pairs = dict(item.split("=", 1) for item in spec.split(","))
-            unknown = set(pairs) - set(names)
-            if unknown:
-                raise PackError(f"gate names unknown experts {sorted(unknown)}; experts are {names}")
-            return [float(pairs.get(name, 0.0)) for name in names]
-        weights = [float(item) for item in spec.split(",")]
+            pairs = {name: float(weight) for name, weight in (item.split("=", 1) for item in spec.split(","))}
+        else:
+            weights = [float(item) for item in spec.split(",")]
     except ValueError as exc:
         raise PackError(f"gate {spec!r} is not a folder, 'uniform', or a list of weights") from exc
+    if "=" in spec:
+        unknown = set(pairs) - set(names)
+        if unknown:
+            raise PackError(f"gate names unknown experts {sorted(unknown)}; experts are {names}")
+        return [pairs.get(name, 0.0) for name in names]
     if len(weights) != len(names):
         raise PackError(f"gate has {len(weights)} weights for {len(names)} experts")
     return weights

@@ -8,6 +8,7 @@ probability space in float64.
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
 import torch
@@ -129,3 +130,34 @@ def test_prompt_logprobs_use_the_request_weights(engine, reference, prompts):
     for position in range(1, len(prompt)):
         expected = _reference_logprobs(experts, prompt[:position], weights)[prompt[position]].item()
         assert abs(output.prompt_logprobs[position][prompt[position]].logprob - expected) < 1e-3
+
+
+def test_tensor_parallel_engine_serves_the_same_mixture(composite_dir, reference, prompts, monkeypatch):
+    """Two tensor-parallel workers (one per CPU core here) give the reference mixture too."""
+    from gatemix.engine.engine_config import on_cpu
+
+    if on_cpu():
+        if (os.cpu_count() or 1) < 2:
+            pytest.skip("tensor parallelism on CPU needs two cores")
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per TP worker
+    elif torch.cuda.device_count() < 2:
+        pytest.skip("tensor parallelism needs two GPUs")
+    _, experts = reference
+    weights = WEIGHT_SETTINGS["skewed"]
+    llm = build_offline_engine(
+        EngineSettings(model_dir=str(composite_dir), dtype="float32", max_model_len=256, max_num_seqs=4,
+                       tensor_parallel_size=2)
+    )
+    try:
+        outputs = llm.generate(
+            [{"prompt_token_ids": p} for p in prompts[:2]],
+            _params(weights, max_tokens=1, temperature=0.0, logprobs=TOP), use_tqdm=False,
+        )
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    for prompt, output in zip(prompts, outputs):
+        expected = _reference_logprobs(experts, prompt, weights)
+        for token_id, logprob in output.outputs[0].logprobs[0].items():
+            assert abs(logprob.logprob - expected[token_id].item()) < 1e-3
