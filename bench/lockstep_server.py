@@ -34,6 +34,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -154,7 +155,16 @@ class LockstepEnsemble:
             "model": self.expert_models[k], "prompt": token_ids, "max_tokens": 1, "temperature": 0.0,
             "logprobs": TOP_LOGPROBS, "return_tokens_as_token_ids": True, "ignore_eos": True,
         }
-        response = await self.client.post(f"{self.settings.expert_urls[k]}/v1/completions", json=payload)
+        url = f"{self.settings.expert_urls[k]}/v1/completions"
+        try:
+            response = await self.client.post(url, json=payload)
+        except httpx.TransportError:
+            # A pooled keep-alive connection the expert server closed as we reused it; the
+            # call is idempotent (greedy, one token), so one retry on a fresh connection is safe.
+            try:
+                response = await self.client.post(url, json=payload)
+            except httpx.TransportError as exc:
+                raise ExpertCallError(502, f"expert {k}: {exc!r}") from exc
         if response.status_code != 200:
             raise ExpertCallError(response.status_code, f"expert {k}: {response.text[:500]}")
         top = response.json()["choices"][0]["logprobs"]["top_logprobs"][0]
@@ -209,7 +219,6 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def create_app(settings: LockstepSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        import httpx
         from transformers import AutoTokenizer
 
         vocab_size = json.loads((Path(settings.tokenizer_dir) / "config.json").read_text())["vocab_size"]
