@@ -36,7 +36,15 @@ def expert_names(config: FitGateConfig) -> list[str]:
     experts_dir = Path(config.demo_dir) / "experts"
     if not experts_dir.is_dir():
         raise FitGateError(f"no experts folder at {experts_dir}; build the demo first")
-    names = sorted(path.name for path in experts_dir.iterdir() if (path / "config.json").is_file())
+    try:  # the demo's own order, which is also the composite's
+        from gatemix.demo.corpus import load_manifest
+
+        names = [name for name in load_manifest(config.demo_dir)["experts"] if (experts_dir / name).is_dir()]
+    except Exception:  # not a demo build: every model folder, skipping staging leftovers
+        names = sorted(
+            path.name for path in experts_dir.iterdir()
+            if not path.name.startswith(".") and (path / "config.json").is_file()
+        )
     if not names:
         raise FitGateError(f"no expert model folders under {experts_dir}")
     return names

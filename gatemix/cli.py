@@ -11,7 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+
+# Training jobs: idle OpenMP threads must sleep, not spin, or a busy 2-core machine
+# runs each step many times slower. Set before torch is imported.
+TRAINING_COMMANDS = ("build-demo", "fit-gate", "distill")
 
 # subcommand -> module exposing add_parser(subparsers) and run(args) -> int | None
 SUBCOMMANDS = {
@@ -59,6 +64,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in TRAINING_COMMANDS for arg in argv):
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -24,17 +24,22 @@ from gatemix.server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+DEMO_MODEL_NAME = "gatemix-demo"  # the ensemble's name when serving the demo build
 
-def resolve_model_dir(settings: Settings) -> Path:
-    """The folder to serve: ``model_dir``, else ``<demo_dir>/composite`` (built if missing)."""
+
+def resolve_settings(settings: Settings) -> Settings:
+    """Settings with the folder to serve: ``model_dir``, else ``<demo_dir>/composite``
+    (built if missing, and served as ``gatemix-demo``). Idempotent."""
     if settings.model_dir is not None:
         if not (settings.model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{settings.model_dir} is not a model folder (no config.json)")
-        return settings.model_dir
+        return settings
     from gatemix.demo.cli import ensure_demo
 
     logger.info("no --model-dir: serving the demo in %s (building it if needed)", settings.demo_dir)
-    return ensure_demo(settings.demo_dir)
+    model_dir = ensure_demo(settings.demo_dir)
+    name = settings.served_model_name or DEMO_MODEL_NAME
+    return settings.model_copy(update={"model_dir": Path(model_dir), "served_model_name": name})
 
 
 @asynccontextmanager
@@ -44,8 +49,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     from gatemix.server.metrics import GateMetrics
     from transformers import AutoTokenizer
 
-    settings: Settings = app.state.settings
-    model_dir = await asyncio.to_thread(resolve_model_dir, settings)
+    settings = await asyncio.to_thread(resolve_settings, app.state.settings)
+    model_dir = settings.model_dir
     models = ServedModels.from_folder(model_dir, settings.served_model_name)
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
     logger.info(

@@ -78,9 +78,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
-    from gatemix.server.app import create_app
+    from gatemix.server.app import create_app, resolve_settings
 
-    settings = settings_from_args(args)
+    # Resolved here too, so that a bad folder is a one-line error, not a failed startup.
+    settings = resolve_settings(settings_from_args(args))
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
     )

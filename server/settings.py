@@ -37,7 +37,9 @@ class Settings(BaseSettings):
         description="demo build folder used when --model-dir is not given (`make serve`)",
     )
     served_model_name: str | None = Field(
-        None, description="model name of the gated mixture (default: the model folder's name)"
+        None,
+        description="model name of the gated mixture (default: the model folder's name; "
+        "gatemix-demo for the demo)",
     )
 
     # Engine sizes (mapped onto gatemix.engine.engine_config.EngineSettings).

@@ -16,6 +16,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("GATEMIX_TEST_CACHE", REPO_ROOT / ".cache"))
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# On a busy 2-core machine spinning OpenMP threads make training steps many times slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

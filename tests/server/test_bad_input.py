@@ -38,7 +38,7 @@ CASES = [
         "messages",
     ),
     ("token-id-out-of-vocab", "completions", {"prompt": [1, 2, 10**9]}, 400, "prompt"),
-    ("empty-prompt", "completions", {"prompt": ""}, 400, "prompt"),
+    ("empty-token-prompt", "completions", {"prompt": []}, 400, "prompt"),
     ("unknown-model", "completions", {**GOOD, "model": "no-such-model"}, 404, "model"),
     ("chat-unknown-model", "chat/completions", {**CHAT, "model": "no-such-model"}, 404, "model"),
     (
@@ -166,32 +166,44 @@ def test_unknown_route_is_an_openai_404(http):
     )
 
 
+def _disconnect_mid_stream(http_client: httpx.Client, body: dict) -> tuple[int, dict]:
+    """Open a stream, read one event, hang up; returns (aborts it caused, health after)."""
+    aborted_before = http_client.get("/health").json()["requests_aborted"]
+    with http_client.stream("POST", "/v1/completions", json=body) as response:
+        assert next(response.iter_lines()).startswith("data: ")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        health = http_client.get("/health").json()
+        if health["engine_unfinished_requests"] == 0 and health["requests_running"] == 0:
+            break
+        time.sleep(0.05)
+    return health["requests_aborted"] - aborted_before, health
+
+
 def test_client_disconnect_aborts_its_engine_requests(server):
-    """Closing a stream mid-way aborts every choice in the engine; no slot is left running."""
+    """Closing a stream mid-way aborts every choice in the engine; no slot is left running.
+
+    The tiny model writes 240 tokens in well under a second, so on a busy machine the
+    client may be descheduled long enough for the choices to finish before it hangs up;
+    then nothing is left to abort and the attempt is repeated. Leaks are checked on every try.
+    """
     headers = {"Authorization": f"Bearer {server.api_keys[0]}"}
     body = {
         "model": server.ensemble,
         "prompt": "abc",
-        "max_tokens": 200,
-        "n": 3,
+        "max_tokens": 240,
+        "n": server.max_n,
         "stream": True,
         "ignore_eos": True,
     }
     with httpx.Client(base_url=server.base_url, headers=headers, timeout=60) as http_client:
-        aborted_before = http_client.get("/health").json()["requests_aborted"]
-        with http_client.stream("POST", "/v1/completions", json=body) as response:
-            lines = response.iter_lines()
-            assert next(lines).startswith("data: ")
-            assert http_client.get("/health").json()["engine_unfinished_requests"] == 3
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            health = http_client.get("/health").json()
-            if health["engine_unfinished_requests"] == 0 and health["requests_running"] == 0:
+        for _attempt in range(5):
+            aborted, health = _disconnect_mid_stream(http_client, body)
+            assert health["engine_unfinished_requests"] == 0
+            assert health["requests_running"] == 0 and health["requests_waiting"] == 0
+            if aborted == server.max_n:
                 break
-            time.sleep(0.05)
-        assert health["engine_unfinished_requests"] == 0 and health["requests_running"] == 0
-        assert health["requests_waiting"] == 0
-        assert health["requests_aborted"] - aborted_before == 3
+        assert aborted == server.max_n
         follow_up = http_client.post("/v1/completions", json={**GOOD, "model": server.ensemble})
         assert follow_up.status_code == 200
 

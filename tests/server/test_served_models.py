@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from gatemix.server.choices import ChoiceDelta, ChoiceState
 from gatemix.server.errors import APIError
 from gatemix.server.protocol import MixtureRequest

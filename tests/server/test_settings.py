@@ -53,3 +53,12 @@ def test_engine_settings_carry_the_sizes():
         3,
     )
     assert engine.dtype == "float32"
+
+
+def test_a_folder_without_config_is_refused_before_the_engine_starts(tmp_path):
+    from gatemix.server.app import resolve_settings
+
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        resolve_settings(Settings(model_dir=tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_settings(Settings(model_dir=tmp_path)).model_dir == tmp_path
