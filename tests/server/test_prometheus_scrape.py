@@ -1,0 +1,120 @@
+"""A real Prometheus scrapes a real gatemix server while real requests run.
+
+Every PromQL expression of the Grafana dashboard must return data, and the
+per-expert weight series must agree with the ``mixture`` objects the responses
+returned. ``GATEMIX_DASHBOARD_PNG=deploy/dashboard.png`` redraws the checked-in
+picture of the panels from this test's data.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
+from prometheus_harness import dashboard_exprs, prometheus_binary, query, run_prometheus, targets_up  # noqa: E402
+from render_dashboard import DASHBOARD  # noqa: E402
+
+from server_harness import ENSEMBLE, running_server  # noqa: E402
+
+pytestmark = pytest.mark.skipif(prometheus_binary() is None, reason="needs Debian's prometheus (make prometheus)")
+
+
+@pytest.fixture(scope="module")
+def scraped(server_model_dir, tmp_path_factory):
+    """Serve, scrape, send requests; yield Prometheus' URL and what the responses said."""
+    import openai
+
+    tmp = tmp_path_factory.mktemp("prometheus-e2e")
+    with running_server(server_model_dir, tmp) as (url, _log):
+        with run_prometheus(url.removeprefix("http://"), tmp / "prometheus") as prometheus_url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+            experts = [m.id for m in client.models.list().data if m.id != ENSEMBLE]
+            deadline = time.time() + 60
+            while not targets_up(prometheus_url):  # target discovery takes a few seconds
+                assert time.time() < deadline, "Prometheus never scraped gatemix"
+                time.sleep(0.5)
+            start = time.time()
+            observed = _send_traffic(client, experts)
+            time.sleep(4)  # at least two scrapes after the last request
+            yield prometheus_url, observed, experts, start
+
+
+def _send_traffic(client, experts: list[str]) -> dict:
+    """Gated, pinned and single-expert requests; per model, the sums the metrics must show."""
+    weight_sums = defaultdict(lambda: defaultdict(float))  # model -> expert -> sum of mean weights
+    token_sums = defaultdict(lambda: defaultdict(float))  # model -> expert -> sum of weights over tokens
+    pinned = {experts[0]: 0.7, experts[1]: 0.3}
+    requests = (
+        [(ENSEMBLE, None)] * 4 + [(ENSEMBLE, {"mixture": {"weights": pinned}})] * 3 + [(experts[-1], None)] * 2
+    )
+    for i, (model, extra) in enumerate(requests):
+        response = client.completions.create(
+            model=model, prompt=f"def handler_{i}(request):", max_tokens=12, temperature=0.8, seed=i,
+            extra_body=extra,
+        )
+        mixture = response.choices[0].model_extra.get("mixture") or response.model_extra["mixture"]
+        tokens = response.usage.completion_tokens
+        for expert, weight in mixture["mean_weights"].items():
+            weight_sums[model][expert] += weight
+            token_sums[model][expert] += weight * tokens
+    with pytest.raises(openai_not_found()):
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
+    return {"weight_sums": weight_sums, "token_sums": token_sums, "pinned": pinned}
+
+
+def openai_not_found():
+    import openai
+
+    return openai.NotFoundError
+
+
+def test_every_dashboard_expression_returns_data(scraped):
+    prometheus_url, *_ = scraped
+    empty = [expr for expr in dashboard_exprs(DASHBOARD) if not query(prometheus_url, expr)]
+    assert not empty, f"dashboard expressions with no data: {empty}"
+
+
+def test_weight_series_agree_with_the_mixture_objects(scraped):
+    prometheus_url, observed, experts, _ = scraped
+    for model, by_expert in observed["weight_sums"].items():
+        for expert, expected in by_expert.items():
+            result = query(prometheus_url, f'gatemix_gate_weight_sum{{model="{model}",expert="{expert}"}}')
+            assert result, (model, expert)
+            assert float(result[0]["value"][1]) == pytest.approx(expected, abs=1e-6)
+            tokens = query(
+                prometheus_url, f'gatemix_gate_weighted_tokens_total{{model="{model}",expert="{expert}"}}'
+            )
+            assert float(tokens[0]["value"][1]) == pytest.approx(observed["token_sums"][model][expert], rel=1e-4, abs=1e-6)
+
+
+def test_single_expert_model_puts_all_weight_on_its_expert(scraped):
+    prometheus_url, _, experts, _ = scraped
+    share = query(
+        prometheus_url,
+        f'sum by (expert) (gatemix_gate_weighted_tokens_total{{model="{experts[-1]}"}})'
+        f' / ignoring(expert) group_left sum(gatemix_generation_tokens_total{{model="{experts[-1]}"}})',
+    )
+    by_expert = {sample["metric"]["expert"]: float(sample["value"][1]) for sample in share}
+    assert by_expert[experts[-1]] == pytest.approx(1.0, abs=1e-6)
+    assert all(v == pytest.approx(0.0, abs=1e-6) for e, v in by_expert.items() if e != experts[-1])
+
+
+def test_errors_are_counted_by_code(scraped):
+    prometheus_url, *_ = scraped
+    result = query(prometheus_url, 'gatemix_request_errors_total{code="404"}')
+    assert result and float(result[0]["value"][1]) >= 1
+
+
+def test_dashboard_renders_from_the_scraped_data(scraped, tmp_path):
+    from render_dashboard import render_dashboard
+
+    prometheus_url, _, _, start = scraped
+    out = Path(os.environ.get("GATEMIX_DASHBOARD_PNG", tmp_path / "dashboard.png"))
+    titles = render_dashboard(prometheus_url, out, start - 5, time.time(), step_s=1.0)
+    assert titles and out.stat().st_size > 10_000
