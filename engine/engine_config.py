@@ -27,12 +27,16 @@ class EngineSettings:
     gpu_memory_utilization: float = field(default=0.1, metadata={"help": "fraction of device memory for vLLM (CPU: see kv_cache_gib)"})
     kv_cache_gib: int = field(default=1, metadata={"help": "CPU only: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE)"})
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs per engine (vLLM tensor parallelism)"})
+    pipeline_parallel_size: int = field(default=1, metadata={"help": "pipeline stages (vLLM pipeline parallelism)"})
+    distributed_executor_backend: str | None = field(default=None, metadata={"help": "mp or ray; None: vLLM's choice"})
     enforce_eager: bool = field(default=True, metadata={"help": "skip torch.compile / CUDA graphs"})
     seed: int = field(default=0, metadata={"help": "engine seed"})
 
     def __post_init__(self) -> None:
-        if self.max_model_len < 16 or self.max_num_seqs < 1 or self.tensor_parallel_size < 1:
-            raise ValueError("max_model_len >= 16, max_num_seqs >= 1 and tensor_parallel_size >= 1 required")
+        if self.max_model_len < 16 or self.max_num_seqs < 1 or min(self.tensor_parallel_size, self.pipeline_parallel_size) < 1:
+            raise ValueError("max_model_len >= 16, max_num_seqs >= 1 and parallel sizes >= 1 required")
+        if self.distributed_executor_backend not in (None, "mp", "ray"):
+            raise ValueError("distributed_executor_backend must be mp or ray")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.kv_cache_gib < 1:
@@ -51,10 +55,13 @@ def engine_kwargs(settings: EngineSettings) -> dict:
         max_num_seqs=settings.max_num_seqs,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         tensor_parallel_size=settings.tensor_parallel_size,
+        pipeline_parallel_size=settings.pipeline_parallel_size,
         enforce_eager=settings.enforce_eager,
         seed=settings.seed,
         async_scheduling=False,
     )
+    if settings.distributed_executor_backend:
+        kwargs["distributed_executor_backend"] = settings.distributed_executor_backend
     if settings.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = settings.max_num_batched_tokens
     return kwargs

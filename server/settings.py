@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     )
     kv_cache_gib: int = Field(2, ge=1, description="CPU only: KV cache size in whole GiB")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (tensor parallelism)")
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="pipeline stages (each holds a slice of every expert's layers)"
+    )
+    distributed_executor_backend: str | None = Field(
+        None, description="vLLM executor: mp (one node) or ray (across nodes); default: vLLM's choice"
+    )
     enforce_eager: bool = Field(True, description="skip torch.compile / CUDA graphs")
     seed: int = Field(0, description="engine seed (requests without a seed draw from it)")
 
@@ -112,6 +118,8 @@ class Settings(BaseSettings):
             gpu_memory_utilization=self.gpu_memory_utilization,
             kv_cache_gib=self.kv_cache_gib,
             tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            distributed_executor_backend=self.distributed_executor_backend,
             enforce_eager=self.enforce_eager,
             seed=self.seed,
         )

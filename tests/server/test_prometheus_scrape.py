@@ -41,14 +41,20 @@ def scraped(server_model_dir, tmp_path_factory):
                 time.sleep(0.5)
             start = time.time()
             observed = _send_traffic(client, experts)
+            # GATEMIX_DASHBOARD_OBSERVE_S=60 keeps traffic flowing for a fuller picture.
+            while time.time() - start < float(os.environ.get("GATEMIX_DASHBOARD_OBSERVE_S", "0")):
+                observed = _send_traffic(client, experts, observed)
             time.sleep(4)  # at least two scrapes after the last request
             yield prometheus_url, observed, experts, start
 
 
-def _send_traffic(client, experts: list[str]) -> dict:
+def _send_traffic(client, experts: list[str], observed: dict | None = None) -> dict:
     """Gated, pinned and single-expert requests; per model, the sums the metrics must show."""
-    weight_sums = defaultdict(lambda: defaultdict(float))  # model -> expert -> sum of mean weights
-    token_sums = defaultdict(lambda: defaultdict(float))  # model -> expert -> sum of weights over tokens
+    observed = observed or {
+        "weight_sums": defaultdict(lambda: defaultdict(float)),  # model -> expert -> sum of mean weights
+        "token_sums": defaultdict(lambda: defaultdict(float)),  # model -> expert -> sum of weights over tokens
+    }
+    weight_sums, token_sums = observed["weight_sums"], observed["token_sums"]
     pinned = {experts[0]: 0.7, experts[1]: 0.3}
     requests = (
         [(ENSEMBLE, None)] * 4 + [(ENSEMBLE, {"mixture": {"weights": pinned}})] * 3 + [(experts[-1], None)] * 2
@@ -65,7 +71,7 @@ def _send_traffic(client, experts: list[str]) -> dict:
             token_sums[model][expert] += weight * tokens
     with pytest.raises(openai_not_found()):
         client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
-    return {"weight_sums": weight_sums, "token_sums": token_sums, "pinned": pinned}
+    return observed
 
 
 def openai_not_found():
