@@ -1,4 +1,4 @@
-"""``gatemix bench engine`` and ``gatemix bench serve``."""
+"""``gatemix bench engine``, ``gatemix bench mixing`` and ``gatemix bench serve``."""
 
 from __future__ import annotations
 
@@ -23,11 +23,30 @@ def add_parser(subparsers) -> None:
     engine.add_argument("--compile", action="store_true", help="let vLLM torch.compile the models")
     engine.add_argument("--json", help="also write the results here")
     engine.set_defaults(run=run_engine)
+    mixing = benches.add_parser("mixing", help="the mixing step alone: fused vs two-pass log-softmax")
+    mixing.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    mixing.add_argument("--device", default="cpu")
+    mixing.add_argument("--repeats", type=int, default=20, help="calls per timing")
+    mixing.add_argument("--json", help="also write the results here")
+    mixing.set_defaults(run=run_mixing)
     try:
         from gatemix.bench.serve_bench import add_serve_bench_parser
     except ImportError:
         return
     add_serve_bench_parser(benches)
+
+
+def run_mixing(args: argparse.Namespace) -> int:
+    import torch
+    from gatemix.bench.mixing_bench import format_mixing_bench, run_mixing_bench
+
+    if args.repeats < 1:
+        raise UserError("--repeats must be at least 1")
+    rows = run_mixing_bench(dtype=getattr(torch, args.dtype), device=args.device, repeats=args.repeats)
+    print(format_mixing_bench(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
 
 
 def _demo_models(demo_dir: Path) -> tuple[Path, list[Path]]:

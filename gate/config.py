@@ -112,12 +112,39 @@ class FitGateConfig(PrimalDualConfig):
     )
     distill_samples: int = field(default=256, **_help("sequences sampled from the robust model"))
     sample_length: int = field(default=64, **_help("new tokens per sampled sequence"))
-    sir_oversample: int = field(default=4, **_help("SIR: proposals drawn per kept sample"))
+    sir_oversample: int = field(
+        default=4, **_help("SIR without a q pool: proposals drawn per kept sample")
+    )
+    q_samples: int = field(
+        default=1024,
+        **_help("sequences drawn from q = mean of the experts: Z_g's estimate and SIR's proposals"),
+    )
     distill_steps: int = field(default=400, **_help("router training steps"))
     distill_batch_size: int = field(default=16, **_help("sequences per router training step"))
     distill_learning_rate: float = field(default=3e-3, **_help("router AdamW learning rate"))
+    distill_source: str = field(
+        default="both",
+        **_help(
+            "router training data: 'samples' from the robust model (the paper's route), "
+            "the gate split's real 'data' weighted by the game's lambda, or 'both'"
+        ),
+    )
+    distill_holdout: float = field(
+        default=0.1, **_help("share of the router's sequences held out to pick its best step")
+    )
     direct_router: bool = field(
         default=False, **_help("also fit the ablation: the router trained directly by primal-dual")
+    )
+    served_router: str = field(
+        default="best",
+        **_help(
+            "the router the artifact serves: 'two_stage' (the paper's route), 'direct', or "
+            "'best' of the two by worst-domain excess on the held-out selection share"
+        ),
+    )
+    selection_fraction: float = field(
+        default=0.2,
+        **_help("share of each domain's gate sequences held out of every fit, to pick the router"),
     )
     evaluate: bool = field(
         default=True, **_help("evaluate against the baselines on the eval split")
@@ -137,7 +164,21 @@ class FitGateConfig(PrimalDualConfig):
             raise ValueError(f"gate_pooling must be 'mean' or 'last', got {self.gate_pooling!r}")
         if self.sampler not in ("sir", "rejection"):
             raise ValueError(f"sampler must be 'sir' or 'rejection', got {self.sampler!r}")
-        if min(self.distill_samples, self.sample_length, self.sir_oversample) < 1:
+        if self.distill_source not in ("samples", "data", "both"):
+            raise ValueError(
+                f"distill_source must be 'samples', 'data' or 'both', got {self.distill_source!r}"
+            )
+        if self.served_router not in ("two_stage", "direct", "best"):
+            raise ValueError(
+                f"served_router must be 'two_stage', 'direct' or 'best', got {self.served_router!r}"
+            )
+        if not 0 <= self.selection_fraction < 1:
+            raise ValueError(f"selection_fraction must be in [0, 1), got {self.selection_fraction}")
+        if self.served_router == "best" and self.selection_fraction == 0:
+            raise ValueError("served_router 'best' needs a selection_fraction above 0")
+        if not 0 <= self.distill_holdout < 1:
+            raise ValueError(f"distill_holdout must be in [0, 1), got {self.distill_holdout}")
+        if min(self.distill_samples, self.sample_length, self.sir_oversample, self.q_samples) < 1:
             raise ValueError("distill_samples, sample_length and sir_oversample must be positive")
         if self.distill_steps < 1 or self.distill_batch_size < 1 or self.distill_learning_rate <= 0:
             raise ValueError(

@@ -112,7 +112,7 @@ def routed_sequence_logprobs(router: nn.Module, batch: dict[str, torch.Tensor]) 
 
 
 @torch.no_grad()
-def _propose(
+def draw_from_q(
     bank: ExpertBank, count: int, length: int, generator: torch.Generator, batch_size: int
 ) -> TokenFeatures:
     """``count`` draws from q: an expert chosen uniformly, then its own sample."""
@@ -148,12 +148,18 @@ def sample_robust_model(
     seed: int = 0,
     batch_size: int = 64,
     max_rounds: int = 50,
+    proposals: TokenFeatures | None = None,
 ) -> tuple[TokenFeatures, dict]:
-    """Exact (rejection) or SIR samples from ``pi_g``, with their expert features."""
+    """Exact (rejection) or SIR samples from ``pi_g``, with their expert features.
+
+    SIR resamples ``proposals`` (draws from q already scored, such as the pool
+    the primal-dual loop used for Z) when given, else draws its own.
+    """
     generator = torch.Generator().manual_seed(seed)
     gate.eval()
     if method == "sir":
-        proposals = _propose(bank, num_samples * oversample, length, generator, batch_size)
+        if proposals is None:
+            proposals = draw_from_q(bank, num_samples * oversample, length, generator, batch_size)
         log_ratios = gate_log_ratios(gate, proposals)
         probs = torch.softmax(log_ratios.double(), 0)
         picked = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
@@ -163,7 +169,7 @@ def sample_robust_model(
         raise ValueError(f"unknown sampler {method!r}")
     kept, proposed = [], 0
     for _ in range(max_rounds):
-        proposals = _propose(bank, num_samples, length, generator, batch_size)
+        proposals = draw_from_q(bank, num_samples, length, generator, batch_size)
         accept_log_prob = gate_log_ratios(gate, proposals) - math.log(bank.num_experts)
         uniform = torch.rand(accept_log_prob.shape, generator=generator, dtype=torch.float64)
         accepted = torch.nonzero(uniform.log() < accept_log_prob.double()).squeeze(1)
@@ -191,32 +197,83 @@ def train_router(
     batch_size: int = 32,
     learning_rate: float = 3e-3,
     seed: int = 0,
-) -> list[float]:
-    """Minimize the per-token mixture NLL ``-log gamma(h_t) . P_t`` over ``features``.
+    token_weights: torch.Tensor | None = None,
+    holdout_fraction: float = 0.0,
+) -> tuple[list[float], dict]:
+    """Minimize the weighted per-token mixture NLL ``-log gamma(h_t) . P_t`` over ``features``.
 
-    Returns the training loss (nats/token) per step.
+    ``token_weights`` (N,) weights every token of sequence i (None: all 1), so
+    a domain can carry its robust share lambda_j of the loss whatever its size.
+    With ``holdout_fraction`` > 0 that share of the sequences is held out and
+    the router keeps the parameters with the best held-out loss: small routers
+    on few sampled sequences overfit, and the held-out loss says when.
+
+    Returns the training loss (nats/token) per step and the held-out figures.
     """
     if features.hidden is None:
         raise ValueError("router training needs the experts' hidden states")
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(router.parameters(), lr=learning_rate, weight_decay=0.0)
-    num_sequences, losses = features.input_ids.shape[0], []
-    router.train()
-    for _ in range(steps):
-        picked = torch.randint(
-            num_sequences, (min(batch_size, num_sequences),), generator=generator
-        )
-        mask = features.token_mask[picked]
+    num_sequences = features.input_ids.shape[0]
+    weights = (
+        torch.ones(num_sequences) if token_weights is None else token_weights.float()
+    )
+    order = torch.randperm(num_sequences, generator=generator)
+    num_held = int(num_sequences * holdout_fraction) if num_sequences > 1 else 0
+    held, train = order[:num_held], order[num_held:]
+
+    def weighted_nll(rows: torch.Tensor) -> torch.Tensor:
+        mask = features.token_mask[rows] * weights[rows, None]
         token_logprobs = routed_token_logprobs(
-            router, features.hidden[picked], features.next_logprobs[picked]
+            router, features.hidden[rows], features.next_logprobs[rows]
         )
-        loss = -(token_logprobs * mask).sum() / mask.sum().clamp_min(1)
+        return -(token_logprobs * mask).sum() / mask.sum().clamp_min(1e-12)
+
+    optimizer = torch.optim.AdamW(router.parameters(), lr=learning_rate, weight_decay=0.0)
+    evaluate_every = max(1, steps // 20)
+    best = {"step": 0, "held_out_nll": float("inf")}
+    best_state = None
+    losses = []
+    for step in range(1, steps + 1):
+        router.train()
+        picked = train[torch.randint(len(train), (min(batch_size, len(train)),), generator=generator)]
+        loss = weighted_nll(picked)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if num_held and (step % evaluate_every == 0 or step == steps):
+            router.eval()
+            with torch.no_grad():
+                held_out = float(weighted_nll(held))
+            if held_out < best["held_out_nll"]:
+                best = {"step": step, "held_out_nll": held_out}
+                best_state = {k: v.detach().clone() for k, v in router.state_dict().items()}
+    if best_state is not None:
+        router.load_state_dict(best_state)
     router.eval()
-    return losses
+    return losses, best if num_held else {}
+
+
+def lambda_weighted_data(
+    domain_features: list[TokenFeatures], lambdas: list[float] | tuple[float, ...]
+) -> tuple[TokenFeatures, torch.Tensor]:
+    """Real sequences of every domain, each token weighted so domain j carries ``lambda_j``.
+
+    At the game's saddle point the robust model approximates the
+    ``lambda*``-mixture of the domains, so the real text of that mixture is an
+    on-distribution sample of the distillation target; the experts' own samples
+    are far from real text when the experts are small.
+    """
+    if len(domain_features) != len(lambdas):
+        raise ValueError(f"{len(domain_features)} domains but {len(lambdas)} lambdas")
+    weights = []
+    for part, share in zip(domain_features, lambdas):
+        tokens = float(part.token_mask.sum().clamp_min(1))
+        weights.append(torch.full((part.input_ids.shape[0],), float(share) / tokens))
+    return TokenFeatures.concat(list(domain_features)), torch.cat(weights)
+
+
+DISTILL_SOURCES = ("samples", "data", "both")
 
 
 def distill_router(
@@ -232,23 +289,60 @@ def distill_router(
     batch_size: int = 16,
     learning_rate: float = 3e-3,
     seed: int = 0,
+    source: str = "samples",
+    domain_features: list[TokenFeatures] | None = None,
+    lambdas: list[float] | tuple[float, ...] | None = None,
+    holdout_fraction: float = 0.0,
+    proposals: TokenFeatures | None = None,
 ) -> tuple[HiddenStateRouter, dict]:
-    """Sample from the robust gated model, then fit a ``HiddenStateRouter`` to it.
+    """Fit a ``HiddenStateRouter`` to the robust gated model.
 
-    Returns the router and the sampling/training statistics for the artifact.
+    ``source`` says what the router is trained on: ``samples`` drawn from the
+    robust model (the paper's route), the real ``data`` of each domain weighted
+    by the game's ``lambdas``, or ``both`` with equal total weight. The router
+    starts at the uniform gate. Returns the router and the statistics for the artifact.
     """
-    samples, sampling = sample_robust_model(
-        bank, gate, num_samples, length, method=sampler, oversample=oversample, seed=seed
-    )
+    if source not in DISTILL_SOURCES:
+        raise ValueError(f"distillation source must be one of {DISTILL_SOURCES}, got {source!r}")
+    parts, part_weights, stats = [], [], {"source": source}
+    if source in ("samples", "both"):
+        samples, sampling = sample_robust_model(
+            bank,
+            gate,
+            num_samples,
+            length,
+            method=sampler,
+            oversample=oversample,
+            seed=seed,
+            proposals=proposals,
+        )
+        tokens = float(samples.token_mask.sum().clamp_min(1))
+        parts.append(samples)
+        part_weights.append(torch.full((samples.input_ids.shape[0],), 1.0 / tokens))
+        stats.update(sampling=sampling, samples=samples.input_ids.shape[0])
+    if source in ("data", "both"):
+        if domain_features is None or lambdas is None:
+            raise ValueError(f"source {source!r} needs the domains' features and the lambdas")
+        data, data_weights = lambda_weighted_data(domain_features, lambdas)
+        parts.append(data)
+        part_weights.append(data_weights)
+        stats["data_sequences"] = data.input_ids.shape[0]
+    features = TokenFeatures.concat(parts)
     torch.manual_seed(seed)
     router = HiddenStateRouter(RouterForm(bank.num_experts, bank.hidden_size, router_hidden))
-    losses = train_router(
-        router, samples, steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed
+    router.set_constant(torch.ones(bank.num_experts))  # start at uniform, then learn
+    if router_hidden:  # a zero hidden layer has zero gradient: give it a fresh init
+        router.proj_in.reset_parameters()
+    losses, held_out = train_router(
+        router,
+        features,
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        token_weights=torch.cat(part_weights),
+        holdout_fraction=holdout_fraction,
     )
     tail = losses[-max(1, len(losses) // 10) :]
-    stats = {
-        "sampling": sampling,
-        "samples": samples.input_ids.shape[0],
-        "final_train_nll": sum(tail) / len(tail),
-    }
+    stats.update(final_train_nll=sum(tail) / len(tail), **held_out)
     return router, stats

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
 
-FEATURES_VERSION = "gate-features/1"
+FEATURES_VERSION = "gate-features/2"  # 2: whole documents in windows
 
 
 def data_hash(texts: list[str]) -> str:
@@ -58,10 +58,21 @@ class HFExpertBank:
         self.with_hidden = True
 
     def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
-        encoded = self.tokenizer(
-            texts, add_special_tokens=True, truncation=True, max_length=max_length
-        )["input_ids"]
-        return [ids for ids in encoded if len(ids) >= 2]  # a sequence needs one scored token
+        """Every text cut into windows of at most ``max_length`` tokens, each led by BOS.
+
+        Whole documents, not their first window only: the demo's documents run
+        to thousands of tokens, and truncation would throw most of each split away.
+        """
+        encoded = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        start = self._start_token()
+        step = max_length - 1
+        windows = []
+        for ids in encoded:
+            for offset in range(0, len(ids), step):
+                window = [start, *ids[offset : offset + step]]
+                if len(window) >= 2:  # a sequence needs one scored token
+                    windows.append(window)
+        return windows
 
     def _start_token(self) -> int:
         for token in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, 0):
@@ -204,3 +215,35 @@ def cached_features(
     features = score_sequences(bank, token_lists, batch_size=batch_size, progress=progress)
     _save(features, path)
     return features
+
+
+def cached_proposals(
+    bank: HFExpertBank,
+    *,
+    count: int,
+    length: int,
+    seed: int,
+    cache_dir: str | Path,
+    batch_size: int = 64,
+) -> TokenFeatures:
+    """``count`` sequences drawn from ``q = (1/K) sum_k pi_k``, scored by every expert, cached.
+
+    Seeded, so the pool is a function of the experts and the settings and the
+    disk copy stands for it.
+    """
+    from gatemix.gate.distill_router import draw_from_q
+
+    key = hashlib.sha256(
+        "|".join(
+            [FEATURES_VERSION, "q-pool", *bank.hashes, str(count), str(length), str(seed)]
+        ).encode()
+    ).hexdigest()[:24]
+    path = Path(cache_dir) / f"q-{key}.safetensors"
+    if path.is_file():
+        logger.info("q samples from cache %s", path)
+        return _load(path)
+    bank.with_hidden = True
+    generator = torch.Generator().manual_seed(seed)
+    pool = draw_from_q(bank, count, length, generator, batch_size)
+    _save(pool, path)
+    return pool

@@ -18,7 +18,7 @@ import torch
 from gatemix.gate.artifact import RouterArtifact, save_router
 from gatemix.gate.config import FitGateConfig, PrimalDualConfig
 from gatemix.gate.distill_router import TokenFeatures, distill_router, routed_sequence_logprobs
-from gatemix.gate.features import HFExpertBank, cached_features, data_hash
+from gatemix.gate.features import HFExpertBank, cached_features, cached_proposals, data_hash
 from gatemix.gate.primal_dual import GateFitData, plot_history, run_primal_dual
 from gatemix.gate.router import HiddenStateRouter, RouterForm
 from gatemix.gate.sequence_gate import SequenceGate, SequenceGateForm
@@ -75,8 +75,12 @@ def load_split_features(
     return features
 
 
-def fit_data(features: dict[str, TokenFeatures], fingerprint: str = "") -> GateFitData:
-    """Per-domain features -> the loop's per-sequence tensors (domain j is expert j's)."""
+def fit_data(
+    features: dict[str, TokenFeatures],
+    fingerprint: str = "",
+    proposal: TokenFeatures | None = None,
+) -> GateFitData:
+    """Per-domain features (and draws from q for Z) -> the loop's tensors (domain j is expert j's)."""
     merged = TokenFeatures.concat(list(features.values()))
     domain = torch.cat(
         [torch.full((f.input_ids.shape[0],), j) for j, f in enumerate(features.values())]
@@ -92,7 +96,16 @@ def fit_data(features: dict[str, TokenFeatures], fingerprint: str = "") -> GateF
         tensors.update(
             hidden=merged.hidden, next_logprobs=merged.next_logprobs, token_mask=merged.token_mask
         )
-    return GateFitData(tensors, num_domains=len(features), fingerprint=fingerprint)
+    proposal_tensors = None
+    if proposal is not None:
+        proposal_tensors = {
+            "expert_sequence_logprobs": proposal.sequence_logprobs(),
+            "input_ids": proposal.input_ids,
+            "attention_mask": proposal.attention_mask,
+        }
+    return GateFitData(
+        tensors, num_domains=len(features), fingerprint=fingerprint, proposal=proposal_tensors
+    )
 
 
 def primal_dual_part(config: FitGateConfig) -> PrimalDualConfig:
@@ -117,6 +130,46 @@ def fit_router_directly(
     return router, {"lambda_avg": result.lambda_avg, "domain_losses_avg": result.domain_losses_avg}
 
 
+def split_for_selection(
+    features: dict[str, TokenFeatures], fraction: float, seed: int
+) -> tuple[dict[str, TokenFeatures], dict[str, TokenFeatures] | None]:
+    """Hold ``fraction`` of each domain's sequences out of every fit (seeded), to pick the router."""
+    if fraction == 0:
+        return features, None
+    generator = torch.Generator().manual_seed(seed)
+    fit_part, selection_part = {}, {}
+    for domain, part in features.items():
+        count = part.input_ids.shape[0]
+        if count < 2:
+            raise FitGateError(f"domain {domain!r} has {count} gate sequence(s); selection needs 2")
+        order = torch.randperm(count, generator=generator)
+        held = min(count - 1, max(1, round(fraction * count)))
+        selection_part[domain] = part.select(order[:held])
+        fit_part[domain] = part.select(order[held:])
+    return fit_part, selection_part
+
+
+def select_router(
+    candidates: dict[str, HiddenStateRouter], selection: dict[str, TokenFeatures]
+) -> tuple[str, dict]:
+    """The candidate with the lowest worst-domain excess on the held-out sequences (ties: first)."""
+    from gatemix.gate.evaluate import evaluate_methods
+    from gatemix.gate.registry import GATES
+
+    report = evaluate_methods(
+        selection, {name: GATES["learned"](router) for name, router in candidates.items()}
+    )
+    figures = {
+        name: {
+            "worst_excess": report.methods[name].worst_excess,
+            "excess": dict(zip(report.domains, report.methods[name].excess)),
+        }
+        for name in candidates
+    }
+    chosen = min(candidates, key=lambda name: figures[name]["worst_excess"])
+    return chosen, figures
+
+
 def fit_gate(config: FitGateConfig) -> RouterArtifact:
     """Fit the robust gate, distill it into the causal router, and save the artifact."""
     if not config.demo_dir:
@@ -125,12 +178,23 @@ def fit_gate(config: FitGateConfig) -> RouterArtifact:
     work_dir = Path(config.work_dir or Path(config.out_dir) / "fit")
     domains = expert_names(config)
     bank = HFExpertBank([Path(config.demo_dir) / "experts" / name for name in domains])
-    need_hidden = config.direct_router or config.evaluate
-    gate_features = load_split_features(bank, config, domains, "gate", with_hidden=need_hidden)
-    fingerprint = data_hash(
-        bank.hashes + [str(f.input_ids.tolist()) for f in gate_features.values()]
+    gate_features = load_split_features(bank, config, domains, "gate", with_hidden=True)
+    q_pool = cached_proposals(
+        bank,
+        count=config.q_samples,
+        length=config.sample_length,
+        seed=config.seed,
+        cache_dir=config.cache_dir,
     )
-    data = fit_data(gate_features, fingerprint)
+    fit_features, selection_features = split_for_selection(
+        gate_features, config.selection_fraction, config.seed
+    )
+    fingerprint = data_hash(
+        bank.hashes
+        + [str(f.input_ids.tolist()) for f in fit_features.values()]
+        + [str(q_pool.input_ids.tolist())]
+    )
+    data = fit_data(fit_features, fingerprint, proposal=q_pool)
 
     torch.manual_seed(config.seed)
     gate = SequenceGate(
@@ -154,7 +218,7 @@ def fit_gate(config: FitGateConfig) -> RouterArtifact:
     )
 
     bank.with_hidden = True
-    router, distill_stats = distill_router(
+    two_stage, distill_stats = distill_router(
         bank,
         gate,
         router_hidden=config.router_hidden,
@@ -166,7 +230,22 @@ def fit_gate(config: FitGateConfig) -> RouterArtifact:
         batch_size=config.distill_batch_size,
         learning_rate=config.distill_learning_rate,
         seed=config.seed,
+        source=config.distill_source,
+        domain_features=list(fit_features.values()),
+        lambdas=result.lambda_avg,
+        holdout_fraction=config.distill_holdout,
+        proposals=q_pool,
     )
+    routers = {"two_stage": two_stage}
+    if config.direct_router or config.served_router != "two_stage":
+        base = dataclasses.replace(primal_dual_part(config), checkpoint_every=0)
+        routers["direct"], direct_stats = fit_router_directly(data, two_stage.form, base)
+        logger.info("direct robust router: lambda_avg %s", direct_stats["lambda_avg"])
+    served, selection = config.served_router, None
+    if served == "best":
+        served, selection = select_router(routers, selection_features)
+        logger.info("serving the %s router (held-out worst-domain excess %s)", served, selection)
+    router = routers[served]
     details = {
         "config": {
             k: (list(v) if isinstance(v, tuple) else v) for k, v in config.to_dict().items()
@@ -177,12 +256,16 @@ def fit_gate(config: FitGateConfig) -> RouterArtifact:
         "gate_domain_excess": dict(zip(domains, result.domain_losses_avg)),
         "data_hash": fingerprint,
         "distillation": distill_stats,
+        "served_router": served,
+        "selection": selection,
         "gate_parameters": gate.num_parameters(),
     }
     if config.evaluate:
         from gatemix.gate.report import evaluate_fit
 
-        details["evaluation"] = evaluate_fit(config, bank, domains, data, router, gate, work_dir)
+        details["evaluation"] = evaluate_fit(
+            config, bank, domains, data, routers, served, gate, work_dir
+        )
     artifact = RouterArtifact(
         router=router,
         expert_names=domains,

@@ -20,11 +20,24 @@ def mix_logprobs(expert_logprobs: torch.Tensor, log_weights: torch.Tensor) -> to
 
 
 def mix_logits(expert_logits: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
-    """The mixture from raw expert logits: log-softmax each expert, then mix.
+    """The mixture from raw expert logits, with the log-softmax folded into the mix.
 
-    Shapes: ``(..., K, V)``, ``(..., K)`` -> ``(..., V)``. Computed in float32
-    whatever the input dtype, since the mixture is what the sampler sees.
+    ``log sum_k w_k softmax(z_k)(y) = logsumexp_k(z_k(y) + log w_k - lse_k)``,
+    where ``lse_k = logsumexp_y z_k(y)``: the per-expert normalizer is a ``(..., K)``
+    offset, so no ``(..., K, V)`` log-softmax is materialized (one fewer pass and
+    temporary over K x vocab than ``mix_logprobs(log_softmax(z))``; see
+    ``gatemix bench mixing``). Shapes: ``(..., K, V)``, ``(..., K)`` -> ``(..., V)``.
+    Computed in float32 whatever the input dtype, since the mixture is what the
+    sampler sees.
     """
+    logits = expert_logits.float()
+    offsets = log_weights.float() - torch.logsumexp(logits, dim=-1)  # (..., K)
+    # An expert with zero weight has offset -inf; it must add nothing, not NaN.
+    return torch.logsumexp(logits + offsets.unsqueeze(-1), dim=-2)
+
+
+def mix_logits_two_pass(expert_logits: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+    """The unfused form: log-softmax each expert, then mix. The benchmark's baseline."""
     expert_logprobs = torch.log_softmax(expert_logits.float(), dim=-1)
     return mix_logprobs(expert_logprobs, log_weights.float())
 

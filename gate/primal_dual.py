@@ -7,9 +7,14 @@ the model's sequence log-probs on them, and then
 - lambda: one exponentiated-gradient step on the per-domain losses;
 - mu: one dual-ascent step on ``Z_ema - 1``.
 
-The union of the per-domain minibatches (equal counts per domain) doubles as
-the pooled batch of the Z estimate: with one expert per domain it is a sample
-of ``(1/K) sum_k P_k``, the data stand-in for ``q = (1/K) sum_k pi_k``.
+``Z_g = E_{x~q}[pi_g(x) / q(x)]`` is estimated on a minibatch of the
+``proposal`` pool: sequences drawn from ``q = (1/K) sum_k pi_k`` itself (an
+expert picked uniformly, then its own sample), scored once by the experts, so
+each step costs one gate forward on them. Without a pool the union of the
+per-domain minibatches stands in for q; that is biased whenever the experts
+are far from their domains' data (real text), since a gate that routes real
+text correctly has ``E_data[pi_g/q]`` near K times its weight on the right
+expert, not 1, and the constraint then fights the objective.
 
 The loop is agnostic of the model: ``sequence_logprob_fn(model, batch)`` gives
 ``log pi_model(x)``, so the same loop fits the sequence gate and, as the
@@ -65,11 +70,17 @@ class GateFitData:
     tensors: dict[str, torch.Tensor]
     num_domains: int
     fingerprint: str = ""  # identifies the data in checkpoints
+    # Samples from q for the Z estimate: the model's inputs and ``expert_sequence_logprobs``.
+    proposal: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         sizes = {name: tensor.shape[0] for name, tensor in self.tensors.items()}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"fit tensors disagree on the number of sequences: {sizes}")
+        if self.proposal is not None:
+            proposal_sizes = {name: tensor.shape[0] for name, tensor in self.proposal.items()}
+            if len(set(proposal_sizes.values())) != 1 or "expert_sequence_logprobs" not in self.proposal:
+                raise ValueError(f"proposal tensors are inconsistent: {proposal_sizes}")
         counts = torch.bincount(self.tensors["domain"], minlength=self.num_domains)
         if len(counts) != self.num_domains or (counts == 0).any():
             raise ValueError(f"every domain needs sequences, got counts {counts.tolist()}")
@@ -194,7 +205,18 @@ def run_primal_dual(
         lagrangian = (domain_lambda.to(losses.dtype) * losses).sum()
         z_batch = 1.0
         if not normalized:
-            z_hat = estimate_normalizer(model_logprobs, batch["expert_sequence_logprobs"])
+            if data.proposal is None:
+                z_batch_data = batch
+                z_logprobs = model_logprobs
+            else:
+                rows = torch.randint(
+                    len(data.proposal["expert_sequence_logprobs"]),
+                    (config.batch_per_domain * num_domains,),
+                    generator=generator,
+                )
+                z_batch_data = {name: tensor[rows] for name, tensor in data.proposal.items()}
+                z_logprobs = sequence_logprob_fn(model, z_batch_data)
+            z_hat = estimate_normalizer(z_logprobs, z_batch_data["expert_sequence_logprobs"])
             lagrangian = lagrangian + mu * (z_hat - 1)
             z_batch = z_hat.item()
         optimizer.zero_grad(set_to_none=True)

@@ -68,6 +68,25 @@ def test_mix_logits_matches_mix_of_log_softmax():
     )
 
 
+def test_fused_mix_logits_is_exact_at_the_edges():
+    """Zero weights, one-hot weights, masked (-inf) logits and large logits, in float64."""
+    logits = torch.randn(4, 3, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 30
+    logits[0, 1, :10] = float("-inf")  # an expert that rules tokens out
+    logits[3] += 1e3  # large shared offsets must cancel in the normalizer
+    log_weights = log_weights_from_probs(
+        torch.tensor(
+            [[0.2, 0.3, 0.5], [0.5, 0.0, 0.5], [0.0, 1.0, 0.0], [1 / 3, 1 / 3, 1 / 3]],
+            dtype=torch.float64,
+        )
+    )
+    fused = mix_logits(logits, log_weights)
+    reference = mix_logprobs(torch.log_softmax(logits.float(), -1), log_weights.float())
+    assert not fused.isnan().any()
+    torch.testing.assert_close(fused, reference, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fused[2], torch.log_softmax(logits[2, 1].float(), -1))
+    assert torch.allclose(fused.exp().sum(-1), torch.ones(4), atol=1e-4)
+
+
 @pytest.mark.parametrize("bad", [[-1.0, 2.0], [0.0, 0.0], [float("nan"), 1.0]])
 def test_invalid_weights_are_refused(bad):
     with pytest.raises(ValueError):

@@ -107,3 +107,46 @@ def test_config_range_checks():
         PrimalDualConfig(loss="kl")
     with pytest.raises(ValueError, match="fixed_lambda"):
         PrimalDualConfig(fixed_lambda=(0.5, 0.6))
+
+
+class _ConstantGate(torch.nn.Module):
+    """A gate that ignores x: fixed weights (its parameter never moves at this lr)."""
+
+    def __init__(self, weights: list[float]) -> None:
+        super().__init__()
+        self.log_weights = torch.nn.Parameter(torch.log(torch.tensor(weights)))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.log_weights, -1).expand(input_ids.shape[0], -1)
+
+
+def test_z_is_estimated_on_the_q_pool_not_on_the_data_batch():
+    # On the pool expert 0 owns every sequence, so pi_g/q = 2 g_0 = 1.6 exactly;
+    # on the data batch (half each domain) the same gate would give 0.8 + 0.2 = 1.0.
+    data = _fake_data()
+    pool_size = 10
+    pool_logprobs = torch.stack([torch.full((pool_size,), -5.0), torch.full((pool_size,), -60.0)], 1)
+    data.proposal = {
+        "expert_sequence_logprobs": pool_logprobs,
+        "input_ids": torch.zeros(pool_size, 6, dtype=torch.long),
+        "attention_mask": torch.ones(pool_size, 6, dtype=torch.long),
+    }
+    result = run_primal_dual(
+        _ConstantGate([0.8, 0.2]), data, _config(learning_rate=1e-12, checkpoint_every=0)
+    )
+    assert result.history["z_batch"] == pytest.approx([1.6] * 24, rel=1e-5)
+    data.proposal = None
+    result = run_primal_dual(
+        _ConstantGate([0.8, 0.2]), data, _config(learning_rate=1e-12, checkpoint_every=0)
+    )
+    assert all(abs(z - 1.6) > 0.1 for z in result.history["z_batch"])
+
+
+def test_an_inconsistent_q_pool_is_refused():
+    data = _fake_data()
+    with pytest.raises(ValueError, match="proposal"):
+        GateFitData(
+            data.tensors,
+            num_domains=2,
+            proposal={"expert_sequence_logprobs": torch.zeros(3, 2), "input_ids": torch.zeros(4, 6)},
+        )

@@ -59,7 +59,7 @@ def test_distillation_samples_the_robust_model_at_the_expected_rate(result):
     reason=(
         "not reproduced: a 1-layer monolithic model of the same total size learns both rules "
         "(KL 0.018 at lambda=0.5), so its worst case is log 2 + 0.01; the router, a head on the "
-        "experts' final hidden states, decodes the direction imperfectly: worst 1.56 (gate 0.72)"
+        "experts' final hidden states, decodes the direction imperfectly: worst 1.21 (gate 0.72)"
     ),
 )
 def test_router_worst_case_is_below_the_monolithic_models(result):

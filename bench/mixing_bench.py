@@ -1,0 +1,96 @@
+"""``gatemix bench mixing``: the mixing step alone, fused against two-pass, side by side.
+
+The engine's ``compute_logits`` turns K experts' logits into the mixture once
+per decoded token. This times that step on the shapes it sees (batch N, K
+experts, vocabulary V) for the fused form the engine runs (``mix_logits``) and
+the two-pass form it replaced (``mix_logits_two_pass``: a materialized K x V
+log-softmax, then the mix), interleaved in one run, and reports the ratio and
+the largest difference between the two.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from gatemix.gate.mixing import mix_logits, mix_logits_two_pass
+
+
+@dataclass(frozen=True)
+class MixingShape:
+    tokens: int
+    experts: int
+    vocab: int
+
+
+DEFAULT_SHAPES = (
+    MixingShape(16, 3, 4096),
+    MixingShape(64, 3, 4096),
+    MixingShape(16, 4, 32000),
+    MixingShape(64, 4, 32000),
+    MixingShape(16, 4, 128256),
+)
+
+
+def _median_seconds(fn, logits: torch.Tensor, log_weights: torch.Tensor, repeats: int) -> float:
+    fn(logits, log_weights)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(logits, log_weights)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def run_mixing_bench(
+    shapes: tuple[MixingShape, ...] = DEFAULT_SHAPES,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    repeats: int = 20,
+    rounds: int = 3,
+    seed: int = 0,
+) -> list[dict]:
+    """Median time per call of each form; rounds alternate the two so drift hits both."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for shape in shapes:
+        logits = (torch.randn(shape.tokens, shape.experts, shape.vocab, generator=generator) * 4).to(
+            device=device, dtype=dtype
+        )
+        log_weights = torch.log_softmax(
+            torch.randn(shape.tokens, shape.experts, generator=generator), -1
+        ).to(device)
+        fused, two_pass = [], []
+        for _ in range(rounds):
+            two_pass.append(_median_seconds(mix_logits_two_pass, logits, log_weights, repeats))
+            fused.append(_median_seconds(mix_logits, logits, log_weights, repeats))
+        difference = float((mix_logits(logits, log_weights) - mix_logits_two_pass(logits, log_weights)).abs().max())
+        rows.append(
+            {
+                "tokens": shape.tokens,
+                "experts": shape.experts,
+                "vocab": shape.vocab,
+                "dtype": str(dtype).removeprefix("torch."),
+                "two_pass_ms": 1e3 * min(two_pass),
+                "fused_ms": 1e3 * min(fused),
+                "speedup": min(two_pass) / min(fused),
+                "max_abs_difference": difference,
+            }
+        )
+    return rows
+
+
+def format_mixing_bench(rows: list[dict]) -> str:
+    lines = [
+        "| N tokens | K | vocab | dtype | two-pass ms | fused ms | speed-up | max abs diff |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['tokens']} | {row['experts']} | {row['vocab']} | {row['dtype']} | "
+            f"{row['two_pass_ms']:.3f} | {row['fused_ms']:.3f} | {row['speedup']:.2f}x | "
+            f"{row['max_abs_difference']:.1e} |"
+        )
+    return "\n".join(lines)
