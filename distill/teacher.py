@@ -45,5 +45,5 @@ class EnsembleTeacher:
             last_hidden = expert.model(input_ids=input_ids).last_hidden_state  # (B, T, H), after the final norm
             hidden.append(last_hidden)
             logits.append(expert.lm_head(last_hidden))
-        log_weights = self.router(torch.cat(hidden, dim=-1).float())  # (B, T, K)
+        log_weights = self.router(torch.cat(hidden, dim=-1).float(), input_ids)  # (B, T, K)
         return mix_logits(torch.stack(logits, dim=-2), log_weights), log_weights

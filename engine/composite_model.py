@@ -41,7 +41,7 @@ from vllm.sequence import IntermediateTensors
 
 from gatemix.engine.composite_folder import GATE_SUBDIR
 from gatemix.engine.request_gates import token_rows_from_forward_context, worker_gate_table
-from gatemix.gate.artifact import load_router
+from gatemix.gate.artifact import load_router, read_router_form
 from gatemix.gate.mixing import mix_logits
 from gatemix.gate.router import HiddenStateRouter, RouterForm
 
@@ -65,12 +65,21 @@ class ExpertStack(nn.Module):
     """One Llama expert: embeddings, decoder layers, final norm and LM head.
 
     Under pipeline parallelism each rank holds the same slice of every expert's
-    layers, the first rank the embeddings, the last the norm and LM head.
+    layers, the first rank the embeddings, the last the norm and LM head. The
+    router's own context model is the same stack without an LM head, built
+    from its own (smaller) config; its attention layers are numbered after the
+    experts'.
     """
 
-    def __init__(self, vllm_config: VllmConfig, expert_index: int) -> None:
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        layer_offset: int,
+        config=None,
+        with_lm_head: bool = True,
+    ) -> None:
         super().__init__()
-        config = vllm_config.model_config.hf_config
+        config = config or vllm_config.model_config.hf_config
         quant_config = vllm_config.quant_config
         pp_group = get_pp_group()
         num_layers = config.num_hidden_layers
@@ -83,7 +92,8 @@ class ExpertStack(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(
                 vllm_config=vllm_config,
-                prefix=f"{ATTENTION_PREFIX}.{expert_index * num_layers + layer_index}",
+                prefix=f"{ATTENTION_PREFIX}.{layer_offset + layer_index}",
+                config=config,
             )
             if self.start_layer <= layer_index < self.end_layer
             else PPMissingLayer()
@@ -91,9 +101,11 @@ class ExpertStack(nn.Module):
         )
         if pp_group.is_last_rank:
             self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=quant_config)
-            if config.tie_word_embeddings:
-                self.lm_head = self.lm_head.tie_weights(self.embed_tokens)
+            self.lm_head = PPMissingLayer()
+            if with_lm_head:
+                self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=quant_config)
+                if config.tie_word_embeddings:
+                    self.lm_head = self.lm_head.tie_weights(self.embed_tokens)
         else:
             self.norm, self.lm_head = PPMissingLayer(), PPMissingLayer()
 
@@ -145,13 +157,28 @@ class ExpertEnsemble(nn.Module):
         super().__init__()
         config = vllm_config.model_config.hf_config
         num_experts = len(config.gatemix["expert_names"])
-        self.experts = nn.ModuleList(ExpertStack(vllm_config, k) for k in range(num_experts))
+        num_layers = config.num_hidden_layers
+        self.experts = nn.ModuleList(
+            ExpertStack(vllm_config, k * num_layers) for k in range(num_experts)
+        )
+        context_config = router_context_config(vllm_config)
+        self.context = (
+            None
+            if context_config is None
+            else ExpertStack(vllm_config, num_experts * num_layers, context_config, with_lm_head=False)
+        )
+        self.widths = [config.hidden_size] * num_experts + (
+            [context_config.hidden_size] if context_config is not None else []
+        )
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states", "residual"], num_experts * config.hidden_size
         )
 
+    def stacks(self) -> list[ExpertStack]:
+        return [*self.experts, *([self.context] if self.context is not None else [])]
+
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return torch.cat([expert.embed_tokens(input_ids) for expert in self.experts], dim=-1)
+        return torch.cat([stack.embed_tokens(input_ids) for stack in self.stacks()], dim=-1)
 
     def forward(
         self,
@@ -164,12 +191,13 @@ class ExpertEnsemble(nn.Module):
         if get_pp_group().is_first_rank:
             if inputs_embeds is None:
                 inputs_embeds = self.embed_input_ids(input_ids)
-            hidden = inputs_embeds.chunk(num_experts, dim=-1)
-            residual = [None] * num_experts
+            hidden = inputs_embeds.split(self.widths, dim=-1)
+            residual = [None] * len(self.widths)
         else:
             hidden = intermediate_tensors["hidden_states"].chunk(num_experts, dim=-1)
             residual = intermediate_tensors["residual"].chunk(num_experts, dim=-1)
-        outputs = [expert(h, r, positions) for expert, h, r in zip(self.experts, hidden, residual)]
+        outputs = [stack(h, r, positions) for stack, h, r in zip(self.stacks(), hidden, residual)]
+        # (T, K*H) expert states, then the context model's (T, C) when the router has one.
         hidden_states = torch.cat([h for h, _ in outputs], dim=-1)
         if not get_pp_group().is_last_rank:
             residuals = torch.cat([r for _, r in outputs], dim=-1)
@@ -189,8 +217,8 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         self.hidden_size = config.hidden_size
         self.tied = bool(config.tie_word_embeddings)
         self.ensemble = ExpertEnsemble(vllm_config=vllm_config, prefix=prefix)
-        # Rebuilt with the artifact's own form in load_weights; a linear head is the default.
-        self.router = HiddenStateRouter(RouterForm(self.num_experts, self.hidden_size))
+        # The head only: a context model, if the router has one, runs in the ensemble.
+        self.router = HiddenStateRouter(read_router_form(self.model_dir / GATE_SUBDIR), build_context=False)
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.gate_table = worker_gate_table()
         self.make_empty_intermediate_tensors = self.ensemble.make_empty_intermediate_tensors
@@ -206,10 +234,11 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor | IntermediateTensors:
-        expert_hidden = self.ensemble(input_ids, positions, intermediate_tensors, inputs_embeds)
+        router_inputs = self.ensemble(input_ids, positions, intermediate_tensors, inputs_embeds)
         if not get_pp_group().is_last_rank:
-            return expert_hidden  # IntermediateTensors for the next pipeline stage
-        log_weights = self.router(expert_hidden)  # (T, K) float32
+            return router_inputs  # IntermediateTensors for the next pipeline stage
+        expert_hidden = router_inputs[:, : self.num_experts * self.hidden_size]
+        log_weights = self.router.head(router_inputs.float())  # (T, K) float32
         token_rows = token_rows_from_forward_context(expert_hidden.shape[0], expert_hidden.device)
         log_weights = self.gate_table.apply_overrides(log_weights, token_rows)
         return torch.cat([expert_hidden, *encode_log_weights(log_weights, expert_hidden.dtype)], dim=-1)
@@ -246,10 +275,45 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         artifact = load_router(self.model_dir / GATE_SUBDIR)
         if artifact.expert_names != self.expert_names:
             raise ValueError(f"gate was fitted for {artifact.expert_names}, composite holds {self.expert_names}")
-        device = next(self.ensemble.parameters()).device
-        self.router = artifact.router.to(device=device, dtype=torch.float32)
+        head = {k: v for k, v in artifact.router.state_dict().items() if not k.startswith("context.")}
+        self.router.load_state_dict(head, strict=True)
+        self.router.float()
+        loaded = {f"router.{name}" for name, _ in self.router.named_parameters()}
+        if self.ensemble.context is not None:
+            names = self.ensemble.context.load_weights(artifact.router.context_weights().items(), tied=False)
+            loaded |= {f"ensemble.context.{name}" for name in names}
         logger.info("gatemix router %s (%s) loaded for %s", artifact.version, artifact.method, self.expert_names)
-        return {f"router.{name}" for name, _ in self.router.named_parameters()}
+        return loaded
+
+
+def router_context_config(vllm_config: VllmConfig):
+    """The router's own Llama config, from the composite's gate artifact, or None.
+
+    It must share the experts' attention shape (one KV-cache layout for every
+    layer) and cannot be split into pipeline stages yet.
+    """
+    from transformers import LlamaConfig
+
+    model_dir = Path(vllm_config.model_config.model)
+    form = read_router_form(model_dir / GATE_SUBDIR)
+    if form.context_config is None:
+        return None
+    experts = vllm_config.model_config.hf_config
+    context = LlamaConfig(**form.context_config)
+
+    def shape(config) -> tuple:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return (getattr(config, "num_key_value_heads", None) or heads, head_dim)
+
+    if shape(context) != shape(experts):
+        raise ValueError(
+            f"the router's context model has (KV heads, head size) {shape(context)}, "
+            f"the experts {shape(experts)}: they must match"
+        )
+    if get_pp_group().world_size > 1:
+        raise NotImplementedError("a router with its own context model does not run under pipeline parallelism yet")
+    return context
 
 
 def encode_log_weights(log_weights: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

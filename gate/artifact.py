@@ -120,3 +120,12 @@ def load_router(path: str | Path) -> RouterArtifact:
         version=meta["version"],
         created_at=meta.get("created_at", 0.0),
     )
+
+
+def read_router_form(path: str | Path) -> RouterForm:
+    """The router's form from an artifact's JSON alone (the engine needs it before the weights)."""
+    meta_path = Path(path) / METADATA_FILE
+    try:
+        return RouterForm(**json.loads(meta_path.read_text())["form"])
+    except Exception as exc:
+        raise ArtifactError(f"{path}: no readable router form in {METADATA_FILE} ({exc})") from exc

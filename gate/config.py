@@ -107,6 +107,13 @@ class FitGateConfig(PrimalDualConfig):
     gate_heads: int = field(default=4, **_help("sequence gate attention heads"))
     gate_pooling: str = field(default="mean", **_help("sequence gate pooling: 'mean' or 'last'"))
     router_hidden: int = field(default=0, **_help("causal router hidden width (0: linear head)"))
+    router_context_layers: int = field(
+        default=1,
+        **_help("layers of the router's own causal Llama over the tokens (0: a head on the experts' states only)"),
+    )
+    router_context_intermediate: int = field(
+        default=0, **_help("MLP width of the router's own Llama (0: the experts')")
+    )
     sampler: str = field(
         default="sir", **_help("sampling from the robust model: 'sir' or 'rejection'")
     )
@@ -156,6 +163,8 @@ class FitGateConfig(PrimalDualConfig):
             raise ValueError("feature_batch_size, gate_width and gate_heads must be positive")
         if self.max_length < 2:
             raise ValueError("max_length must be at least 2 (one scored token)")
+        if min(self.router_context_layers, self.router_context_intermediate) < 0:
+            raise ValueError("router_context_layers and router_context_intermediate must be >= 0")
         if self.max_sequences < 0 or self.router_hidden < 0 or self.gate_layers < 0:
             raise ValueError("max_sequences, router_hidden and gate_layers must be non-negative")
         if self.gate_width % self.gate_heads:

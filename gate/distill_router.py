@@ -97,17 +97,46 @@ class ExpertBank(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def routed_token_logprobs(
-    router: HiddenStateRouter, hidden: torch.Tensor, next_logprobs: torch.Tensor
+def router_log_weights(
+    router: HiddenStateRouter,
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``log sum_k gamma(h_t)_k pi_k(x_{t+1}|x_<=t)``. ``(N, T, K*H)``, ``(N, T, K)`` -> ``(N, T)``."""
-    log_weights = router(hidden.float())  # (N, T, K)
+    """The router's weights for predicting token t+1, for every scored position t.
+
+    ``hidden`` ``(N, T-1, K*H)`` is aligned on the predicting position, and
+    ``input_ids`` ``(N, T)`` are the whole sequences, whose first T-1 tokens are
+    what a context model reads. -> ``(N, T-1, K)``.
+    """
+    if input_ids is not None:
+        width = hidden.shape[1]
+        input_ids = input_ids[:, :width]
+        attention_mask = None if attention_mask is None else attention_mask[:, :width]
+    return router(hidden.float(), input_ids, attention_mask)
+
+
+def routed_token_logprobs(
+    router: HiddenStateRouter,
+    hidden: torch.Tensor,
+    next_logprobs: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``log sum_k gamma(x_<=t)_k pi_k(x_{t+1}|x_<=t)``. ``(N, T, K*H)``, ``(N, T, K)`` -> ``(N, T)``."""
+    log_weights = router_log_weights(router, hidden, input_ids, attention_mask)  # (N, T, K)
     return mix_logprobs(next_logprobs.unsqueeze(-1), log_weights).squeeze(-1)
 
 
 def routed_sequence_logprobs(router: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sequence log-prob of the per-token mixture (the primal-dual ablation's model). -> (B,)."""
-    token_logprobs = routed_token_logprobs(router, batch["hidden"], batch["next_logprobs"])
+    token_logprobs = routed_token_logprobs(
+        router,
+        batch["hidden"],
+        batch["next_logprobs"],
+        batch.get("input_ids"),
+        batch.get("attention_mask"),
+    )
     return (token_logprobs * batch["token_mask"]).sum(1)
 
 
@@ -224,7 +253,11 @@ def train_router(
     def weighted_nll(rows: torch.Tensor) -> torch.Tensor:
         mask = features.token_mask[rows] * weights[rows, None]
         token_logprobs = routed_token_logprobs(
-            router, features.hidden[rows], features.next_logprobs[rows]
+            router,
+            features.hidden[rows],
+            features.next_logprobs[rows],
+            features.input_ids[rows],
+            features.attention_mask[rows],
         )
         return -(token_logprobs * mask).sum() / mask.sum().clamp_min(1e-12)
 
@@ -294,6 +327,7 @@ def distill_router(
     lambdas: list[float] | tuple[float, ...] | None = None,
     holdout_fraction: float = 0.0,
     proposals: TokenFeatures | None = None,
+    context_config: dict | None = None,
 ) -> tuple[HiddenStateRouter, dict]:
     """Fit a ``HiddenStateRouter`` to the robust gated model.
 
@@ -329,10 +363,10 @@ def distill_router(
         stats["data_sequences"] = data.input_ids.shape[0]
     features = TokenFeatures.concat(parts)
     torch.manual_seed(seed)
-    router = HiddenStateRouter(RouterForm(bank.num_experts, bank.hidden_size, router_hidden))
+    router = HiddenStateRouter(
+        RouterForm(bank.num_experts, bank.hidden_size, router_hidden, context_config)
+    )
     router.set_constant(torch.ones(bank.num_experts))  # start at uniform, then learn
-    if router_hidden:  # a zero hidden layer has zero gradient: give it a fresh init
-        router.proj_in.reset_parameters()
     losses, held_out = train_router(
         router,
         features,

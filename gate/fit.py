@@ -20,7 +20,7 @@ from gatemix.gate.config import FitGateConfig, PrimalDualConfig
 from gatemix.gate.distill_router import TokenFeatures, distill_router, routed_sequence_logprobs
 from gatemix.gate.features import HFExpertBank, cached_features, cached_proposals, data_hash
 from gatemix.gate.primal_dual import GateFitData, plot_history, run_primal_dual
-from gatemix.gate.router import HiddenStateRouter, RouterForm
+from gatemix.gate.router import HiddenStateRouter, RouterForm, context_config_like
 from gatemix.gate.sequence_gate import SequenceGate, SequenceGateForm
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def fit_router_directly(
 ) -> tuple[HiddenStateRouter, dict]:
     """The causal router trained by the primal-dual loop itself (ERM when lambda is fixed)."""
     torch.manual_seed(config.seed)
-    router = HiddenStateRouter(form)
+    router = HiddenStateRouter(form).set_constant(torch.ones(form.num_experts))
     result = run_primal_dual(
         router,
         data,
@@ -128,6 +128,17 @@ def fit_router_directly(
         work_dir=work_dir,
     )
     return router, {"lambda_avg": result.lambda_avg, "domain_losses_avg": result.domain_losses_avg}
+
+
+def router_context_config(config: FitGateConfig, bank: HFExpertBank) -> dict | None:
+    """The router's own causal Llama, shaped like the experts, or None for a head only."""
+    if not config.router_context_layers:
+        return None
+    return context_config_like(
+        bank.models[0].config.to_dict(),
+        config.router_context_layers,
+        config.router_context_intermediate,
+    )
 
 
 def split_for_selection(
@@ -235,6 +246,7 @@ def fit_gate(config: FitGateConfig) -> RouterArtifact:
         lambdas=result.lambda_avg,
         holdout_fraction=config.distill_holdout,
         proposals=q_pool,
+        context_config=router_context_config(config, bank),
     )
     routers = {"two_stage": two_stage}
     if config.direct_router or config.served_router != "two_stage":

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from gatemix.gate.distill_router import TokenFeatures
+from gatemix.gate.distill_router import TokenFeatures, router_log_weights
 from gatemix.gate.mixing import mix_logprobs, normalize_log_weights
 from gatemix.gate.router import HiddenStateRouter
 
@@ -60,7 +60,9 @@ def learned_gate(router: HiddenStateRouter) -> TokenGate:
     def gate(features: TokenFeatures) -> torch.Tensor:
         if features.hidden is None:
             raise ValueError("the learned router needs the experts' hidden states")
-        return router(features.hidden.float())
+        return router_log_weights(
+            router, features.hidden, features.input_ids, features.attention_mask
+        )
 
     return gate
 

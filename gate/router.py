@@ -3,7 +3,15 @@
 Its form is a head on the K experts' final hidden states at position t. Those
 states are causal (they see x_<=t), are already computed by the engine for the
 experts' own logits, and are cached through the experts' KV caches, so the
-router costs one small matmul per token and no attention of its own.
+head costs one small matmul per token and no attention of its own.
+
+The experts' states are trained to predict the next token, not to say which
+domain the context is in, and can hide it (the synthetic x+1 / x-1 task: the
+last token alone does not tell the direction). So the router may also carry a
+small causal Llama of its own over the token ids (``context``: the experts'
+attention shape, fewer layers), whose final state joins the head's input. In
+the engine its layers are vLLM attention layers like the experts', with their
+own paged KV cache.
 
 A fixed weight vector is the same module with a zero weight and ``bias = log w``,
 so the engine has one gate code path for "fixed", "uniform" and "learned".
@@ -25,44 +33,116 @@ class RouterForm:
     num_experts: int
     hidden_size: int  # each expert's final hidden size H
     router_hidden: int = 0  # 0: linear head; >0: one SiLU hidden layer of this width
+    # The router's own causal Llama (a Hugging Face LlamaConfig dict), or None.
+    context_config: dict | None = None
 
     def __post_init__(self) -> None:
         if self.num_experts < 1 or self.hidden_size < 1 or self.router_hidden < 0:
             raise ValueError(f"invalid router form {self}")
+        if self.context_config is not None:
+            for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+                if not isinstance(self.context_config.get(key), int) or self.context_config[key] < 1:
+                    raise ValueError(f"router context_config needs a positive {key}")
+
+    @property
+    def context_size(self) -> int:
+        return 0 if self.context_config is None else self.context_config["hidden_size"]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def __hash__(self) -> int:  # context_config is a dict
+        return hash((self.num_experts, self.hidden_size, self.router_hidden, str(self.context_config)))
+
+
+def context_config_like(expert_config: dict, num_layers: int = 1, intermediate_size: int = 0) -> dict:
+    """The router's own Llama: the experts' vocabulary, width and attention shape, fewer layers.
+
+    Sharing the attention shape (heads, KV heads, head size) keeps one KV-cache
+    layout for every attention layer in the engine.
+    """
+    keep = (
+        "vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_parameters",
+        "rope_scaling", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act",
+        "attention_bias", "mlp_bias",
+    )
+    config = {key: expert_config[key] for key in keep if expert_config.get(key) is not None}
+    config.update(
+        model_type="llama",
+        num_hidden_layers=num_layers,
+        intermediate_size=intermediate_size or expert_config["intermediate_size"],
+        tie_word_embeddings=False,
+    )
+    return config
+
 
 class HiddenStateRouter(nn.Module):
-    """``(N, K*H)`` concatenated expert hidden states -> ``(N, K)`` normalized log weights."""
+    """Concatenated expert hidden states (and token ids) -> ``(..., K)`` normalized log weights."""
 
-    def __init__(self, form: RouterForm) -> None:
+    def __init__(self, form: RouterForm, build_context: bool = True) -> None:
+        """``build_context=False`` builds the head alone (the engine runs the context model)."""
         super().__init__()
         self.form = form
-        in_features = form.num_experts * form.hidden_size
+        in_features = form.num_experts * form.hidden_size + form.context_size
         if form.router_hidden:
             self.proj_in = nn.Linear(in_features, form.router_hidden)
             self.proj_out = nn.Linear(form.router_hidden, form.num_experts)
         else:
             self.proj_in = None
             self.proj_out = nn.Linear(in_features, form.num_experts)
+        self.context = None
+        if form.context_config is not None and build_context:
+            from transformers import LlamaConfig, LlamaModel
 
-    def forward(self, expert_hidden: torch.Tensor) -> torch.Tensor:
-        hidden = expert_hidden
+            self.context = LlamaModel(LlamaConfig(**form.context_config))
+
+    def forward(
+        self,
+        expert_hidden: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(N, T, K*H)`` states of tokens ``input_ids`` ``(N, T)`` -> ``(N, T, K)``.
+
+        The token ids are needed only with a context model; position t of both
+        is token t, so the weights at t decide token t + 1.
+        """
+        if self.context is not None:
+            if input_ids is None:
+                raise ValueError("this router reads the token ids: pass input_ids")
+            context = self.context(input_ids=input_ids, attention_mask=attention_mask)
+            expert_hidden = torch.cat(
+                [expert_hidden, context.last_hidden_state.to(expert_hidden.dtype)], dim=-1
+            )
+        return self.head(expert_hidden)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """The head alone: ``(..., K*H [+ C])`` -> ``(..., K)``; the engine computes the context."""
+        hidden = features
         if self.proj_in is not None:
             hidden = nn.functional.silu(self.proj_in(hidden))
         return torch.log_softmax(self.proj_out(hidden).float(), dim=-1)  # (N, K)
 
+    def context_weights(self) -> dict[str, torch.Tensor]:
+        """The context model's weights under Hugging Face Llama names (``model.`` dropped)."""
+        if self.context is None:
+            return {}
+        return dict(self.context.state_dict())
+
     @torch.no_grad()
     def set_constant(self, weights: torch.Tensor) -> HiddenStateRouter:
-        """Make the router ignore its input and return ``weights`` (K,) everywhere."""
+        """Make the router ignore its input and return ``weights`` (K,) everywhere.
+
+        Only the output layer changes (zero weight, ``bias = log w``): the
+        hidden layer and the context model keep their values, so training can
+        start from this point and move away from it.
+        """
         if weights.shape != (self.form.num_experts,):
             raise ValueError(f"expected {self.form.num_experts} weights, got {tuple(weights.shape)}")
         if (weights < 0).any() or weights.sum() <= 0:
             raise ValueError("constant gate weights must be non-negative with a positive sum")
-        for param in self.parameters():
-            param.zero_()
+        self.proj_out.weight.zero_()
         # A finite floor stands in for log 0 so the bias stays a finite parameter;
         # exp(-1e4) is exactly 0 in float32.
         probs = weights.double() / weights.double().sum()

@@ -164,6 +164,7 @@ class SyntheticConfig:
     lm_learning_rate: float = 3e-2
     gate_sequences: int = 200  # per domain, in the gate split
     router_hidden: int = 64
+    router_context: bool = True  # the router's own 1-layer causal Llama over the tokens
     distill_samples: int = (
         2000  # enough to visit every (start, direction): the router must see them
     )
@@ -223,6 +224,20 @@ def _fit_features(
     )
 
 
+def _synthetic_context_config(config: SyntheticConfig) -> dict:
+    return {
+        "model_type": "llama",
+        "vocab_size": VOCAB,
+        "hidden_size": config.expert_width,
+        "intermediate_size": 2 * config.expert_width,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": config.length,
+        "tie_word_embeddings": False,
+    }
+
+
 def run_synthetic_experiment(config: SyntheticConfig | None = None) -> SyntheticResult:
     """Train experts, a monolithic model, the robust gate and its router; return KL curves."""
     config = config or SyntheticConfig()
@@ -262,6 +277,7 @@ def run_synthetic_experiment(config: SyntheticConfig | None = None) -> Synthetic
         bank,
         gate,
         router_hidden=config.router_hidden,
+        context_config=_synthetic_context_config(config) if config.router_context else None,
         num_samples=config.distill_samples,
         length=config.length,
         sampler="rejection",
@@ -292,7 +308,8 @@ def run_synthetic_experiment(config: SyntheticConfig | None = None) -> Synthetic
                 torch.logsumexp(f.next_logprobs - math.log(2), -1).sum(1) for f in test
             ],
             "router": [
-                routed_token_logprobs(router, f.hidden, f.next_logprobs).sum(1) for f in test
+                routed_token_logprobs(router, f.hidden, f.next_logprobs, f.input_ids).sum(1)
+                for f in test
             ],
             "monolithic": [lm_sequence_logprobs(monolithic, f.input_ids) for f in test],
         }

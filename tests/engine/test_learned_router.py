@@ -2,7 +2,9 @@
 
 The router here is random (not fitted), which is the harder case: its weights
 vary strongly with the context, so any misalignment between the engine's
-per-token weights and the offline router's would show.
+per-token weights and the offline router's would show. Both forms run: a head
+on the experts' states, and one with its own causal Llama whose attention
+layers live in vLLM's paged KV cache next to the experts'.
 """
 
 from __future__ import annotations
@@ -23,18 +25,19 @@ from gatemix.engine.engine_config import EngineSettings, build_offline_engine
 from gatemix.engine.expert_folder import expert_hash
 from gatemix.engine.request_gates import gate_request_args
 from gatemix.gate.artifact import RouterArtifact
-from gatemix.gate.router import HiddenStateRouter, RouterForm
+from gatemix.gate.router import HiddenStateRouter, RouterForm, context_config_like
 
 STEPS = 12
 
 
-@pytest.fixture(scope="module")
-def routed_composite(demo_paths, tmp_path_factory):
+@pytest.fixture(scope="module", params=["head", "context"])
+def routed_composite(request, demo_paths, tmp_path_factory):
     names = list(demo_paths.expert_dirs)
     torch.manual_seed(0)
 
-    hidden_size = json.loads((demo_paths.expert_dirs[names[0]] / "config.json").read_text())["hidden_size"]
-    router = HiddenStateRouter(RouterForm(len(names), hidden_size, router_hidden=16))
+    expert_config = json.loads((demo_paths.expert_dirs[names[0]] / "config.json").read_text())
+    context = context_config_like(expert_config, num_layers=1) if request.param == "context" else None
+    router = HiddenStateRouter(RouterForm(len(names), expert_config["hidden_size"], 16, context))
     with torch.no_grad():
         for param in router.parameters():
             param.mul_(4.0)  # sharp, context-dependent weights
@@ -44,7 +47,7 @@ def routed_composite(demo_paths, tmp_path_factory):
         expert_hashes={n: expert_hash(p) for n, p in demo_paths.expert_dirs.items()},
         method="random-test",
     )
-    out = tmp_path_factory.mktemp("routed") / "composite"
+    out = tmp_path_factory.mktemp(f"routed-{request.param}") / "composite"
     pack_composite(list(demo_paths.expert_dirs.values()), out, gate=artifact)
     return out
 

@@ -1,7 +1,7 @@
 """The paper's synthetic experiment (vocab 100, x+1 vs x-1) as a test.
 
 One run trains the experts, the monolithic model, the robust gate and its
-router (about 15 s on one CPU thread); the tests check its figures. KL values
+router (about 25 s on one CPU thread); the tests check its figures. KL values
 are exact (all 200 sequences enumerated), in nats per sequence of 7 scored tokens.
 """
 
@@ -57,15 +57,14 @@ def test_distillation_samples_the_robust_model_at_the_expected_rate(result):
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "not reproduced: a 1-layer monolithic model of the same total size learns both rules "
-        "(KL 0.018 at lambda=0.5), so its worst case is log 2 + 0.01; the router, a head on the "
-        "experts' final hidden states, decodes the direction imperfectly: worst 1.21 (gate 0.72)"
+        "not reproduced: the monolithic model (1 layer, width 28) learns both rules and sits at "
+        "the minimax floor log 2 = 0.693 (worst 0.718); the gate is there too (0.717), and the "
+        "router distilled from it is 0.04-0.08 above (0.75-0.76), so it cannot be strictly below"
     ),
 )
 def test_router_worst_case_is_below_the_monolithic_models(result):
     assert max(result.kl["router"]) < max(result.kl["monolithic"])
 
 
-@pytest.mark.xfail(strict=True, reason="same cause: the distilled router misroutes a few contexts")
 def test_router_nearly_matches_the_robust_gate(result):
     assert max(abs(r - g) for r, g in zip(result.kl["router"], result.kl["gate"])) < 0.1
