@@ -108,8 +108,11 @@ class FitGateConfig(PrimalDualConfig):
     gate_pooling: str = field(default="mean", **_help("sequence gate pooling: 'mean' or 'last'"))
     router_hidden: int = field(default=0, **_help("causal router hidden width (0: linear head)"))
     router_context_layers: int = field(
-        default=1,
-        **_help("layers of the router's own causal Llama over the tokens (0: a head on the experts' states only)"),
+        default=0,
+        **_help(
+            "layers of the router's own causal Llama over the tokens (0: a head on the experts' "
+            "states only; on the small demo a context model overfits its few gate sequences)"
+        ),
     )
     router_context_intermediate: int = field(
         default=0, **_help("MLP width of the router's own Llama (0: the experts')")

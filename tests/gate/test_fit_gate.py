@@ -107,6 +107,7 @@ def test_fit_gate_writes_a_loadable_robust_router_and_a_report(micro_demo, tmp_p
         distill_steps=10,
         distill_batch_size=8,
         direct_router=True,
+        router_context_layers=1,  # the router's own causal Llama, saved and reloaded with it
         torch_threads=1,
     )
     artifact = fit_gate(config)
@@ -117,6 +118,8 @@ def test_fit_gate_writes_a_loadable_robust_router_and_a_report(micro_demo, tmp_p
         ["code", "legal"], {d: expert_hash(micro_demo / "experts" / d) for d in ("code", "legal")}
     )
     assert abs(sum(loaded.details["lambda_avg"]) - 1) < 1e-9
+    assert loaded.router.context is not None and loaded.router.form.context_config["num_hidden_layers"] == 1
+    assert loaded.details["served_router"] in ("two_stage", "direct")
     report = (tmp_path / "router" / "fit" / "report.md").read_text()
     for method in ("robust_router", "erm", "uniform", "posterior", "direct_robust_router"):
         assert f"| {method} |" in report
