@@ -16,7 +16,7 @@ import sys
 
 # Training jobs: idle OpenMP threads must sleep, not spin, or a busy 2-core machine
 # runs each step many times slower. Set before torch is imported.
-TRAINING_COMMANDS = ("build-demo", "fit-gate", "distill")
+TRAINING_COMMANDS = ("build-demo", "fit-gate", "distill-gate", "distill")
 
 # subcommand -> module exposing add_parser(subparsers) and run(args) -> int | None
 SUBCOMMANDS = {
@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "pack": "gatemix.engine.pack_cli",
     "serve": "gatemix.server.cli",
     "fit-gate": "gatemix.gate.cli",
+    "distill-gate": "gatemix.gate.distill_cli",
     "distill": "gatemix.distill.cli",
     "bench": "gatemix.bench.cli",
 }

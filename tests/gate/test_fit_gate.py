@@ -125,3 +125,55 @@ def test_fit_gate_writes_a_loadable_robust_router_and_a_report(micro_demo, tmp_p
         assert f"| {method} |" in report
     assert (tmp_path / "router" / "fit" / "primal_dual.png").is_file()
     assert list((tmp_path / "cache").glob("*.safetensors"))  # features were cached
+
+
+def _flags(config) -> list[str]:
+    """The CLI flags that reproduce ``config`` (its non-default fields)."""
+    import dataclasses
+
+    from gatemix.gate.config import FitGateConfig
+
+    defaults, flags = FitGateConfig(), []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if value == getattr(defaults, field.name):
+            continue
+        name = "--" + field.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(name if value else "--no-" + name[2:])
+        else:
+            flags += [name, str(value)]
+    return flags
+
+
+def test_distill_gate_redoes_only_the_second_stage(micro_demo, tmp_path):
+    from gatemix.cli import main
+    from gatemix.gate.artifact import load_router
+    from gatemix.gate.config import FitGateConfig
+    from gatemix.gate.fit import fit_gate
+
+    config = FitGateConfig(
+        demo_dir=str(micro_demo),
+        out_dir=str(tmp_path / "router"),
+        cache_dir=str(tmp_path / "cache"),
+        steps=12,
+        batch_per_domain=4,
+        max_length=12,
+        gate_width=8,
+        gate_layers=1,
+        gate_heads=2,
+        distill_samples=8,
+        sample_length=6,
+        q_samples=16,
+        distill_steps=5,
+        distill_batch_size=4,
+        evaluate=False,
+        torch_threads=1,
+    )
+    assert main(["distill-gate", *_flags(config)]) == 2  # no finished fit yet: refused
+    first = fit_gate(config)
+    assert main(["distill-gate", *_flags(config), "--distill-source", "data"]) == 0
+    second = load_router(tmp_path / "router")
+    assert second.details["distillation"]["source"] == "data" != first.details["distillation"]["source"]
+    assert second.details["lambda_avg"] == first.details["lambda_avg"]  # the game was not replayed
+    assert second.version != first.version
