@@ -110,6 +110,22 @@ def evaluate_methods(
     return report
 
 
+def why_baseline_wins(report: EvaluationReport, method: str, baseline: str, attribute: str) -> str:
+    """The reason a baseline wins, where the figures show one; empty otherwise."""
+    theirs, ours = report.methods[baseline], report.methods[method]
+    better_than_experts = [d for d, e in zip(report.domains, theirs.excess) if e < 0]
+    if better_than_experts:
+        return (
+            f" (why: {baseline} beats the in-domain expert itself on {', '.join(better_than_experts)}; "
+            "every mixture of the experts is bounded by the experts, so no gate can reach it: "
+            "the experts, not the gate, are the limit)"
+        )
+    gap = getattr(ours, attribute) - getattr(theirs, attribute)
+    if gap < 0.01:
+        return f" (a small gap: {gap:.4f} nats/token)"
+    return ""
+
+
 def compare_to_baselines(
     report: EvaluationReport,
     method: str,
@@ -129,6 +145,7 @@ def compare_to_baselines(
                 notes.append(
                     f"{name} beats {method} on {label}: "
                     f"{getattr(theirs, attribute):.4f} < {getattr(ours, attribute):.4f}"
+                    + why_baseline_wins(report, method, name, attribute)
                 )
     if "erm" in report.methods:
         gap = ours.mean_cross_entropy / report.methods["erm"].mean_cross_entropy - 1

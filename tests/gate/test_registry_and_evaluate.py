@@ -81,3 +81,23 @@ def test_dirichlet_mixtures_are_on_the_simplex_and_seeded():
     assert mixtures.shape == (200, 3) and (mixtures >= 0).all()
     torch.testing.assert_close(mixtures.sum(1), torch.ones(200, dtype=torch.float64))
     torch.testing.assert_close(mixtures, dirichlet_mixtures(3, 200, seed=1))
+
+
+def test_a_baseline_that_beats_the_experts_themselves_is_explained():
+    from gatemix.gate.evaluate import EvaluationReport, MethodScore, compare_to_baselines
+
+    def score(excess: list[float]) -> MethodScore:
+        worst = max(excess)
+        return MethodScore([3.0, 3.0], excess, "a", worst, 3.0, worst, worst)
+
+    report = EvaluationReport(domains=["a", "b"])
+    report.methods = {
+        "robust_router": score([0.05, 0.04]),
+        "monolithic": score([-0.3, -0.1]),
+        "erm": score([0.045, 0.04]),
+    }
+    notes = compare_to_baselines(report, "robust_router")
+    monolithic = [n for n in notes if n.startswith("monolithic beats")]
+    assert monolithic and all("beats the in-domain expert itself on a, b" in n for n in monolithic)
+    erm = [n for n in notes if n.startswith("erm beats")]
+    assert erm and all("small gap: 0.0050" in n for n in erm)
