@@ -113,12 +113,12 @@ def evaluate_methods(
 def why_baseline_wins(report: EvaluationReport, method: str, baseline: str, attribute: str) -> str:
     """The reason a baseline wins, where the figures show one; empty otherwise."""
     theirs, ours = report.methods[baseline], report.methods[method]
-    better_than_experts = [d for d, e in zip(report.domains, theirs.excess) if e < 0]
-    if better_than_experts:
+    margins = {d: -e for d, e in zip(report.domains, theirs.excess) if e < 0}
+    if margins:
         return (
-            f" (why: {baseline} beats the in-domain expert itself on {', '.join(better_than_experts)}; "
-            "every mixture of the experts is bounded by the experts, so no gate can reach it: "
-            "the experts, not the gate, are the limit)"
+            f" (why: {baseline} beats the in-domain expert itself on {', '.join(margins)}, by "
+            f"{min(margins.values()):.2f} to {max(margins.values()):.2f} nats/token; a mixture of "
+            "experts gains little over its best expert, so the experts, not the gate, are the limit)"
         )
     gap = getattr(ours, attribute) - getattr(theirs, attribute)
     if gap < 0.01:
