@@ -10,6 +10,10 @@ Three systems, measured one after another in one process on the same prompts:
 
 Efficiency ``E = K * tps(ensemble) / tps(single)`` is 1 when K experts cost
 exactly K times one expert, i.e. when mixing and gating add nothing.
+
+The fused ensemble also runs once with eager mixing (``GATEMIX_COMPILE_MIXING=0``,
+the form before the mixing step was compiled), so the optimisation's
+before/after figures come from the same run.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,8 +129,18 @@ def run_engine_bench(config: EngineBenchConfig, expert_dirs: list[str]) -> dict:
             max_num_seqs=max_seqs, enforce_eager=config.enforce_eager,
         )
 
+    previous = os.environ.get("GATEMIX_COMPILE_MIXING")
+    os.environ["GATEMIX_COMPILE_MIXING"] = "0"  # read by the engine's worker when it starts
+    try:
+        eager_mixing = _vllm_tokens_per_second(settings(config.composite_dir), config, vocab_size)
+    finally:
+        if previous is None:
+            os.environ.pop("GATEMIX_COMPILE_MIXING")
+        else:
+            os.environ["GATEMIX_COMPILE_MIXING"] = previous
     tps = {
         "fused ensemble": _vllm_tokens_per_second(settings(config.composite_dir), config, vocab_size),
+        "fused ensemble, eager mixing (before)": eager_mixing,
         "single expert (vLLM)": _vllm_tokens_per_second(settings(config.expert_dir), config, vocab_size),
         "naive transformers ensemble": _naive_tokens_per_second(config, expert_dirs, vocab_size),
     }
@@ -136,6 +151,7 @@ def run_engine_bench(config: EngineBenchConfig, expert_dirs: list[str]) -> dict:
         ratios[concurrency] = {
             "efficiency_E": num_experts * ensemble / single,
             "speedup_over_naive": ensemble / naive if naive else None,
+            "compiled_mixing_speedup": ensemble / tps["fused ensemble, eager mixing (before)"][concurrency],
         }
     return {"num_experts": num_experts, "tokens_per_second": tps, "ratios": ratios}
 
@@ -156,5 +172,8 @@ def format_engine_bench(result: dict, config: EngineBenchConfig) -> str:
     for c in concurrencies:
         ratio = result["ratios"][c]
         speedup = f"{ratio['speedup_over_naive']:.1f}x" if ratio["speedup_over_naive"] else "n/a"
-        lines.append(f"c={c}: E = K*tps(ensemble)/tps(single) = {ratio['efficiency_E']:.3f}; fused vs naive: {speedup}")
+        lines.append(
+            f"c={c}: E = K*tps(ensemble)/tps(single) = {ratio['efficiency_E']:.3f}; fused vs naive: {speedup}; "
+            f"compiled vs eager mixing: {ratio['compiled_mixing_speedup']:.2f}x"
+        )
     return "\n".join(lines)

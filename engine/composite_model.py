@@ -21,6 +21,7 @@ stored as a bf16/fp16-safe (high, low) pair so half-precision models keep
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -220,6 +221,7 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         # The head only: a context model, if the router has one, runs in the ensemble.
         self.router = HiddenStateRouter(read_router_form(self.model_dir / GATE_SUBDIR), build_context=False)
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.mix = MixingStep()
         self.gate_table = worker_gate_table()
         self.make_empty_intermediate_tensors = self.ensemble.make_empty_intermediate_tensors
 
@@ -257,7 +259,7 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
             return None
         expert_logits = torch.stack(per_expert, dim=1)  # (N, K, V)
         self.gate_table.last_sample_log_weights = log_weights
-        return mix_logits(expert_logits, log_weights)
+        return self.mix(expert_logits, log_weights)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         per_expert: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(self.num_experts)]
@@ -284,6 +286,29 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
             loaded |= {f"ensemble.context.{name}" for name in names}
         logger.info("gatemix router %s (%s) loaded for %s", artifact.version, artifact.method, self.expert_names)
         return loaded
+
+
+class MixingStep:
+    """``mix_logits`` under ``torch.compile``: one generated kernel instead of several passes.
+
+    ``gatemix bench mixing`` measured it 2-9x faster than eager on CPU for the
+    shapes the engine sees. It compiles on the first call (a few seconds, in
+    vLLM's warm-up run); if compiling fails (no compiler), it logs once and
+    stays eager. ``GATEMIX_COMPILE_MIXING=0`` keeps it eager.
+    """
+
+    def __init__(self) -> None:
+        enabled = os.environ.get("GATEMIX_COMPILE_MIXING", "1") != "0"
+        self.compiled = torch.compile(mix_logits, dynamic=True) if enabled else None
+
+    def __call__(self, expert_logits: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(expert_logits, log_weights)
+            except Exception as exc:  # inductor needs a C++ compiler (CPU) or Triton (GPU)
+                logger.warning("compiled mixing failed (%s); mixing eagerly from now on", exc)
+                self.compiled = None
+        return mix_logits(expert_logits, log_weights)
 
 
 def router_context_config(vllm_config: VllmConfig):
