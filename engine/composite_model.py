@@ -44,7 +44,7 @@ from gatemix.engine.composite_folder import GATE_SUBDIR
 from gatemix.engine.request_gates import token_rows_from_forward_context, worker_gate_table
 from gatemix.gate.artifact import load_router, read_router_form
 from gatemix.gate.mixing import mix_logits
-from gatemix.gate.router import HiddenStateRouter, RouterForm
+from gatemix.gate.router import HiddenStateRouter
 
 logger = logging.getLogger(__name__)
 

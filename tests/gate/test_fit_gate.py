@@ -85,30 +85,40 @@ def test_expert_hash_matches_the_engine_and_changes_with_the_weights(micro_demo,
     assert expert_hash(folder) != expert_hash(micro_demo / "experts" / "legal")
 
 
-def test_fit_gate_writes_a_loadable_robust_router_and_a_report(micro_demo, tmp_path):
-    from gatemix.gate.artifact import load_router
+def _micro_config(micro_demo: Path, tmp_path: Path, **overrides):
+    """A fit sized for the micro demo: seconds on one thread."""
     from gatemix.gate.config import FitGateConfig
-    from gatemix.gate.features import expert_hash
-    from gatemix.gate.fit import fit_gate
 
-    config = FitGateConfig(
+    values = dict(
         demo_dir=str(micro_demo),
         out_dir=str(tmp_path / "router"),
         cache_dir=str(tmp_path / "cache"),
-        steps=20,
         batch_per_domain=4,
-        checkpoint_every=10,
         max_length=12,
         gate_width=8,
         gate_layers=1,
         gate_heads=2,
-        distill_samples=16,
         sample_length=6,
+        torch_threads=1,
+    )
+    return FitGateConfig(**{**values, **overrides})
+
+
+def test_fit_gate_writes_a_loadable_robust_router_and_a_report(micro_demo, tmp_path):
+    from gatemix.gate.artifact import load_router
+    from gatemix.gate.features import expert_hash
+    from gatemix.gate.fit import fit_gate
+
+    config = _micro_config(
+        micro_demo,
+        tmp_path,
+        steps=20,
+        checkpoint_every=10,
+        distill_samples=16,
         distill_steps=10,
         distill_batch_size=8,
         direct_router=True,
         router_context_layers=1,  # the router's own causal Llama, saved and reloaded with it
-        torch_threads=1,
     )
     artifact = fit_gate(config)
     loaded = load_router(tmp_path / "router")
@@ -149,26 +159,17 @@ def _flags(config) -> list[str]:
 def test_distill_gate_redoes_only_the_second_stage(micro_demo, tmp_path):
     from gatemix.cli import main
     from gatemix.gate.artifact import load_router
-    from gatemix.gate.config import FitGateConfig
     from gatemix.gate.fit import fit_gate
 
-    config = FitGateConfig(
-        demo_dir=str(micro_demo),
-        out_dir=str(tmp_path / "router"),
-        cache_dir=str(tmp_path / "cache"),
+    config = _micro_config(
+        micro_demo,
+        tmp_path,
         steps=12,
-        batch_per_domain=4,
-        max_length=12,
-        gate_width=8,
-        gate_layers=1,
-        gate_heads=2,
         distill_samples=8,
-        sample_length=6,
         q_samples=16,
         distill_steps=5,
         distill_batch_size=4,
         evaluate=False,
-        torch_threads=1,
     )
     assert main(["distill-gate", *_flags(config)]) == 2  # no finished fit yet: refused
     first = fit_gate(config)
