@@ -289,16 +289,17 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
 
 
 class MixingStep:
-    """``mix_logits`` under ``torch.compile``: one generated kernel instead of several passes.
+    """``mix_logits``, optionally under ``torch.compile`` (``GATEMIX_COMPILE_MIXING=1``).
 
-    ``gatemix bench mixing`` measured it 2-9x faster than eager on CPU for the
-    shapes the engine sees. It compiles on the first call (a few seconds, in
-    vLLM's warm-up run); if compiling fails (no compiler), it logs once and
-    stays eager. ``GATEMIX_COMPILE_MIXING=0`` keeps it eager.
+    Compiled, the step alone ran 2-9x faster on CPU (``gatemix bench mixing``),
+    but end to end it changed nothing measurable on the demo (``gatemix bench
+    engine``: 0.94-0.98x), where mixing is a small part of a step; so it is
+    opt-in. It compiles on the first call (vLLM's warm-up run) and falls back to
+    eager, logging once, if compiling fails (no C++ compiler or Triton).
     """
 
     def __init__(self) -> None:
-        enabled = os.environ.get("GATEMIX_COMPILE_MIXING", "1") != "0"
+        enabled = os.environ.get("GATEMIX_COMPILE_MIXING", "0") == "1"
         self.compiled = torch.compile(mix_logits, dynamic=True) if enabled else None
 
     def __call__(self, expert_logits: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
