@@ -43,7 +43,7 @@ from vllm.sequence import IntermediateTensors
 from gatemix.engine.composite_folder import GATE_SUBDIR
 from gatemix.engine.request_gates import token_rows_from_forward_context, worker_gate_table
 from gatemix.gate.artifact import load_router, read_router_form
-from gatemix.gate.mixing import mix_logits
+from gatemix.gate.mixing import mix_logits, mix_logits_two_pass
 from gatemix.gate.router import HiddenStateRouter
 
 logger = logging.getLogger(__name__)
@@ -289,13 +289,17 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
 
 
 class MixingStep:
-    """``mix_logits``, optionally under ``torch.compile`` (``GATEMIX_COMPILE_MIXING=1``).
+    """The mixing step: two-pass eager by default, the fused form compiled on request.
 
-    Compiled, the step alone ran 2-9x faster on CPU (``gatemix bench mixing``),
-    but end to end it changed nothing measurable on the demo (``gatemix bench
-    engine``: 0.94-0.98x), where mixing is a small part of a step; so it is
-    opt-in. It compiles on the first call (vLLM's warm-up run) and falls back to
-    eager, logging once, if compiling fails (no C++ compiler or Triton).
+    ``gatemix bench mixing`` on CPU: in eager PyTorch the fused form (no K x V
+    log-softmax) is no faster than log-softmax-then-mix, and 2.3x slower at a
+    128k vocabulary (``logsumexp`` is several kernels, ``log_softmax`` one), so
+    eager mixing stays two-pass. Compiled (``GATEMIX_COMPILE_MIXING=1``), the
+    fused form ran 2-9x faster than two-pass, but end to end it changed nothing
+    measurable on the demo (``gatemix bench engine``: 0.94-0.98x), where mixing
+    is a small part of a step; so it is opt-in. It compiles on the first call
+    (vLLM's warm-up run) and falls back to eager, logging once, if compiling
+    fails (no C++ compiler or Triton).
     """
 
     def __init__(self) -> None:
@@ -309,7 +313,7 @@ class MixingStep:
             except Exception as exc:  # inductor needs a C++ compiler (CPU) or Triton (GPU)
                 logger.warning("compiled mixing failed (%s); mixing eagerly from now on", exc)
                 self.compiled = None
-        return mix_logits(expert_logits, log_weights)
+        return mix_logits_two_pass(expert_logits, log_weights)
 
 
 def router_context_config(vllm_config: VllmConfig):

@@ -25,8 +25,9 @@ def mix_logits(expert_logits: torch.Tensor, log_weights: torch.Tensor) -> torch.
     ``log sum_k w_k softmax(z_k)(y) = logsumexp_k(z_k(y) + log w_k - lse_k)``,
     where ``lse_k = logsumexp_y z_k(y)``: the per-expert normalizer is a ``(..., K)``
     offset, so no ``(..., K, V)`` log-softmax is materialized (one fewer pass and
-    temporary over K x vocab than ``mix_logprobs(log_softmax(z))``; see
-    ``gatemix bench mixing``). Shapes: ``(..., K, V)``, ``(..., K)`` -> ``(..., V)``.
+    temporary over K x vocab than ``mix_logprobs(log_softmax(z))``). The engine
+    runs it compiled; eager, the two-pass form is as fast or faster on CPU
+    (``gatemix bench mixing``). Shapes: ``(..., K, V)``, ``(..., K)`` -> ``(..., V)``.
     Computed in float32 whatever the input dtype, since the mixture is what the
     sampler sees.
     """
@@ -37,7 +38,7 @@ def mix_logits(expert_logits: torch.Tensor, log_weights: torch.Tensor) -> torch.
 
 
 def mix_logits_two_pass(expert_logits: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
-    """The unfused form: log-softmax each expert, then mix. The benchmark's baseline."""
+    """The unfused form: log-softmax each expert, then mix. The engine's eager form."""
     expert_logprobs = torch.log_softmax(expert_logits.float(), dim=-1)
     return mix_logprobs(expert_logprobs, log_weights.float())
 
