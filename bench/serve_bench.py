@@ -6,6 +6,12 @@ OpenAI completions backend, random prompts from the experts' tokenizer with a
 fixed seed, so every system gets the same prompts), at every concurrency and
 prompt length, with greedy 128-token outputs that ignore EOS.
 
+With ``--interleave`` every system is started at once and each point is run
+system after system, ``--repeats`` times, so slow drifts of a shared machine
+hit every system alike; the table keeps each point's median run (by output
+tokens/s) and the JSON every run. On a 2-core machine, runs of one system
+differ by up to 1.6x, more than the systems differ.
+
 Ratios, per concurrency and prompt length:
 
 * efficiency ``E = K * tps(ensemble) / tps(gatemix single)``: 1 when K
@@ -72,8 +78,12 @@ class ServeBenchConfig:
     kv_cache_gib: int = field(default=1, metadata={"help": "CPU KV cache per engine (whole GiB)"})
     enforce_eager: bool = field(default=True, metadata={"help": "eager mode for every engine"})
     out_dir: str = field(default="artifacts/bench", metadata={"help": "JSON, PNG and server logs go here"})
+    interleave: bool = field(default=False, metadata={"help": "all systems up at once; points alternate"})
+    repeats: int = field(default=1, metadata={"help": "runs per point and system; the median is kept"})
 
     def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError("repeats must be positive")
         unknown = set(self.systems) - set(SYSTEMS)
         if unknown:
             raise ValueError(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
@@ -118,18 +128,25 @@ def run_serve_bench(config: ServeBenchConfig) -> dict:
         enforce_eager=config.enforce_eager, log_dir=out_dir / "logs",
     )
     points, notes = [], []
-    for system in config.systems:
-        if system == "student" and not config.student_dir:
-            notes.append("student: skipped, no distilled student folder given (--student)")
-            continue
-        logger.info("starting system %s", system)
-        try:
-            with launch(system, composite_dir=config.composite_dir, expert_dirs=config.expert_dirs,
-                        options=options, student_dir=config.student_dir) as running:
-                points += _run_system(config, running, notes, out_dir)
-        except ServerStartError as exc:
-            logger.error("%s did not start: %s", system, exc)
-            notes.append(f"{system}: did not start ({str(exc).splitlines()[0]})")
+    systems = [system for system in config.systems if system != "student" or config.student_dir]
+    if "student" in config.systems and not config.student_dir:
+        notes.append("student: skipped, no distilled student folder given (--student)")
+    groups = [systems] if config.interleave else [[system] for system in systems]
+    for group in groups:
+        with contextlib.ExitStack() as stack:
+            running = []
+            for system in group:
+                logger.info("starting system %s", system)
+                try:
+                    running.append(stack.enter_context(launch(
+                        system, composite_dir=config.composite_dir, expert_dirs=config.expert_dirs,
+                        options=options, student_dir=config.student_dir)))
+                except ServerStartError as exc:
+                    logger.error("%s did not start: %s", system, exc)
+                    notes.append(f"{system}: did not start ({str(exc).splitlines()[0]})")
+            for system in running:
+                _warm_up(config, system, out_dir)
+            points += _run_points(config, running, notes, out_dir)
     return {
         "config": asdict(config),
         "num_experts": len(config.expert_dirs),
@@ -153,38 +170,58 @@ def _warm_up(config: ServeBenchConfig, running: RunningSystem, out_dir: Path) ->
         logger.warning("%s warm-up failed", running.name, exc_info=True)
 
 
-def _run_system(config: ServeBenchConfig, running: RunningSystem, notes: list[str], out_dir: Path) -> list[dict]:
-    points = []
-    _warm_up(config, running, out_dir)
+def _measure_point(config: ServeBenchConfig, running: RunningSystem, prompt_len: int, concurrency: int,
+                   notes: list[str], out_dir: Path) -> dict | None:
+    """One timed ``vllm bench serve`` run; None (and a note) when it is skipped or fails."""
+    point = {"system": running.name, "concurrency": concurrency, "prompt_len": prompt_len,
+             "num_prompts": config.prompts_for(concurrency)}
+    if running.name == "lockstep" and concurrency > config.lockstep_max_concurrency:
+        notes.append(f"lockstep: c={concurrency} p={prompt_len} skipped (above "
+                     f"--lockstep-max-concurrency {config.lockstep_max_concurrency})")
+        return None
+    start = time.perf_counter()
+    log_path = out_dir / "logs" / f"load-{running.name}.log"
+    try:
+        with PeakMemory([p.pid for p in running.processes]) as memory:
+            point.update(run_load(
+                running, tokenizer_dir=config.expert_dirs[0], concurrency=concurrency,
+                prompt_len=prompt_len, output_len=config.output_len, num_prompts=point["num_prompts"],
+                seed=config.seed, log_path=log_path,
+            ))
+    except Exception as exc:  # one bad point must not lose the others' figures
+        logger.exception("%s c=%d p=%d failed", running.name, concurrency, prompt_len)
+        notes.append(f"{running.name}: c={concurrency} p={prompt_len} failed: {exc!r} (see {log_path})")
+        return None
+    point["peak_rss_mib"] = memory.peak_mib
+    logger.info("%s c=%d p=%d: %.1f tok/s, %d failed (%.0fs)", running.name, concurrency, prompt_len,
+                point.get("output_tps", 0.0), point.get("failed", 0), time.perf_counter() - start)
+    if point.get("failed"):
+        notes.append(f"{running.name}: c={concurrency} p={prompt_len} had {point['failed']:.0f} failed "
+                     "requests (see logs/load-*.log)")
+    return point
+
+
+def median_point(runs: list[dict]) -> dict:
+    """The run with the median output tokens/s, carrying every run's figure and the peak memory of all."""
+    ordered = sorted(runs, key=lambda run: run.get("output_tps", 0.0))
+    point = dict(ordered[(len(ordered) - 1) // 2])
+    point["output_tps_runs"] = [run.get("output_tps") for run in runs]
+    point["peak_rss_mib"] = max(run.get("peak_rss_mib", 0.0) for run in runs)
+    return point
+
+
+def _run_points(config: ServeBenchConfig, systems: list[RunningSystem], notes: list[str],
+                out_dir: Path) -> list[dict]:
+    """Every point for the running systems: system after system within a point, ``repeats`` times."""
+    runs: dict[tuple[str, int, int], list[dict]] = {}
     for prompt_len in config.prompt_lens:
         for concurrency in config.concurrencies:
-            point = {"system": running.name, "concurrency": concurrency, "prompt_len": prompt_len,
-                     "num_prompts": config.prompts_for(concurrency)}
-            if running.name == "lockstep" and concurrency > config.lockstep_max_concurrency:
-                notes.append(f"lockstep: c={concurrency} p={prompt_len} skipped (above "
-                             f"--lockstep-max-concurrency {config.lockstep_max_concurrency})")
-                continue
-            start = time.perf_counter()
-            log_path = out_dir / "logs" / f"load-{running.name}.log"
-            try:
-                with PeakMemory([p.pid for p in running.processes]) as memory:
-                    point.update(run_load(
-                        running, tokenizer_dir=config.expert_dirs[0], concurrency=concurrency,
-                        prompt_len=prompt_len, output_len=config.output_len, num_prompts=point["num_prompts"],
-                        seed=config.seed, log_path=log_path,
-                    ))
-            except Exception as exc:  # one bad point must not lose the others' figures
-                logger.exception("%s c=%d p=%d failed", running.name, concurrency, prompt_len)
-                notes.append(f"{running.name}: c={concurrency} p={prompt_len} failed: {exc!r} (see {log_path})")
-                continue
-            point["peak_rss_mib"] = memory.peak_mib
-            logger.info("%s c=%d p=%d: %.1f tok/s, %d failed (%.0fs)", running.name, concurrency, prompt_len,
-                        point.get("output_tps", 0.0), point.get("failed", 0), time.perf_counter() - start)
-            if point.get("failed"):
-                notes.append(f"{running.name}: c={concurrency} p={prompt_len} had {point['failed']:.0f} failed "
-                             "requests (see logs/load-*.log)")
-            points.append(point)
-    return points
+            for _ in range(config.repeats):
+                for running in systems:
+                    point = _measure_point(config, running, prompt_len, concurrency, notes, out_dir)
+                    if point is not None:
+                        runs.setdefault((running.name, prompt_len, concurrency), []).append(point)
+    return [median_point(group) for group in runs.values()]
 
 
 def compute_ratios(points: list[dict], num_experts: int) -> list[dict]:
@@ -212,6 +249,13 @@ def _cell(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _tps_cell(point: dict) -> str:
+    """Output tokens/s, with the range of the runs when a point was repeated."""
+    runs = [run for run in point.get("output_tps_runs") or [] if run]
+    cell = _cell(point.get("output_tps"))
+    return f"{cell} ({min(runs):.0f}-{max(runs):.0f})" if len(runs) > 1 else cell
+
+
 def format_serve_bench(result: dict) -> str:
     """The markdown table, the ratios and the notes."""
     config = result["config"]
@@ -227,7 +271,7 @@ def format_serve_bench(result: dict) -> str:
     for p in result["points"]:
         lines.append(
             f"| {SYSTEM_LABELS.get(p['system'], p['system'])} | {p['concurrency']} | {p['prompt_len']} "
-            f"| {_cell(p.get('output_tps'))} | {_cell(p.get('ttft_p50_ms'))} | {_cell(p.get('ttft_p99_ms'))} "
+            f"| {_tps_cell(p)} | {_cell(p.get('ttft_p50_ms'))} | {_cell(p.get('ttft_p99_ms'))} "
             f"| {_cell(p.get('itl_p50_ms'), 2)} | {_cell(p.get('itl_p99_ms'), 2)} | {_cell(p.get('peak_rss_mib'), 0)} |"
         )
     lines += [
@@ -288,6 +332,9 @@ def add_serve_bench_parser(benches) -> None:
     serve.add_argument("--kv-cache-gib", type=int, default=1, help="CPU KV cache per engine (whole GiB)")
     serve.add_argument("--compile", action="store_true", help="let vLLM torch.compile the models (all systems)")
     serve.add_argument("--out-dir", default="artifacts/bench", help="results JSON, markdown, PNG and server logs")
+    serve.add_argument("--interleave", action="store_true",
+                       help="start every system at once and alternate them within each point")
+    serve.add_argument("--repeats", type=int, default=1, help="runs per point and system; the median is kept")
     serve.set_defaults(run=run_serve)
 
 
@@ -331,6 +378,7 @@ def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
             output_len=args.output_len, num_prompts=args.num_prompts,
             lockstep_max_concurrency=args.lockstep_max_concurrency, student_dir=args.student, dtype=args.dtype,
             kv_cache_gib=args.kv_cache_gib, enforce_eager=not args.compile, out_dir=args.out_dir,
+            interleave=args.interleave, repeats=args.repeats,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None

@@ -82,3 +82,19 @@ def test_bad_concurrency_list_is_a_user_error():
 def test_unknown_system_is_rejected():
     with pytest.raises(ValueError, match="unknown systems"):
         ServeBenchConfig(composite_dir="c", expert_dirs=["a"], systems=("ensemble", "tgi"))
+
+
+def test_a_repeated_point_keeps_its_median_run_and_every_figure():
+    from gatemix.bench.serve_bench import _tps_cell, median_point
+
+    runs = [
+        {"output_tps": 900.0, "ttft_p50_ms": 9.0, "peak_rss_mib": 100.0},
+        {"output_tps": 300.0, "ttft_p50_ms": 3.0, "peak_rss_mib": 300.0},
+        {"output_tps": 600.0, "ttft_p50_ms": 6.0, "peak_rss_mib": 200.0},
+    ]
+    point = median_point(runs)
+    assert point["output_tps"] == 600.0 and point["ttft_p50_ms"] == 6.0  # one run's figures, not a mix
+    assert point["output_tps_runs"] == [900.0, 300.0, 600.0]
+    assert point["peak_rss_mib"] == 300.0
+    assert _tps_cell(point) == "600.0 (300-900)"
+    assert _tps_cell(median_point(runs[:1])) == "900.0"
