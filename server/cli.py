@@ -83,7 +83,11 @@ def run_serve(args: argparse.Namespace) -> int:
     # Resolved here too, so that a bad folder is a one-line error, not a failed startup.
     settings = resolve_settings(settings_from_args(args))
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_keep_alive=settings.timeout_keep_alive,
     )
     return 0
 

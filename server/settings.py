@@ -94,6 +94,15 @@ class Settings(BaseSettings):
         description="seconds to wait for a token's gate weights before reporting them missing",
     )
     log_level: str = Field("info", description="uvicorn log level")
+    timeout_keep_alive: int = Field(
+        65,
+        ge=1,
+        description=(
+            "seconds an idle keep-alive connection stays open; longer than clients' pools "
+            "(aiohttp's 60 s, which `vllm bench serve` uses) so a reused connection is never "
+            "closed under a client mid-request"
+        ),
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
