@@ -10,7 +10,9 @@ With ``--interleave`` every system is started at once and each point is run
 system after system, ``--repeats`` times, so slow drifts of a shared machine
 hit every system alike; the table keeps each point's median run (by output
 tokens/s) and the JSON every run. On a 2-core machine, runs of one system
-differ by up to 1.6x, more than the systems differ.
+at one point differed by 1.2x to 4x, more than the systems differ, and with
+three servers up the API processes were starved (TTFT p50 of seconds for
+every system); there the mode shows the noise rather than removing it.
 
 Ratios, per concurrency and prompt length:
 
