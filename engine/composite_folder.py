@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from gatemix.engine.expert_folder import ExpertFolder, ExpertFolderError, check_compatible, read_expert
 from gatemix.gate.artifact import ArtifactError, RouterArtifact, load_router, save_router
-from gatemix.gate.router import constant_router
+from gatemix.gate.router import check_context_fits, constant_router
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,17 @@ class CompositeInfo:
         )
 
 
+def check_router_fits(artifact: RouterArtifact, experts: list[ExpertFolder]) -> None:
+    """Refuse a router whose shapes the composite cannot run with these experts."""
+    hidden_size = int(experts[0].config["hidden_size"])
+    if artifact.router.form.hidden_size != hidden_size:
+        raise PackError(f"router reads hidden size {artifact.router.form.hidden_size}, experts have {hidden_size}")
+    try:
+        check_context_fits(artifact.router.form.context_config, experts[0].config)
+    except ValueError as exc:
+        raise PackError(str(exc)) from exc
+
+
 def parse_gate_spec(spec: str | None, experts: list[ExpertFolder]) -> RouterArtifact:
     """``None``/"uniform", "name=w,..." or "w1,w2,..." -> a constant router; else an artifact folder."""
     names = [expert.name for expert in experts]
@@ -90,8 +101,7 @@ def parse_gate_spec(spec: str | None, experts: list[ExpertFolder]) -> RouterArti
             artifact.check_experts(names, hashes)
         except ArtifactError as exc:
             raise PackError(str(exc)) from exc
-        if artifact.router.form.hidden_size != hidden_size:
-            raise PackError(f"router reads hidden size {artifact.router.form.hidden_size}, experts have {hidden_size}")
+        check_router_fits(artifact, experts)
         return artifact
     else:
         weights = _parse_weights(spec, names)
@@ -137,6 +147,7 @@ def pack_composite(
     except ExpertFolderError as exc:
         raise PackError(str(exc)) from exc
     artifact = gate if isinstance(gate, RouterArtifact) else parse_gate_spec(gate, experts)
+    check_router_fits(artifact, experts)
     if out_dir.exists() and not overwrite:
         raise PackError(f"{out_dir} exists; pass --overwrite to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

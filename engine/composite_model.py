@@ -44,7 +44,7 @@ from gatemix.engine.composite_folder import GATE_SUBDIR
 from gatemix.engine.request_gates import token_rows_from_forward_context, worker_gate_table
 from gatemix.gate.artifact import load_router, read_router_form
 from gatemix.gate.mixing import mix_logits, mix_logits_two_pass
-from gatemix.gate.router import HiddenStateRouter
+from gatemix.gate.router import HiddenStateRouter, check_context_fits
 
 logger = logging.getLogger(__name__)
 
@@ -328,22 +328,10 @@ def router_context_config(vllm_config: VllmConfig):
     form = read_router_form(model_dir / GATE_SUBDIR)
     if form.context_config is None:
         return None
-    experts = vllm_config.model_config.hf_config
-    context = LlamaConfig(**form.context_config)
-
-    def shape(config) -> tuple:
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return (getattr(config, "num_key_value_heads", None) or heads, head_dim)
-
-    if shape(context) != shape(experts):
-        raise ValueError(
-            f"the router's context model has (KV heads, head size) {shape(context)}, "
-            f"the experts {shape(experts)}: they must match"
-        )
+    check_context_fits(form.context_config, vllm_config.model_config.hf_config.to_dict())
     if get_pp_group().world_size > 1:
         raise NotImplementedError("a router with its own context model does not run under pipeline parallelism yet")
-    return context
+    return LlamaConfig(**form.context_config)
 
 
 def encode_log_weights(log_weights: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,6 +55,29 @@ class RouterForm:
         return hash((self.num_experts, self.hidden_size, self.router_hidden, str(self.context_config)))
 
 
+def attention_shape(config: dict) -> tuple[int, int]:
+    """``(KV heads, head size)`` of a Llama config dict: what one KV-cache layout needs to share."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return (config.get("num_key_value_heads") or heads, head_dim)
+
+
+def check_context_fits(context_config: dict | None, expert_config: dict) -> None:
+    """Refuse a router context model the engine could not run beside these experts."""
+    if context_config is None:
+        return
+    if context_config["vocab_size"] != expert_config["vocab_size"]:
+        raise ValueError(
+            f"the router's context model reads a vocabulary of {context_config['vocab_size']}, "
+            f"the experts have {expert_config['vocab_size']}"
+        )
+    if attention_shape(context_config) != attention_shape(expert_config):
+        raise ValueError(
+            f"the router's context model has (KV heads, head size) {attention_shape(context_config)}, "
+            f"the experts {attention_shape(expert_config)}: they must match"
+        )
+
+
 def context_config_like(expert_config: dict, num_layers: int = 1, intermediate_size: int = 0) -> dict:
     """The router's own Llama: the experts' vocabulary, width and attention shape, fewer layers.
 

@@ -99,3 +99,28 @@ def test_router_fitted_for_other_experts_is_refused(experts, tmp_path):
     _assert_refused(
         _gatemix("pack", *map(str, reordered), "--gate", str(first.path / "gate"), "--out", str(out)), out, "in that order"
     )
+
+
+def test_router_context_model_the_experts_cannot_share_a_cache_with_is_refused(experts, tmp_path):
+    import torch
+    from gatemix.engine.expert_folder import expert_hash
+    from gatemix.gate.artifact import RouterArtifact, save_router
+    from gatemix.gate.router import HiddenStateRouter, RouterForm, context_config_like
+
+    expert_config = json.loads((experts[0] / "config.json").read_text())
+    heads = 2 * expert_config["num_attention_heads"]  # same width, half the head size: another KV layout
+    context = {**context_config_like(expert_config), "num_attention_heads": heads, "num_key_value_heads": heads}
+    context.pop("head_dim", None)
+    torch.manual_seed(0)
+    router = HiddenStateRouter(RouterForm(len(experts), expert_config["hidden_size"], 0, context))
+    names = [p.name for p in experts]
+    save_router(
+        RouterArtifact(router, names, {n: expert_hash(p) for n, p in zip(names, experts)}, "test"),
+        tmp_path / "gate",
+    )
+    out = tmp_path / "composite"
+    _assert_refused(
+        _gatemix("pack", *map(str, experts), "--gate", str(tmp_path / "gate"), "--out", str(out)),
+        out,
+        "(KV heads, head size)",
+    )
