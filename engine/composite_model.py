@@ -296,7 +296,7 @@ class MixingStep:
     128k vocabulary (``logsumexp`` is several kernels, ``log_softmax`` one), so
     eager mixing stays two-pass. Compiled (``GATEMIX_COMPILE_MIXING=1``), the
     fused form ran 2-9x faster than two-pass, but end to end it changed nothing
-    measurable on the demo (``gatemix bench engine``: 0.94-0.98x), where mixing
+    measurable on the demo (``gatemix bench engine``: 0.87-0.98x), where mixing
     is a small part of a step; so it is opt-in. It compiles on the first call
     (vLLM's warm-up run) and falls back to eager, logging once, if compiling
     fails (no C++ compiler or Triton).

@@ -78,15 +78,21 @@ def _config(args: argparse.Namespace) -> FitGateConfig:
         raise UserError(str(exc)) from exc
 
 
-def run_distill(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import torch
+def _fit_and_report(config: FitGateConfig) -> int:
     from gatemix.gate.fit import fit_gate
+
+    artifact = fit_gate(config)
+    print(f"router {artifact.version} ({artifact.method}) for {artifact.expert_names} written to {config.out_dir}")
+    return 0
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    import torch
+    from gatemix.gate.fit import fit_work_dir
     from gatemix.gate.primal_dual import CHECKPOINT_FILE
 
     config = _config(args)
-    checkpoint = Path(config.work_dir or Path(config.out_dir) / "fit") / "gate" / CHECKPOINT_FILE
+    checkpoint = fit_work_dir(config) / "gate" / CHECKPOINT_FILE
     if not checkpoint.is_file():
         raise UserError(f"no finished fit at {checkpoint}: run `gatemix fit-gate` with these paths first")
     done = torch.load(checkpoint, weights_only=False)["step"]
@@ -95,15 +101,8 @@ def run_distill(args: argparse.Namespace) -> int:
             f"the fit at {checkpoint} stopped at step {done} of {config.steps}: "
             "finish it with `gatemix fit-gate` (it resumes)"
         )
-    artifact = fit_gate(config)
-    print(f"router {artifact.version} ({artifact.method}) for {artifact.expert_names} written to {config.out_dir}")
-    return 0
+    return _fit_and_report(config)
 
 
 def run(args: argparse.Namespace) -> int:
-    from gatemix.gate.fit import fit_gate
-
-    config = _config(args)
-    artifact = fit_gate(config)
-    print(f"router {artifact.version} ({artifact.method}) for {artifact.expert_names} written to {config.out_dir}")
-    return 0
+    return _fit_and_report(_config(args))

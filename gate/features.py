@@ -181,6 +181,11 @@ def _load(path: Path) -> TokenFeatures:
     )
 
 
+def _cache_key(*parts) -> str:
+    """A file name stem for cached features: the format version and everything they depend on."""
+    return hashlib.sha256("|".join([FEATURES_VERSION, *map(str, parts)]).encode()).hexdigest()[:24]
+
+
 def cached_features(
     bank: HFExpertBank,
     texts: list[str],
@@ -194,17 +199,7 @@ def cached_features(
     progress: bool = False,
 ) -> TokenFeatures:
     """Expert features of ``texts``, read from the disk cache or computed and stored there."""
-    key = hashlib.sha256(
-        "|".join(
-            [
-                FEATURES_VERSION,
-                *bank.hashes,
-                data_hash(texts),
-                str(max_length),
-                str(with_hidden),
-            ]
-        ).encode()
-    ).hexdigest()[:24]
+    key = _cache_key(*bank.hashes, data_hash(texts), max_length, with_hidden)
     shard = "" if world_size == 1 else f"-{rank}of{world_size}"
     path = Path(cache_dir) / f"{key}{shard}.safetensors"
     if path.is_file():
@@ -233,11 +228,7 @@ def cached_proposals(
     """
     from gatemix.gate.distill_router import draw_from_q
 
-    key = hashlib.sha256(
-        "|".join(
-            [FEATURES_VERSION, "q-pool", *bank.hashes, str(count), str(length), str(seed)]
-        ).encode()
-    ).hexdigest()[:24]
+    key = _cache_key("q-pool", *bank.hashes, count, length, seed)
     path = Path(cache_dir) / f"q-{key}.safetensors"
     if path.is_file():
         logger.info("q samples from cache %s", path)

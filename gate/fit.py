@@ -181,12 +181,17 @@ def select_router(
     return chosen, figures
 
 
+def fit_work_dir(config: FitGateConfig) -> Path:
+    """Checkpoints, plots and the report: ``work_dir``, else ``<out_dir>/fit``."""
+    return Path(config.work_dir or Path(config.out_dir) / "fit")
+
+
 def fit_gate(config: FitGateConfig) -> RouterArtifact:
     """Fit the robust gate, distill it into the causal router, and save the artifact."""
     if not config.demo_dir:
         raise FitGateError("fit-gate needs demo_dir")
     torch.set_num_threads(config.torch_threads)
-    work_dir = Path(config.work_dir or Path(config.out_dir) / "fit")
+    work_dir = fit_work_dir(config)
     domains = expert_names(config)
     bank = HFExpertBank([Path(config.demo_dir) / "experts" / name for name in domains])
     gate_features = load_split_features(bank, config, domains, "gate", with_hidden=True)

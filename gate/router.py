@@ -51,9 +51,6 @@ class RouterForm:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def __hash__(self) -> int:  # context_config is a dict
-        return hash((self.num_experts, self.hidden_size, self.router_hidden, str(self.context_config)))
-
 
 def attention_shape(config: dict) -> tuple[int, int]:
     """``(KV heads, head size)`` of a Llama config dict: what one KV-cache layout needs to share."""
