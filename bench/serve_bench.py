@@ -14,12 +14,9 @@ at one point differed by 1.2x to 4x, more than the systems differ, and with
 three servers up the API processes were starved (TTFT p50 of seconds for
 every system); there the mode shows the noise rather than removing it.
 
-Ratios, per concurrency and prompt length:
-
-* efficiency ``E = K * tps(ensemble) / tps(gatemix single)``: 1 when K
-  experts cost exactly K times one, i.e. mixing and gating add nothing;
-* server overhead ``tps(gatemix single) / tps(vllm serve)``;
-* speed-up over lockstep ``tps(ensemble) / tps(lockstep)``.
+Each point also records the CPU seconds of each system's processes per output
+token (:class:`~gatemix.bench.servers.ProcessUsage`); the ratios and the table
+are made in :mod:`gatemix.bench.serve_report`.
 """
 
 from __future__ import annotations
@@ -32,9 +29,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from gatemix.bench.serve_report import (
+    compute_ratios,
+    format_serve_bench,
+    median_point,
+    plot_serve_bench,
+)
 from gatemix.bench.servers import (
     SYSTEMS,
-    PeakMemory,
+    ProcessUsage,
     RunningSystem,
     ServerOptions,
     ServerStartError,
@@ -52,17 +55,9 @@ METRICS = {
     "p99_itl_ms": "itl_p99_ms",
     "completed": "completed",
     "failed": "failed",
+    "total_output_tokens": "output_tokens",
     "duration": "duration_s",
 }
-SYSTEM_LABELS = {
-    "ensemble": "gatemix ensemble (K experts)",
-    "single": "gatemix, one expert",
-    "vllm": "vllm serve, one expert",
-    "student": "gatemix student",
-    "lockstep": "lockstep ensemble (K vLLM + mixer)",
-}
-
-
 @dataclass
 class ServeBenchConfig:
     composite_dir: str = field(metadata={"help": "composite folder (gatemix pack output)"})
@@ -72,7 +67,9 @@ class ServeBenchConfig:
     concurrencies: tuple[int, ...] = field(default=(1, 16, 64), metadata={"help": "client max concurrency"})
     prompt_lens: tuple[int, ...] = field(default=(32, 512), metadata={"help": "random prompt tokens"})
     output_len: int = field(default=128, metadata={"help": "generated tokens per request (EOS ignored)"})
-    num_prompts: int | None = field(default=None, metadata={"help": "requests per point; None: max(2c, 8)"})
+    num_prompts: int | None = field(default=None, metadata={"help": "requests per point; None: max(8c, 32)"})
+    lockstep_num_prompts: int | None = field(default=None,
+                                             metadata={"help": "lockstep requests per point; None: max(c, 2)"})
     lockstep_max_concurrency: int = field(default=16, metadata={"help": "skip lockstep points above this"})
     student_dir: str | None = field(default=None, metadata={"help": "distilled student folder, if any"})
     seed: int = field(default=0, metadata={"help": "prompt sampling seed, the same for every system"})
@@ -91,16 +88,24 @@ class ServeBenchConfig:
             raise ValueError(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
         if min(self.concurrencies) < 1 or min(self.prompt_lens) < 1 or self.output_len < 1:
             raise ValueError("concurrencies, prompt lengths and output length must be positive")
-        if self.num_prompts is not None and self.num_prompts < 1:
+        if min(self.num_prompts or 1, self.lockstep_num_prompts or 1) < 1:
             raise ValueError("num_prompts must be positive")
 
-    def prompts_for(self, concurrency: int) -> int:
-        return self.num_prompts or max(2 * concurrency, 8)
+    def prompts_for(self, system: str, concurrency: int) -> int:
+        """Long enough points that the ramp-up and drain of the first and last waves are a small part;
+        the lockstep baseline, 100x slower, gets about one wave."""
+        if system == "lockstep":
+            return self.lockstep_num_prompts or max(concurrency, 2)
+        return self.num_prompts or max(8 * concurrency, 32)
 
 
 def run_load(running: RunningSystem, *, tokenizer_dir: str, concurrency: int, prompt_len: int,
-             output_len: int, num_prompts: int, seed: int, log_path: Path) -> dict:
-    """One ``vllm bench serve`` point against a running system; its printout goes to ``log_path``."""
+             output_len: int, num_prompts: int, seed: int, log_path: Path, num_warmups: int = 0) -> dict:
+    """One ``vllm bench serve`` point against a running system; its printout goes to ``log_path``.
+
+    No warm-up requests by default: each system is warmed once before its points
+    (:func:`_warm_up`), and a point's CPU seconds per token must cover only its own tokens.
+    """
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -112,7 +117,7 @@ def run_load(running: RunningSystem, *, tokenizer_dir: str, concurrency: int, pr
         "--dataset-name", "random", "--random-input-len", str(prompt_len), "--random-output-len", str(output_len),
         "--ignore-eos", "--temperature", "0", "--seed", str(seed),
         "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
-        "--num-warmups", str(min(concurrency, 4)), "--metric-percentiles", "50,99", "--disable-tqdm",
+        "--num-warmups", str(num_warmups), "--metric-percentiles", "50,99", "--disable-tqdm",
     ])
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log, contextlib.redirect_stdout(log):
@@ -176,7 +181,7 @@ def _measure_point(config: ServeBenchConfig, running: RunningSystem, prompt_len:
                    notes: list[str], out_dir: Path) -> dict | None:
     """One timed ``vllm bench serve`` run; None (and a note) when it is skipped or fails."""
     point = {"system": running.name, "concurrency": concurrency, "prompt_len": prompt_len,
-             "num_prompts": config.prompts_for(concurrency)}
+             "num_prompts": config.prompts_for(running.name, concurrency)}
     if running.name == "lockstep" and concurrency > config.lockstep_max_concurrency:
         notes.append(f"lockstep: c={concurrency} p={prompt_len} skipped (above "
                      f"--lockstep-max-concurrency {config.lockstep_max_concurrency})")
@@ -184,7 +189,7 @@ def _measure_point(config: ServeBenchConfig, running: RunningSystem, prompt_len:
     start = time.perf_counter()
     log_path = out_dir / "logs" / f"load-{running.name}.log"
     try:
-        with PeakMemory([p.pid for p in running.processes]) as memory:
+        with ProcessUsage([p.pid for p in running.processes]) as usage:
             point.update(run_load(
                 running, tokenizer_dir=config.expert_dirs[0], concurrency=concurrency,
                 prompt_len=prompt_len, output_len=config.output_len, num_prompts=point["num_prompts"],
@@ -194,21 +199,15 @@ def _measure_point(config: ServeBenchConfig, running: RunningSystem, prompt_len:
         logger.exception("%s c=%d p=%d failed", running.name, concurrency, prompt_len)
         notes.append(f"{running.name}: c={concurrency} p={prompt_len} failed: {exc!r} (see {log_path})")
         return None
-    point["peak_rss_mib"] = memory.peak_mib
+    point["peak_rss_mib"] = usage.peak_mib
+    if point.get("output_tokens"):
+        point["api_cpu_us_per_token"] = 1e6 * usage.api_cpu_s / point["output_tokens"]
+        point["engine_cpu_us_per_token"] = 1e6 * usage.engine_cpu_s / point["output_tokens"]
     logger.info("%s c=%d p=%d: %.1f tok/s, %d failed (%.0fs)", running.name, concurrency, prompt_len,
                 point.get("output_tps", 0.0), point.get("failed", 0), time.perf_counter() - start)
     if point.get("failed"):
         notes.append(f"{running.name}: c={concurrency} p={prompt_len} had {point['failed']:.0f} failed "
                      "requests (see logs/load-*.log)")
-    return point
-
-
-def median_point(runs: list[dict]) -> dict:
-    """The run with the median output tokens/s, carrying every run's figure and the peak memory of all."""
-    ordered = sorted(runs, key=lambda run: run.get("output_tps", 0.0))
-    point = dict(ordered[(len(ordered) - 1) // 2])
-    point["output_tps_runs"] = [run.get("output_tps") for run in runs]
-    point["peak_rss_mib"] = max(run.get("peak_rss_mib", 0.0) for run in runs)
     return point
 
 
@@ -226,96 +225,6 @@ def _run_points(config: ServeBenchConfig, systems: list[RunningSystem], notes: l
     return [median_point(group) for group in runs.values()]
 
 
-def compute_ratios(points: list[dict], num_experts: int) -> list[dict]:
-    """Per (prompt_len, concurrency): E, server overhead and speed-up over lockstep (None if missing)."""
-    tps = {(p["system"], p["prompt_len"], p["concurrency"]): p.get("output_tps") for p in points}
-    keys = sorted({(p["prompt_len"], p["concurrency"]) for p in points})
-
-    def ratio(numerator: float | None, denominator: float | None) -> float | None:
-        return numerator / denominator if numerator and denominator else None
-
-    ratios = []
-    for prompt_len, concurrency in keys:
-        ensemble, single, vllm, lockstep = (tps.get((s, prompt_len, concurrency))
-                                            for s in ("ensemble", "single", "vllm", "lockstep"))
-        ratios.append({
-            "prompt_len": prompt_len, "concurrency": concurrency,
-            "efficiency_E": ratio(num_experts * ensemble if ensemble else None, single),
-            "server_overhead": ratio(single, vllm),
-            "speedup_over_lockstep": ratio(ensemble, lockstep),
-        })
-    return ratios
-
-
-def _cell(value: float | None, digits: int = 1) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _tps_cell(point: dict) -> str:
-    """Output tokens/s, with the range of the runs when a point was repeated."""
-    runs = [run for run in point.get("output_tps_runs") or [] if run]
-    cell = _cell(point.get("output_tps"))
-    return f"{cell} ({min(runs):.0f}-{max(runs):.0f})" if len(runs) > 1 else cell
-
-
-def format_serve_bench(result: dict) -> str:
-    """The markdown table, the ratios and the notes."""
-    config = result["config"]
-    lines = [
-        (f"gatemix bench serve: K = {result['num_experts']} experts, output {config['output_len']} tokens, "
-        f"greedy, dtype {config['dtype']}, load from `vllm bench serve` (openai backend, random prompts, "
-        f"seed {config['seed']})"),
-        "",
-        ("| system | concurrency | prompt len | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) "
-        "| ITL p50 (ms) | ITL p99 (ms) | peak RSS (MiB) |"),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for p in result["points"]:
-        lines.append(
-            f"| {SYSTEM_LABELS.get(p['system'], p['system'])} | {p['concurrency']} | {p['prompt_len']} "
-            f"| {_tps_cell(p)} | {_cell(p.get('ttft_p50_ms'))} | {_cell(p.get('ttft_p99_ms'))} "
-            f"| {_cell(p.get('itl_p50_ms'), 2)} | {_cell(p.get('itl_p99_ms'), 2)} | {_cell(p.get('peak_rss_mib'), 0)} |"
-        )
-    lines += [
-        "",
-        ("| concurrency | prompt len | E = K*tps(ensemble)/tps(single) | overhead = tps(single)/tps(vllm) "
-        "| speed-up = tps(ensemble)/tps(lockstep) |"),
-        "|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["ratios"]:
-        speedup = _cell(r["speedup_over_lockstep"]) + ("x" if r["speedup_over_lockstep"] else "")
-        lines.append(f"| {r['concurrency']} | {r['prompt_len']} | {_cell(r['efficiency_E'], 3)} "
-                     f"| {_cell(r['server_overhead'], 3)} | {speedup} |")
-    if result.get("notes"):
-        lines += ["", *(f"- {note}" for note in result["notes"])]
-    return "\n".join(lines)
-
-
-def plot_serve_bench(result: dict, path: Path) -> None:
-    """Output tokens/s against concurrency: one line per system, one subplot per prompt length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    prompt_lens = sorted({p["prompt_len"] for p in result["points"]}) or [0]
-    fig, axes = plt.subplots(1, len(prompt_lens), figsize=(5.5 * len(prompt_lens), 4.2), squeeze=False)
-    for ax, prompt_len in zip(axes[0], prompt_lens):
-        for system in dict.fromkeys(p["system"] for p in result["points"]):
-            series = sorted((p["concurrency"], p["output_tps"]) for p in result["points"]
-                            if p["system"] == system and p["prompt_len"] == prompt_len and p.get("output_tps"))
-            if series:
-                ax.plot(*zip(*series), marker="o", label=SYSTEM_LABELS.get(system, system))
-        ax.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="output tokens/s",
-               title=f"prompt {prompt_len} + output {result['config']['output_len']} tokens")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"gatemix bench serve, K = {result['num_experts']} experts")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # ------------------------------------------------------------------------ CLI
 def add_serve_bench_parser(benches) -> None:
     serve = benches.add_parser("serve", help="servers side by side under vLLM's load generator")
@@ -327,7 +236,9 @@ def add_serve_bench_parser(benches) -> None:
     serve.add_argument("--concurrency", default="1,16,64", help="comma-separated client concurrencies")
     serve.add_argument("--prompt-lens", default="32,512", help="comma-separated prompt lengths (tokens)")
     serve.add_argument("--output-len", type=int, default=128)
-    serve.add_argument("--num-prompts", type=int, help="requests per point (default max(2*concurrency, 8))")
+    serve.add_argument("--num-prompts", type=int, help="requests per point (default max(8*concurrency, 32))")
+    serve.add_argument("--lockstep-num-prompts", type=int,
+                       help="requests per lockstep point (default max(concurrency, 2))")
     serve.add_argument("--lockstep-max-concurrency", type=int, default=16,
                        help="skip the (slow) lockstep baseline above this concurrency")
     serve.add_argument("--dtype", default="float32")
@@ -377,7 +288,7 @@ def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
         return ServeBenchConfig(
             composite_dir=str(composite), expert_dirs=[str(d) for d in expert_dirs], systems=systems,
             concurrencies=_int_list(args.concurrency, "--concurrency"), prompt_lens=prompt_lens,
-            output_len=args.output_len, num_prompts=args.num_prompts,
+            output_len=args.output_len, num_prompts=args.num_prompts, lockstep_num_prompts=args.lockstep_num_prompts,
             lockstep_max_concurrency=args.lockstep_max_concurrency, student_dir=args.student, dtype=args.dtype,
             kv_cache_gib=args.kv_cache_gib, enforce_eager=not args.compile, out_dir=args.out_dir,
             interleave=args.interleave, repeats=args.repeats,

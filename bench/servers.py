@@ -3,8 +3,8 @@
 Each system is a set of processes started in their own process groups (so a
 stop takes their engine workers too), with logs under one folder, free
 loopback ports, and a readiness wait on ``/v1/models`` that fails fast with
-the log's tail when a process dies. :class:`PeakMemory` samples the resident
-memory of a system's whole process tree while the load runs.
+the log's tail when a process dies. :class:`ProcessUsage` samples the resident
+memory and CPU time of a system's whole process tree while the load runs.
 
 Systems (``SYSTEMS``):
 
@@ -126,9 +126,14 @@ def wait_ready(base_url: str, procs: list[subprocess.Popen], logs: list[Path], t
 
 
 def _env(options: ServerOptions) -> dict[str, str]:
+    from gatemix.server.settings import Settings
+
     env = dict(os.environ)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(options.kv_cache_gib)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # vLLM's server closes idle connections after 5 s, and the load generator reuses
+    # pooled ones for longer: the baseline would fail requests that gatemix (65 s) serves.
+    env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = str(Settings.model_fields["timeout_keep_alive"].default)
     return env
 
 
@@ -223,35 +228,72 @@ def launch(system: str, *, composite_dir: str | None, expert_dirs: list[str], op
     raise ValueError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
 
 
-class PeakMemory:
-    """Peak resident memory (MiB) of process trees, sampled in a background thread.
+class ProcessUsage:
+    """Peak resident memory (MiB) and CPU seconds of process trees while a load runs.
 
-    The figure is the sum of RSS over every process in the trees (servers,
-    engine cores, workers), sampled every ``interval_s``. Pages shared between
+    Peak memory is the sum of RSS over every process in the trees (servers,
+    engine cores, workers), sampled every ``interval_s``; pages shared between
     processes count once per process, as ``ps`` would show them.
+
+    CPU seconds (user + system) are split by role: ``api_cpu_s`` for the root
+    processes (the HTTP servers, which also run vLLM's output processing and
+    detokenization) and ``engine_cpu_s`` for their descendants (engine cores and
+    workers). The API figure is the server's own cost per token and does not
+    depend on how two cores were shared; the engine figure includes the
+    engine core's and worker's busy-wait on vLLM's shared-memory queue, so it
+    tracks wall time more than work. A process that exits mid-run counts up to
+    its last sample.
     """
 
     def __init__(self, pids: list[int], interval_s: float = 0.2) -> None:
         self.pids = pids
         self.interval_s = interval_s
         self.peak_mib = 0.0
+        self._cpu_first: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="peak-memory", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="process-usage", daemon=True)
 
-    def sample(self) -> float:
-        total = 0
+    def _tree(self) -> list[psutil.Process]:
+        procs = []
         for pid in self.pids:
             try:
                 root = psutil.Process(pid)
-                tree = [root, *root.children(recursive=True)]
+                procs += [root, *root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 continue
-            for proc in tree:
-                try:
+        return procs
+
+    def sample(self, baseline: bool = False) -> float:
+        """Sum of RSS now (MiB); records each process's CPU seconds so far.
+
+        ``baseline``: this is the first sample; processes born later start from 0.
+        """
+        total = 0
+        for proc in self._tree():
+            try:
+                with proc.oneshot():
                     total += proc.memory_info().rss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
+                    times = proc.cpu_times()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            cpu = times.user + times.system
+            if baseline:
+                self._cpu_first[proc.pid] = cpu
+            self._cpu_last[proc.pid] = cpu
         return total / 2**20
+
+    def _cpu_delta_s(self, roots: bool) -> float:
+        return sum(last - self._cpu_first.get(pid, 0.0) for pid, last in self._cpu_last.items()
+                   if (pid in self.pids) == roots)
+
+    @property
+    def api_cpu_s(self) -> float:
+        return self._cpu_delta_s(roots=True)
+
+    @property
+    def engine_cpu_s(self) -> float:
+        return self._cpu_delta_s(roots=False)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -259,7 +301,7 @@ class PeakMemory:
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> Self:
-        self.peak_mib = self.sample()
+        self.peak_mib = self.sample(baseline=True)
         self._thread.start()
         return self
 

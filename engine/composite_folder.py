@@ -45,6 +45,11 @@ class PackError(ValueError):
     """Packing refused; the message is one line and nothing was written."""
 
 
+def is_composite_folder(path: str | Path) -> bool:
+    """A folder written by ``gatemix pack`` (else a plain model folder); its config.json must exist."""
+    return "gatemix" in json.loads((Path(path) / "config.json").read_text())
+
+
 @dataclass(frozen=True)
 class CompositeInfo:
     """What the server and the engine need to know about a composite folder."""

@@ -2,7 +2,9 @@
 
 The server, the benchmarks and the tests all build their engines here, so the
 settings that make the composite correct (no async scheduling, whose in-flight
-placeholder tokens would shift the per-token gate trace) are set once.
+placeholder tokens would shift the per-token gate trace) are set once. A plain
+model folder (one expert, a student) keeps vLLM's own choice, as ``vllm serve``
+would: on GPU that is async scheduling; the CPU backend turns it off anyway.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class EngineSettings:
 
 def engine_kwargs(settings: EngineSettings) -> dict:
     """Keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs``."""
+    from gatemix.engine.composite_folder import is_composite_folder
     if on_cpu():
         # The CPU backend sizes its KV cache from this variable, read at engine start.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(settings.kv_cache_gib))
@@ -58,8 +61,9 @@ def engine_kwargs(settings: EngineSettings) -> dict:
         pipeline_parallel_size=settings.pipeline_parallel_size,
         enforce_eager=settings.enforce_eager,
         seed=settings.seed,
-        async_scheduling=False,
     )
+    if is_composite_folder(settings.model_dir):
+        kwargs["async_scheduling"] = False
     if settings.distributed_executor_backend:
         kwargs["distributed_executor_backend"] = settings.distributed_executor_backend
     if settings.max_num_batched_tokens:

@@ -48,6 +48,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     from gatemix.engine.gate_trace import GateTraceReceiver
     from gatemix.server.metrics import GateMetrics
     from transformers import AutoTokenizer
+    from vllm.utils.gc_utils import freeze_gc_heap
 
     settings = await asyncio.to_thread(resolve_settings, app.state.settings)
     model_dir = settings.model_dir
@@ -80,6 +81,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.serving_core = core
         app.state.serving_completion = OpenAIServingCompletion(core=core)
         app.state.serving_chat = OpenAIServingChat(core=core)
+        # As vLLM's own server does: the startup heap (torch, transformers, vLLM) is
+        # static, and leaving it to the GC made every full collection walk it while serving.
+        freeze_gc_heap()
         yield
     finally:
         engine.shutdown()

@@ -48,6 +48,9 @@ class ChoiceState:
     prompt_logprobs: list[dict | None] | None = None  # (prompt tokens,), first entry None
     gate_weights: list[list[float]] | None = field(default_factory=list)  # (tokens, K)
     finish_reason: str | None = None
+    # (K,) running sum of gate_weights over tokens: every streamed chunk reports the mean
+    # so far, and re-summing all tokens per chunk would cost O(tokens^2) per request.
+    _weight_totals: list[float] = field(default_factory=list, repr=False)
 
     def add(self, delta: ChoiceDelta) -> None:
         self.token_ids += delta.token_ids
@@ -56,6 +59,11 @@ class ChoiceState:
             self.logprobs += delta.logprobs
         if self.gate_weights is not None and delta.gate_weights is not None:
             self.gate_weights += delta.gate_weights
+            for token in delta.gate_weights:
+                if not self._weight_totals:
+                    self._weight_totals = [0.0] * len(token)
+                for k, weight in enumerate(token):
+                    self._weight_totals[k] += weight
         elif delta.token_ids:
             self.gate_weights = None  # one missing token makes the mean unknown
         self.finish_reason = delta.finish_reason or self.finish_reason
@@ -63,9 +71,7 @@ class ChoiceState:
     def weight_sums(self, experts: Sequence[str]) -> dict[str, float]:
         if not self.gate_weights:
             return {}
-        return {
-            name: sum(token[k] for token in self.gate_weights) for k, name in enumerate(experts)
-        }
+        return dict(zip(experts, self._weight_totals))
 
     def mean_weights(self, experts: Sequence[str]) -> dict[str, float]:
         sums = self.weight_sums(experts)

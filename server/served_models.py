@@ -7,7 +7,6 @@ A plain single-model folder serves one name, reported as a one-expert mixture.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -42,10 +41,10 @@ class ServedModels:
     ) -> ServedModels:
         model_dir = Path(model_dir)
         name = served_model_name or model_dir.resolve().name
-        config = json.loads((model_dir / "config.json").read_text())
-        if "gatemix" not in config:
+        from gatemix.engine.composite_folder import CompositeInfo, is_composite_folder
+
+        if not is_composite_folder(model_dir):
             return cls(name, [name], None, time.time(), False, str(model_dir))
-        from gatemix.engine.composite_folder import CompositeInfo
 
         info = CompositeInfo.read(model_dir)
         if name in info.expert_names:

@@ -3,27 +3,29 @@
 import argparse
 
 import pytest
-from gatemix.bench.serve_bench import (
-    ServeBenchConfig,
-    add_serve_bench_parser,
+from gatemix.bench.serve_bench import ServeBenchConfig, add_serve_bench_parser
+from gatemix.bench.serve_report import (
+    _tps_cell,
     compute_ratios,
     format_serve_bench,
+    median_point,
     plot_serve_bench,
 )
 
 from gatemix.cli import UserError
 
 
-def _point(system, concurrency, tps, prompt_len=32):
+def _point(system, concurrency, tps, prompt_len=32, api_cpu=200.0):
     return {"system": system, "concurrency": concurrency, "prompt_len": prompt_len, "output_tps": tps,
-            "ttft_p50_ms": 10.0, "ttft_p99_ms": 20.0, "itl_p50_ms": 1.5, "itl_p99_ms": 3.25, "peak_rss_mib": 2048.0}
+            "ttft_p50_ms": 10.0, "ttft_p99_ms": 20.0, "itl_p50_ms": 1.5, "itl_p99_ms": 3.25,
+            "api_cpu_us_per_token": api_cpu, "peak_rss_mib": 2048.0}
 
 
 def _fake_result():
     points = [
         _point("ensemble", 1, 300.0), _point("single", 1, 700.0), _point("vllm", 1, 750.0),
         _point("lockstep", 1, 10.0),
-        _point("ensemble", 16, 900.0), _point("single", 16, 2000.0), _point("vllm", 16, 2000.0),
+        _point("ensemble", 16, 900.0), _point("single", 16, 2000.0, api_cpu=150.0), _point("vllm", 16, 2000.0),
         _point("lockstep", 16, 30.0),
         _point("ensemble", 64, 1000.0), _point("single", 64, 2400.0), _point("vllm", 64, 2500.0),
     ]
@@ -38,6 +40,7 @@ def test_ratios_are_efficiency_overhead_and_speedup_per_point():
     ratios = {r["concurrency"]: r for r in _fake_result()["ratios"]}
     assert ratios[16]["efficiency_E"] == pytest.approx(2 * 900 / 2000)
     assert ratios[16]["server_overhead"] == pytest.approx(1.0)
+    assert ratios[16]["api_cpu_overhead"] == pytest.approx(200.0 / 150.0)  # gatemix's API spends less
     assert ratios[16]["speedup_over_lockstep"] == pytest.approx(30.0)
     assert ratios[64]["speedup_over_lockstep"] is None  # lockstep skipped there
 
@@ -46,9 +49,9 @@ def test_table_has_one_row_per_point_the_ratios_and_the_notes():
     report = format_serve_bench(_fake_result())
     rows = [line for line in report.splitlines() if line.startswith(("| gatemix", "| vllm", "| lockstep"))]
     assert len(rows) == 11
-    assert "| gatemix ensemble (K experts) | 16 | 32 | 900.0 | 10.0 | 20.0 | 1.50 | 3.25 | 2048 |" in report
-    assert "| 16 | 32 | 0.900 | 1.000 | 30.0x |" in report
-    assert "| 64 | 32 | 0.833 | 0.960 | n/a |" in report
+    assert "| gatemix ensemble (K experts) | 16 | 32 | 900.0 | 10.0 | 20.0 | 1.50 | 3.25 | 200 | 2048 |" in report
+    assert "| 16 | 32 | 0.900 | 1.000 | 1.333 | 30.0x |" in report
+    assert "| 64 | 32 | 0.833 | 0.960 | 1.000 | n/a |" in report
     assert "skipped (above --lockstep-max-concurrency 16)" in report
 
 
@@ -85,8 +88,6 @@ def test_unknown_system_is_rejected():
 
 
 def test_a_repeated_point_keeps_its_median_run_and_every_figure():
-    from gatemix.bench.serve_bench import _tps_cell, median_point
-
     runs = [
         {"output_tps": 900.0, "ttft_p50_ms": 9.0, "peak_rss_mib": 100.0},
         {"output_tps": 300.0, "ttft_p50_ms": 3.0, "peak_rss_mib": 300.0},
@@ -98,3 +99,39 @@ def test_a_repeated_point_keeps_its_median_run_and_every_figure():
     assert point["peak_rss_mib"] == 300.0
     assert _tps_cell(point) == "600.0 (300-900)"
     assert _tps_cell(median_point(runs[:1])) == "900.0"
+
+
+def _rounds(system, tps_runs, cpu_runs=None):
+    runs = [dict(_point(system, 16, tps), api_cpu_us_per_token=cpu)
+            for tps, cpu in zip(tps_runs, cpu_runs or [200.0] * len(tps_runs))]
+    return median_point(runs)
+
+
+def test_repeated_rounds_pair_each_round_before_taking_the_median():
+    # Per-round ratios 2.0, 0.4 and 2000/1900; the medians' ratio (1000 / 1000) would be 1.0.
+    single = _rounds("single", [1000.0, 400.0, 2000.0])
+    vllm = _rounds("vllm", [500.0, 1000.0, 1900.0])
+    ratio = compute_ratios([single, vllm], 3)[0]
+    assert ratio["server_overhead"] == pytest.approx(2000.0 / 1900.0)
+    assert ratio["server_overhead_range"] == pytest.approx([0.4, 2.0])
+    report = format_serve_bench({
+        "config": {"output_len": 128, "dtype": "float32", "seed": 0, "repeats": 3},
+        "num_experts": 3, "points": [single, vllm], "ratios": [ratio], "notes": []})
+    assert "| 16 | 32 | n/a | 1.053 (0.400-2.000) | 1.000 (1.000-1.000) | n/a |" in report
+    assert "median over rounds" in report
+
+
+def test_api_cpu_overhead_is_vllm_cost_over_gatemix_cost_per_round():
+    single = _rounds("single", [1000.0, 1000.0, 1000.0], cpu_runs=[100.0, 120.0, 300.0])
+    vllm = _rounds("vllm", [1000.0, 1000.0, 1000.0], cpu_runs=[110.0, 120.0, 150.0])
+    ratio = compute_ratios([single, vllm], 3)[0]
+    assert ratio["api_cpu_overhead"] == pytest.approx(1.0)  # median of 1.1, 1.0, 0.5
+    assert ratio["api_cpu_overhead_range"] == pytest.approx([0.5, 1.1])
+
+
+def test_rounds_that_do_not_pair_fall_back_to_the_medians():
+    single = _rounds("single", [900.0, 1000.0, 1100.0])
+    vllm = _rounds("vllm", [800.0, 1000.0])  # one vllm run failed
+    ratio = compute_ratios([single, vllm], 3)[0]
+    assert ratio["server_overhead"] == pytest.approx(1000.0 / 800.0)  # median runs: 1000 and the lower of two
+    assert ratio["server_overhead_range"] is None

@@ -58,3 +58,15 @@ def test_choice_mean_weights_average_over_tokens_and_missing_weights_clear_them(
     assert state.mean_weights(["a", "b"]) == {"a": 0.75, "b": 0.25}
     state.add(ChoiceDelta([7], "c", None, None, "stop"))
     assert state.mean_weights(["a", "b"]) == {} and state.finish_reason == "stop"
+
+
+def test_choice_running_means_match_the_mean_of_every_token_so_far():
+    experts = ["a", "b", "c"]
+    deltas = [[[0.2, 0.3, 0.5]], [[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]], [], [[0.1, 0.1, 0.8]]]
+    state, seen = ChoiceState(index=0, prompt_ids=[1]), []
+    for weights in deltas:
+        state.add(ChoiceDelta(list(range(len(weights))), "x", None, weights, None))
+        seen += weights
+        expected = {name: sum(token[k] for token in seen) / len(seen) for k, name in enumerate(experts)}
+        assert state.mean_weights(experts) == pytest.approx(expected)
+        assert state.weight_sums(experts) == pytest.approx({n: w * len(seen) for n, w in expected.items()})
