@@ -8,11 +8,12 @@ prompt length, with greedy 128-token outputs that ignore EOS.
 
 With ``--interleave`` every system is started at once and each point is run
 system after system, ``--repeats`` times, so slow drifts of a shared machine
-hit every system alike; the table keeps each point's median run (by output
-tokens/s) and the JSON every run. On a 2-core machine, runs of one system
-at one point differed by 1.2x to 4x, more than the systems differ, and with
-three servers up the API processes were starved (TTFT p50 of seconds for
-every system); there the mode shows the noise rather than removing it.
+hit the runs of one round alike; the table keeps each point's median run (by
+output tokens/s), the ratios are medians of per-round ratios with their range
+(:mod:`gatemix.bench.serve_report`), and the JSON keeps every run. On the
+2-core CPU machine the HTTP side, not the engine, bounds tiny models (vLLM's
+engine core busy-waits on one core, its worker holds the other), and runs of
+one server at one point moved 2-3x from minute to minute: pair the servers.
 
 Each point also records the CPU seconds of each system's processes per output
 token (:class:`~gatemix.bench.servers.ProcessUsage`); the ratios and the table

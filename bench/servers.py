@@ -238,11 +238,12 @@ class ProcessUsage:
     CPU seconds (user + system) are split by role: ``api_cpu_s`` for the root
     processes (the HTTP servers, which also run vLLM's output processing and
     detokenization) and ``engine_cpu_s`` for their descendants (engine cores and
-    workers). The API figure is the server's own cost per token and does not
-    depend on how two cores were shared; the engine figure includes the
-    engine core's and worker's busy-wait on vLLM's shared-memory queue, so it
-    tracks wall time more than work. A process that exits mid-run counts up to
-    its last sample.
+    workers). Per output token, the API figure is the server's own cost and
+    depends far less than tokens/s on how the cores were shared, though it falls
+    when the server is behind (vLLM then merges several tokens into one chunk);
+    the engine figure includes the engine core's and worker's busy-wait on
+    vLLM's shared-memory queue, so it tracks wall time more than work. A
+    process that exits mid-run counts up to its last sample.
     """
 
     def __init__(self, pids: list[int], interval_s: float = 0.2) -> None:

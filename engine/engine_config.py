@@ -48,6 +48,7 @@ class EngineSettings:
 def engine_kwargs(settings: EngineSettings) -> dict:
     """Keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs``."""
     from gatemix.engine.composite_folder import is_composite_folder
+
     if on_cpu():
         # The CPU backend sizes its KV cache from this variable, read at engine start.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(settings.kv_cache_gib))
