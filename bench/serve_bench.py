@@ -89,8 +89,8 @@ class ServeBenchConfig:
             raise ValueError(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
         if min(self.concurrencies) < 1 or min(self.prompt_lens) < 1 or self.output_len < 1:
             raise ValueError("concurrencies, prompt lengths and output length must be positive")
-        if min(self.num_prompts or 1, self.lockstep_num_prompts or 1) < 1:
-            raise ValueError("num_prompts must be positive")
+        if any(count is not None and count < 1 for count in (self.num_prompts, self.lockstep_num_prompts)):
+            raise ValueError("num_prompts and lockstep_num_prompts must be positive")
 
     def prompts_for(self, system: str, concurrency: int) -> int:
         """Long enough points that the ramp-up and drain of the first and last waves are a small part;
@@ -101,10 +101,10 @@ class ServeBenchConfig:
 
 
 def run_load(running: RunningSystem, *, tokenizer_dir: str, concurrency: int, prompt_len: int,
-             output_len: int, num_prompts: int, seed: int, log_path: Path, num_warmups: int = 0) -> dict:
+             output_len: int, num_prompts: int, seed: int, log_path: Path) -> dict:
     """One ``vllm bench serve`` point against a running system; its printout goes to ``log_path``.
 
-    No warm-up requests by default: each system is warmed once before its points
+    No warm-up requests: each system is warmed once before its points
     (:func:`_warm_up`), and a point's CPU seconds per token must cover only its own tokens.
     """
     from vllm.benchmarks.serve import add_cli_args, main
@@ -118,7 +118,7 @@ def run_load(running: RunningSystem, *, tokenizer_dir: str, concurrency: int, pr
         "--dataset-name", "random", "--random-input-len", str(prompt_len), "--random-output-len", str(output_len),
         "--ignore-eos", "--temperature", "0", "--seed", str(seed),
         "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
-        "--num-warmups", str(num_warmups), "--metric-percentiles", "50,99", "--disable-tqdm",
+        "--num-warmups", "0", "--metric-percentiles", "50,99", "--disable-tqdm",
     ])
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log, contextlib.redirect_stdout(log):

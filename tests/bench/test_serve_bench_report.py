@@ -135,3 +135,10 @@ def test_rounds_that_do_not_pair_fall_back_to_the_medians():
     ratio = compute_ratios([single, vllm], 3)[0]
     assert ratio["server_overhead"] == pytest.approx(1000.0 / 800.0)  # median runs: 1000 and the lower of two
     assert ratio["server_overhead_range"] is None
+
+
+@pytest.mark.parametrize("field", ["num_prompts", "lockstep_num_prompts"])
+@pytest.mark.parametrize("count", [0, -3])
+def test_a_request_count_below_one_is_rejected_not_replaced_by_the_default(field, count):
+    with pytest.raises(ValueError, match="must be positive"):
+        ServeBenchConfig(composite_dir="c", expert_dirs=["a"], **{field: count})
