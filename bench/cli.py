@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from gatemix.cli import UserError
+from gatemix.errors import UserError
 
 
 def add_parser(subparsers) -> None:

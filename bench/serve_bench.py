@@ -253,7 +253,7 @@ def add_serve_bench_parser(benches) -> None:
 
 
 def _int_list(text: str, flag: str) -> tuple[int, ...]:
-    from gatemix.cli import UserError
+    from gatemix.errors import UserError
 
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -267,7 +267,7 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
 def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
     from gatemix.engine.composite_folder import CompositeInfo
 
-    from gatemix.cli import UserError
+    from gatemix.errors import UserError
 
     demo_dir = Path(args.demo_dir)
     composite = Path(args.composite) if args.composite else demo_dir / "composite"

@@ -31,7 +31,7 @@ def ensure_demo(out: Path, preset: str = "full", seed: int = 0) -> Path:
     try:
         info = CompositeInfo.read(composite)
         expected = [p.name for p in paths.expert_dirs.values()]
-        from gatemix.engine.expert_folder import expert_hash
+        from gatemix.expert_folder import expert_hash
 
         fresh = info.expert_names == expected and all(
             info.expert_hashes[name] == expert_hash(path) for name, path in paths.expert_dirs.items()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from gatemix.errors import UserError
 
-class DemoBuildError(ValueError):
+
+class DemoBuildError(UserError):
     """Bad input to the demo build: a bad config, an unusable out dir, no text found,
     or a corrupt stage on disk. The message is one line, fit for a CLI to print."""

@@ -23,7 +23,8 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gatemix.engine.expert_folder import ExpertFolder, ExpertFolderError, check_compatible, read_expert
+from gatemix.errors import UserError
+from gatemix.expert_folder import ExpertFolder, ExpertFolderError, check_compatible, read_expert
 from gatemix.gate.artifact import ArtifactError, RouterArtifact, load_router, save_router
 from gatemix.gate.router import check_context_fits, constant_router
 
@@ -41,7 +42,7 @@ COPIED_FILES = (
 )
 
 
-class PackError(ValueError):
+class PackError(UserError):
     """Packing refused; the message is one line and nothing was written."""
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from gatemix.errors import UserError
 from gatemix.gate.router import HiddenStateRouter, RouterForm
 
 ARTIFACT_FORMAT = "gatemix-router/1"
@@ -24,7 +25,7 @@ WEIGHTS_FILE = "router.safetensors"
 METADATA_FILE = "router.json"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError):
     """A router artifact that is missing, corrupt, or does not fit the experts."""
 
 

@@ -16,7 +16,7 @@ import dataclasses
 import types
 import typing
 
-from gatemix.cli import UserError
+from gatemix.errors import UserError
 from gatemix.gate.config import FitGateConfig
 
 

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 import torch
-from gatemix.engine.expert_folder import expert_hash  # noqa: F401  (re-exported)
+from gatemix.expert_folder import expert_hash  # noqa: F401  (re-exported)
 from gatemix.gate.distill_router import TokenFeatures
 from safetensors.torch import load_file, save_file
 

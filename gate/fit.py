@@ -15,6 +15,8 @@ import logging
 from pathlib import Path
 
 import torch
+
+from gatemix.errors import UserError
 from gatemix.gate.artifact import RouterArtifact, save_router
 from gatemix.gate.config import FitGateConfig, PrimalDualConfig
 from gatemix.gate.distill_router import TokenFeatures, distill_router, routed_sequence_logprobs
@@ -26,7 +28,7 @@ from gatemix.gate.sequence_gate import SequenceGate, SequenceGateForm
 logger = logging.getLogger(__name__)
 
 
-class FitGateError(ValueError):
+class FitGateError(UserError):
     """A fit that cannot start: missing demo, experts or splits. One line."""
 
 

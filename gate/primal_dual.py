@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from gatemix.errors import UserError
 from gatemix.gate.config import PrimalDualConfig
 from gatemix.gate.losses import (
     cross_entropy_loss,
@@ -42,7 +45,6 @@ from gatemix.gate.losses import (
     excess_loss,
 )
 from gatemix.gate.mixing import mix_sequence_logprobs
-from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ RESUMABLE_FIELDS = ("steps", "checkpoint_every", "torch_threads")
 SequenceLogprobFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError):
     """A checkpoint that belongs to another fit (other data or other hyperparameters)."""
 
 

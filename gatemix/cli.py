@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+from gatemix.errors import UserError
+
 # Training jobs: idle OpenMP threads must sleep, not spin, or a busy 2-core machine
 # runs each step many times slower. Set before torch is imported.
 TRAINING_COMMANDS = ("build-demo", "fit-gate", "distill-gate", "distill")
@@ -28,25 +30,6 @@ SUBCOMMANDS = {
     "distill": "gatemix.distill.cli",
     "bench": "gatemix.bench.cli",
 }
-
-
-class UserError(Exception):
-    """Raised by subcommands for bad input; printed as one line."""
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [UserError, FileNotFoundError]
-    for module, name in (
-        ("gatemix.engine.composite_folder", "PackError"),
-        ("gatemix.engine.expert_folder", "ExpertFolderError"),
-        ("gatemix.gate.artifact", "ArtifactError"),
-        ("gatemix.demo.errors", "DemoBuildError"),
-    ):
-        try:
-            types.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(types)
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -74,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.run(args) or 0)
-    except _user_error_types() as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"gatemix {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -69,7 +69,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     try:
         return Settings(**given)
     except ValidationError as exc:
-        from gatemix.cli import UserError
+        from gatemix.errors import UserError
 
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "settings"

@@ -12,7 +12,7 @@ from gatemix.bench.serve_report import (
     plot_serve_bench,
 )
 
-from gatemix.cli import UserError
+from gatemix.errors import UserError
 
 
 def _point(system, concurrency, tps, prompt_len=32, api_cpu=200.0):

@@ -103,7 +103,7 @@ def test_router_fitted_for_other_experts_is_refused(experts, tmp_path):
 
 def test_router_context_model_the_experts_cannot_share_a_cache_with_is_refused(experts, tmp_path):
     import torch
-    from gatemix.engine.expert_folder import expert_hash
+    from gatemix.expert_folder import expert_hash
     from gatemix.gate.artifact import RouterArtifact, save_router
     from gatemix.gate.router import HiddenStateRouter, RouterForm, context_config_like
 

@@ -77,7 +77,7 @@ def micro_demo(tmp_path_factory) -> Path:
 
 
 def test_expert_hash_matches_the_engine_and_changes_with_the_weights(micro_demo, tmp_path):
-    from gatemix.engine.expert_folder import expert_hash as engine_hash
+    from gatemix.expert_folder import expert_hash as engine_hash
     from gatemix.gate.features import expert_hash
 
     folder = micro_demo / "experts" / "code"

@@ -36,7 +36,7 @@ def test_env_keys_are_a_comma_list_and_flags_win_over_env(monkeypatch):
 
 
 def test_bad_setting_is_a_one_line_user_error():
-    from gatemix.cli import UserError
+    from gatemix.errors import UserError
 
     with pytest.raises(UserError, match="max_model_len"):
         settings_from_args(parse(["--max-model-len", "4"]))

@@ -1,44 +1,33 @@
-"""Reading and checking the expert folders that go into a composite.
+"""Reading and checking the expert folders that go into one mixture.
 
-A composite can hold experts that share one tokenizer and one Llama
-architecture of identical shape (BTM-style branches of one base): the engine
-runs them as K copies of one stack, and the mixture is only meaningful over a
-shared vocabulary. Everything else is refused here, before anything is written.
+An expert is an ordinary Hugging Face causal-LM folder (``config.json``,
+``*.safetensors``, a fast tokenizer). Experts can share one mixture only if they
+share one vocabulary: the same tokenizer (vocabulary, merges, normalizer and
+special tokens) and the same ``vocab_size``. Their architectures and sizes may
+differ; what the engine can run side by side is checked where the composite is
+packed. Everything is refused here, before anything is written, with one line
+that names the folder and the problem.
+
+Nothing here imports vLLM: the offline jobs read expert folders on machines
+without it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+from gatemix.errors import UserError
+
 EXPERT_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-# Config fields that must agree across experts for them to share one stack shape.
-SHAPE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "rms_norm_eps",
-    "max_position_embeddings",
-    "rope_theta",
-    "rope_scaling",
-    "rope_parameters",
-    "tie_word_embeddings",
-    "attention_bias",
-    "mlp_bias",
-)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-class ExpertFolderError(ValueError):
+class ExpertFolderError(UserError):
     """An expert folder that cannot go into a composite; the message is one line."""
 
 
@@ -47,12 +36,20 @@ class ExpertFolder:
     name: str
     path: Path
     config: dict
-    weights_hash: str
     tokenizer_fingerprint: str
+
+    @property
+    def architecture(self) -> str:
+        return self.config["architectures"][0]
 
     @property
     def weight_files(self) -> list[Path]:
         return sorted(self.path.glob("*.safetensors"))
+
+    @functools.cached_property
+    def weights_hash(self) -> str:
+        """Computed on first use: hashing reads every weight file (gigabytes for real experts)."""
+        return expert_hash(self.path)
 
 
 def _file_sha256(path: Path, digest) -> None:
@@ -111,11 +108,13 @@ def read_expert(path: str | Path, name: str | None = None) -> ExpertFolder:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ExpertFolderError(f"{path}: corrupt config.json ({exc})") from exc
     architectures = config.get("architectures") or []
-    if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
+    if len(architectures) != 1 or not str(architectures[0]).endswith("ForCausalLM"):
         raise ExpertFolderError(
-            f"{path}: architecture {architectures} is not supported; a composite holds "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} experts"
+            f"{path}: not a causal language model (config.json architectures {architectures}; "
+            "an expert is one *ForCausalLM folder)"
         )
+    if not isinstance(config.get("vocab_size"), int):
+        raise ExpertFolderError(f"{path}: config.json has no integer vocab_size")
     if not list(path.glob("*.safetensors")):
         raise ExpertFolderError(f"{path}: no *.safetensors weights")
     _check_safetensors(path)
@@ -123,7 +122,6 @@ def read_expert(path: str | Path, name: str | None = None) -> ExpertFolder:
         name=name,
         path=path,
         config=config,
-        weights_hash=expert_hash(path),
         tokenizer_fingerprint=tokenizer_fingerprint(path),
     )
 
@@ -139,24 +137,28 @@ def _check_safetensors(path: Path) -> None:
             raise ExpertFolderError(f"{weights}: corrupt safetensors file ({exc})") from exc
 
 
-def check_compatible(experts: list[ExpertFolder]) -> None:
-    """Refuse a set of experts that one composite cannot hold."""
-    if len(experts) < 1:
-        raise ExpertFolderError("a composite needs at least one expert")
-    names = [expert.name for expert in experts]
-    if len(set(names)) != len(names):
-        raise ExpertFolderError(f"expert names must be unique, got {names}")
+def check_shared_vocabulary(experts: list[ExpertFolder]) -> None:
+    """Refuse experts whose next-token distributions are not over one vocabulary."""
     first = experts[0]
     for other in experts[1:]:
         if other.tokenizer_fingerprint != first.tokenizer_fingerprint:
             raise ExpertFolderError(
-                f"experts {first.name!r} and {other.name!r} have different tokenizers; "
+                f"experts {first.name!r} ({first.path}) and {other.name!r} ({other.path}) have "
+                "different tokenizers; a mixture needs one shared vocabulary"
+            )
+        if other.config["vocab_size"] != first.config["vocab_size"]:
+            raise ExpertFolderError(
+                f"experts {first.name!r} and {other.name!r} have vocab_size "
+                f"{first.config['vocab_size']} and {other.config['vocab_size']}; "
                 "a mixture needs one shared vocabulary"
             )
-        for field in SHAPE_FIELDS:
-            if first.config.get(field) != other.config.get(field):
-                raise ExpertFolderError(
-                    f"experts {first.name!r} and {other.name!r} differ in {field} "
-                    f"({first.config.get(field)!r} vs {other.config.get(field)!r}); "
-                    "the composite holds experts of one shape"
-                )
+
+
+def check_compatible(experts: list[ExpertFolder]) -> None:
+    """Refuse a set of experts that cannot share one mixture: none, duplicate names, two vocabularies."""
+    if len(experts) < 1:
+        raise ExpertFolderError("a mixture needs at least one expert")
+    names = [expert.name for expert in experts]
+    if len(set(names)) != len(names):
+        raise ExpertFolderError(f"expert names must be unique, got {names}")
+    check_shared_vocabulary(experts)
