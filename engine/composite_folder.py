@@ -3,12 +3,16 @@
 Layout (every file an ordinary Hugging Face / vLLM file, so vLLM loads it
 with no special loader)::
 
-    config.json                     the experts' shared config, architectures =
+    config.json                     the first expert's config, architectures =
                                     ["GatemixForCausalLM"], plus a "gatemix" block
+    expert_configs/<key>/config.json     expert k's own config.json, unchanged: the
+                                    engine builds expert k from vLLM's class for it
     experts-0000k-of-0000K.safetensors   expert k's tensors, named "experts.{k}.<hf name>"
     model.safetensors.index.json
     gate/router.json, gate/router.safetensors   the router artifact (gatemix.gate.artifact)
     tokenizer files, generation_config.json     copied from the first expert
+
+The experts may differ in architecture and size; they share one vocabulary.
 """
 
 from __future__ import annotations
@@ -30,9 +34,13 @@ from gatemix.gate.router import check_context_fits, constant_router
 
 logger = logging.getLogger(__name__)
 
-COMPOSITE_FORMAT = "gatemix-composite/1"
+COMPOSITE_FORMAT = "gatemix-composite/2"  # 2: experts of any architecture and size
 COMPOSITE_ARCHITECTURE = "GatemixForCausalLM"
 GATE_SUBDIR = "gate"
+EXPERT_CONFIGS_SUBDIR = "expert_configs"
+# Fields that must agree for the engine to run the experts side by side (vLLM reads
+# one quantization method and one context length for the whole model).
+ENGINE_SHARED_FIELDS = ("quantization_config",)
 COPIED_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -44,6 +52,25 @@ COPIED_FILES = (
 
 class PackError(UserError):
     """Packing refused; the message is one line and nothing was written."""
+
+
+def expert_module_key(index: int) -> str:
+    """Expert ``index``'s module name in the engine: ``a``, ..., ``z``, ``aa``, ... (no digit).
+
+    vLLM reads the one integer in each attention layer's name as its layer
+    index, so the expert's own prefix must hold none.
+    """
+    key = ""
+    index += 1
+    while index:
+        index, remainder = divmod(index - 1, 26)
+        key = chr(ord("a") + remainder) + key
+    return key
+
+
+def expert_config_dir(model_dir: str | Path, index: int) -> Path:
+    """The folder holding expert ``index``'s own ``config.json`` inside a composite."""
+    return Path(model_dir) / EXPERT_CONFIGS_SUBDIR / expert_module_key(index)
 
 
 def is_composite_folder(path: str | Path) -> bool:
@@ -68,10 +95,13 @@ class CompositeInfo:
         try:
             config = json.loads((path / "config.json").read_text())
             block = config["gatemix"]
-            if block.get("format") != COMPOSITE_FORMAT:
-                raise KeyError("format")
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise PackError(f"{path} is not a gatemix composite folder ({exc})") from exc
+        if block.get("format") != COMPOSITE_FORMAT:
+            raise PackError(
+                f"{path} was packed in format {block.get('format')!r}, this gatemix reads "
+                f"{COMPOSITE_FORMAT!r}: pack it again with `gatemix pack`"
+            )
         gate = json.loads((path / GATE_SUBDIR / "router.json").read_text())
         return cls(
             path=path,
@@ -83,11 +113,35 @@ class CompositeInfo:
         )
 
 
+def expert_hidden_sizes(experts: list[ExpertFolder]) -> list[int]:
+    """Each expert's final hidden size, which the router reads."""
+    sizes = []
+    for expert in experts:
+        size = expert.config.get("hidden_size")
+        if not isinstance(size, int):
+            raise PackError(f"{expert.path}: config.json has no integer hidden_size")
+        sizes.append(size)
+    return sizes
+
+
+def check_engine_compatible(experts: list[ExpertFolder]) -> None:
+    """Refuse experts one engine cannot hold side by side, with the reason."""
+    first = experts[0]
+    for other in experts[1:]:
+        for field in ENGINE_SHARED_FIELDS:
+            if first.config.get(field) != other.config.get(field):
+                raise PackError(
+                    f"experts {first.name!r} and {other.name!r} differ in {field} "
+                    f"({first.config.get(field)!r} vs {other.config.get(field)!r}); "
+                    "one engine runs one quantization method"
+                )
+
+
 def check_router_fits(artifact: RouterArtifact, experts: list[ExpertFolder]) -> None:
     """Refuse a router whose shapes the composite cannot run with these experts."""
-    hidden_size = int(experts[0].config["hidden_size"])
-    if artifact.router.form.hidden_size != hidden_size:
-        raise PackError(f"router reads hidden size {artifact.router.form.hidden_size}, experts have {hidden_size}")
+    widths = tuple(expert_hidden_sizes(experts))
+    if artifact.router.form.expert_widths != widths:
+        raise PackError(f"router reads hidden sizes {artifact.router.form.expert_widths}, experts have {widths}")
     try:
         check_context_fits(artifact.router.form.context_config, experts[0].config)
     except ValueError as exc:
@@ -98,7 +152,7 @@ def parse_gate_spec(spec: str | None, experts: list[ExpertFolder]) -> RouterArti
     """``None``/"uniform", "name=w,..." or "w1,w2,..." -> a constant router; else an artifact folder."""
     names = [expert.name for expert in experts]
     hashes = {expert.name: expert.weights_hash for expert in experts}
-    hidden_size = int(experts[0].config["hidden_size"])
+    hidden_sizes = expert_hidden_sizes(experts)
     if spec is None or spec == "uniform":
         weights = [1.0] * len(names)
     elif Path(spec).is_dir():
@@ -112,7 +166,7 @@ def parse_gate_spec(spec: str | None, experts: list[ExpertFolder]) -> RouterArti
     else:
         weights = _parse_weights(spec, names)
     try:
-        router = constant_router(weights, hidden_size)
+        router = constant_router(weights, hidden_sizes)
     except ValueError as exc:
         raise PackError(f"gate {spec!r}: {exc}") from exc
     return RouterArtifact(router=router, expert_names=names, expert_hashes=hashes, method="constant")
@@ -150,6 +204,7 @@ def pack_composite(
     try:
         experts = [read_expert(p, names[i] if names else None) for i, p in enumerate(expert_paths)]
         check_compatible(experts)
+        check_engine_compatible(experts)
     except ExpertFolderError as exc:
         raise PackError(str(exc)) from exc
     artifact = gate if isinstance(gate, RouterArtifact) else parse_gate_spec(gate, experts)
@@ -188,17 +243,34 @@ def _write_composite(experts: list[ExpertFolder], artifact: RouterArtifact, stag
     index_json = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     (staging / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
     save_router(artifact, staging / GATE_SUBDIR)
-    config = dict(experts[0].config)
-    config["architectures"] = [COMPOSITE_ARCHITECTURE]
-    config["gatemix"] = {
-        "format": COMPOSITE_FORMAT,
-        "expert_names": [expert.name for expert in experts],
-        "expert_hashes": {expert.name: expert.weights_hash for expert in experts},
-        "expert_architecture": experts[0].config["architectures"][0],
-        "gate_version": artifact.version,
-    }
-    (staging / "config.json").write_text(json.dumps(config, indent=2))
+    for index, expert in enumerate(experts):
+        config_dir = expert_config_dir(staging, index)
+        config_dir.mkdir(parents=True)
+        shutil.copy2(expert.path / "config.json", config_dir / "config.json")
+    (staging / "config.json").write_text(json.dumps(composite_config(experts, artifact), indent=2))
     for name in COPIED_FILES:
         source = experts[0].path / name
         if source.is_file():
             shutil.copy2(source, staging / name)
+
+
+def composite_config(experts: list[ExpertFolder], artifact: RouterArtifact) -> dict:
+    """The composite's config.json: the first expert's, as vLLM reads it, plus the gatemix block.
+
+    vLLM sizes the context from this config alone, so it carries the shortest
+    context any expert supports.
+    """
+    config = dict(experts[0].config)
+    config["architectures"] = [COMPOSITE_ARCHITECTURE]
+    lengths = [e.config["max_position_embeddings"] for e in experts if "max_position_embeddings" in e.config]
+    if lengths:
+        config["max_position_embeddings"] = min(lengths)
+    config["gatemix"] = {
+        "format": COMPOSITE_FORMAT,
+        "expert_names": [expert.name for expert in experts],
+        "expert_hashes": {expert.name: expert.weights_hash for expert in experts},
+        "expert_architectures": [expert.architecture for expert in experts],
+        "expert_hidden_sizes": expert_hidden_sizes(experts),
+        "gate_version": artifact.version,
+    }
+    return config

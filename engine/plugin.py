@@ -9,7 +9,9 @@ reach spawned workers.
 def register() -> None:
     from vllm import ModelRegistry
 
-    if "GatemixForCausalLM" not in ModelRegistry.get_supported_archs():
+    from gatemix.engine.composite_folder import COMPOSITE_ARCHITECTURE
+
+    if COMPOSITE_ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(
-            "GatemixForCausalLM", "gatemix.engine.composite_model:GatemixForCausalLM"
+            COMPOSITE_ARCHITECTURE, f"gatemix.engine.composite_model:{COMPOSITE_ARCHITECTURE}"
         )

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
+from gatemix.engine.composite_folder import COMPOSITE_ARCHITECTURE
 from gatemix.engine.gate_trace import TraceRecord, TraceSender
-from gatemix.gate.mixing import restrict_log_weights
+from gatemix.gate.mixing import LOG_WEIGHT_FLOOR, restrict_log_weights
 
 logger = logging.getLogger(__name__)
 
 GATE_ARGS_KEY = "gatemix"
-COMPOSITE_ARCHITECTURE = "GatemixForCausalLM"
 
 
 def gate_request_args(
@@ -68,8 +68,7 @@ def parse_request_gate(extra_args: dict | None, output_token_ids: list[int]) -> 
     pinned_log = None
     if pinned is not None:
         probs = torch.tensor(pinned, dtype=torch.float64)
-        # Same floor as the router: exp(-1e4) is exactly 0 in float32.
-        pinned_log = torch.log(probs / probs.sum()).clamp_min(-1e4).float()
+        pinned_log = torch.log(probs / probs.sum()).clamp_min(LOG_WEIGHT_FLOOR).float()
     mask = args.get("experts_mask")
     return RequestGate(
         pinned_log_weights=pinned_log,

@@ -88,7 +88,7 @@ class ExpertBank(Protocol):
     """The frozen experts, as the fit and the distillation need them."""
 
     num_experts: int
-    hidden_size: int
+    hidden_sizes: list[int]  # each expert's final hidden size, in expert order
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TokenFeatures: ...
 
@@ -364,7 +364,9 @@ def distill_router(
     features = TokenFeatures.concat(parts)
     torch.manual_seed(seed)
     router = HiddenStateRouter(
-        RouterForm(bank.num_experts, bank.hidden_size, router_hidden, context_config)
+        RouterForm.for_experts(
+            bank.hidden_sizes, router_hidden=router_hidden, context_config=context_config
+        )
     )
     router.set_constant(torch.ones(bank.num_experts))  # start at uniform, then learn
     losses, held_out = train_router(

@@ -53,7 +53,7 @@ class HFExpertBank:
         ]
         self.device = device
         self.num_experts = len(self.models)
-        self.hidden_size = self.models[0].config.hidden_size
+        self.hidden_sizes = [model.config.hidden_size for model in self.models]
         self.hashes = [expert_hash(path) for path in self.expert_dirs]
         self.with_hidden = True
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import torch
 
+# Stands in for log 0 where a log weight must stay a finite number (a router bias, the
+# engine's packed weights): exp(-1e4) is exactly 0 in float32.
+LOG_WEIGHT_FLOOR = -1e4
+
 
 def mix_logprobs(expert_logprobs: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
     """Exact mixture ``log sum_k w_k p_k(y)``.

@@ -25,18 +25,26 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from gatemix.gate.mixing import LOG_WEIGHT_FLOOR
+
 
 @dataclass(frozen=True)
 class RouterForm:
     """Architecture of the router; stored in the artifact so the engine can rebuild it."""
 
     num_experts: int
-    hidden_size: int  # each expert's final hidden size H
+    hidden_size: int  # the experts' final hidden size H, when they all share one
     router_hidden: int = 0  # 0: linear head; >0: one SiLU hidden layer of this width
     # The router's own causal Llama (a Hugging Face LlamaConfig dict), or None.
     context_config: dict | None = None
+    # Each expert's final hidden size, when they differ (experts of different sizes); None: all H.
+    hidden_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.hidden_sizes is not None:
+            object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
+            if len(self.hidden_sizes) != self.num_experts or min(self.hidden_sizes) < 1:
+                raise ValueError(f"invalid router form {self}: one positive hidden size per expert")
         if self.num_experts < 1 or self.hidden_size < 1 or self.router_hidden < 0:
             raise ValueError(f"invalid router form {self}")
         if self.context_config is not None:
@@ -44,12 +52,33 @@ class RouterForm:
                 if not isinstance(self.context_config.get(key), int) or self.context_config[key] < 1:
                     raise ValueError(f"router context_config needs a positive {key}")
 
+    @classmethod
+    def for_experts(cls, hidden_sizes: list[int], **kwargs) -> RouterForm:
+        """The form for experts of these final hidden sizes (in expert order)."""
+        shared = len(set(hidden_sizes)) == 1
+        return cls(
+            num_experts=len(hidden_sizes),
+            hidden_size=int(hidden_sizes[0]),
+            hidden_sizes=None if shared else tuple(hidden_sizes),
+            **kwargs,
+        )
+
+    @property
+    def expert_widths(self) -> tuple[int, ...]:
+        """``(H_1, ..., H_K)``: the widths of the concatenated expert states the head reads."""
+        return self.hidden_sizes or (self.hidden_size,) * self.num_experts
+
     @property
     def context_size(self) -> int:
         return 0 if self.context_config is None else self.context_config["hidden_size"]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        form = asdict(self)
+        if form["hidden_sizes"] is None:  # experts of one width: the form artifacts always had
+            del form["hidden_sizes"]
+        else:
+            form["hidden_sizes"] = list(form["hidden_sizes"])
+        return form
 
 
 def attention_shape(config: dict) -> tuple[int, int]:
@@ -104,7 +133,7 @@ class HiddenStateRouter(nn.Module):
         """``build_context=False`` builds the head alone (the engine runs the context model)."""
         super().__init__()
         self.form = form
-        in_features = form.num_experts * form.hidden_size + form.context_size
+        in_features = sum(form.expert_widths) + form.context_size
         if form.router_hidden:
             self.proj_in = nn.Linear(in_features, form.router_hidden)
             self.proj_out = nn.Linear(form.router_hidden, form.num_experts)
@@ -123,7 +152,7 @@ class HiddenStateRouter(nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``(N, T, K*H)`` states of tokens ``input_ids`` ``(N, T)`` -> ``(N, T, K)``.
+        """``(N, T, sum_k H_k)`` states of tokens ``input_ids`` ``(N, T)`` -> ``(N, T, K)``.
 
         The token ids are needed only with a context model; position t of both
         is token t, so the weights at t decide token t + 1.
@@ -138,7 +167,7 @@ class HiddenStateRouter(nn.Module):
         return self.head(expert_hidden)
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
-        """The head alone: ``(..., K*H [+ C])`` -> ``(..., K)``; the engine computes the context."""
+        """The head alone: ``(..., sum_k H_k [+ C])`` -> ``(..., K)``; the engine computes the context."""
         hidden = features
         if self.proj_in is not None:
             hidden = nn.functional.silu(self.proj_in(hidden))
@@ -163,17 +192,22 @@ class HiddenStateRouter(nn.Module):
         if (weights < 0).any() or weights.sum() <= 0:
             raise ValueError("constant gate weights must be non-negative with a positive sum")
         self.proj_out.weight.zero_()
-        # A finite floor stands in for log 0 so the bias stays a finite parameter;
-        # exp(-1e4) is exactly 0 in float32.
+        # A finite floor stands in for log 0 so the bias stays a finite parameter.
         probs = weights.double() / weights.double().sum()
-        self.proj_out.bias.copy_(torch.log(probs).clamp_min(-1e4).to(self.proj_out.bias.dtype))
+        self.proj_out.bias.copy_(torch.log(probs).clamp_min(LOG_WEIGHT_FLOOR).to(self.proj_out.bias.dtype))
         return self
 
 
-def constant_router(weights: list[float] | torch.Tensor, hidden_size: int) -> HiddenStateRouter:
-    """A router that always returns the given weights (uniform, skewed or one-hot)."""
+def constant_router(
+    weights: list[float] | torch.Tensor, hidden_size: int | list[int]
+) -> HiddenStateRouter:
+    """A router that always returns the given weights (uniform, skewed or one-hot).
+
+    ``hidden_size``: the experts' shared final hidden size, or one per expert.
+    """
     weights = torch.as_tensor(weights, dtype=torch.float64)
-    router = HiddenStateRouter(RouterForm(num_experts=len(weights), hidden_size=hidden_size))
+    sizes = hidden_size if isinstance(hidden_size, list) else [hidden_size] * len(weights)
+    router = HiddenStateRouter(RouterForm.for_experts(sizes))
     return router.set_constant(weights)
 
 

@@ -109,7 +109,7 @@ class SyntheticExpertBank:
     def __init__(self, experts: list[TinyCausalLM]) -> None:
         self.experts = experts
         self.num_experts = len(experts)
-        self.hidden_size = experts[0].width
+        self.hidden_sizes = [expert.width for expert in experts]
 
     @torch.no_grad()
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TokenFeatures:
