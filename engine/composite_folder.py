@@ -124,8 +124,24 @@ def expert_hidden_sizes(experts: list[ExpertFolder]) -> list[int]:
     return sizes
 
 
+def check_vllm_supports(experts: list[ExpertFolder]) -> None:
+    """Refuse an expert whose architecture vLLM has no class for (checked where vLLM is installed)."""
+    try:
+        from vllm import ModelRegistry
+    except ImportError:  # packing on a machine without vLLM: the engine checks at start-up
+        return
+    supported = set(ModelRegistry.get_supported_archs())
+    for expert in experts:
+        if expert.architecture not in supported:
+            raise PackError(
+                f"{expert.path}: architecture {expert.architecture} is not supported by the "
+                "installed vLLM, which builds every expert from its own model class"
+            )
+
+
 def check_engine_compatible(experts: list[ExpertFolder]) -> None:
     """Refuse experts one engine cannot hold side by side, with the reason."""
+    check_vllm_supports(experts)
     first = experts[0]
     for other in experts[1:]:
         for field in ENGINE_SHARED_FIELDS:

@@ -90,6 +90,15 @@ def tokenizer_fingerprint(folder: Path) -> str:
     return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
 
 
+def is_causal_lm_architecture(architecture: str) -> bool:
+    """A ``*ForCausalLM`` class, or one transformers lists as a causal LM (``GPT2LMHeadModel``)."""
+    if architecture.endswith("ForCausalLM"):
+        return True
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return architecture in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
 def read_expert(path: str | Path, name: str | None = None) -> ExpertFolder:
     """Check one expert folder and read what the composite needs from it."""
     path = Path(path)
@@ -108,10 +117,10 @@ def read_expert(path: str | Path, name: str | None = None) -> ExpertFolder:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ExpertFolderError(f"{path}: corrupt config.json ({exc})") from exc
     architectures = config.get("architectures") or []
-    if len(architectures) != 1 or not str(architectures[0]).endswith("ForCausalLM"):
+    if len(architectures) != 1 or not is_causal_lm_architecture(str(architectures[0])):
         raise ExpertFolderError(
             f"{path}: not a causal language model (config.json architectures {architectures}; "
-            "an expert is one *ForCausalLM folder)"
+            "an expert is one causal-LM class, such as LlamaForCausalLM)"
         )
     if not isinstance(config.get("vocab_size"), int):
         raise ExpertFolderError(f"{path}: config.json has no integer vocab_size")

@@ -58,7 +58,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         "serving %s from %s: experts %s", models.ensemble_name, model_dir, models.expert_names
     )
     # AsyncLLM starts its output handler on the running loop, so it is built here, not in a thread.
-    engine = build_async_engine(settings.engine_settings(model_dir))
+    engine = build_async_engine(model_dir, settings.engine)
     receiver = GateTraceReceiver() if models.is_composite else None
     try:
         if receiver is not None:
@@ -74,6 +74,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             metrics=metrics,
             settings=settings,
             vocab_size=engine.model_config.get_vocab_size(),
+            max_model_len=engine.model_config.max_model_len,
         )
         app.state.engine = engine
         app.state.models = models

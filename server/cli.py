@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import typing
 
-from gatemix.server.settings import ENV_PREFIX, Settings
+from gatemix.engine.engine_config import EngineSettings
+from gatemix.server.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, Settings
+
+NESTED_ENGINE = "engine"  # the Settings field holding EngineSettings
 
 # Fields whose flag is not simply --field-name.
 _FLAG_NAMES = {"api_keys": "--api-key"}
@@ -24,6 +27,28 @@ def _flag_type(annotation) -> str:
     return "value"
 
 
+def _add_setting_flag(parser: argparse.ArgumentParser, name: str, dest: str, field, env: str) -> None:
+    flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+    default = field.get_default(call_default_factory=True)
+    help_text = f"{field.description} [env {env}; default {default}]"
+    kind = _flag_type(field.annotation)
+    if kind == "bool":
+        parser.add_argument(
+            flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text
+        )
+    elif kind == "list":
+        parser.add_argument(
+            flag,
+            dest=dest,
+            action="append",
+            default=None,
+            metavar="KEY",
+            help=help_text + " (repeat the flag for several)",
+        )
+    else:
+        parser.add_argument(flag, dest=dest, default=None, metavar=name.upper(), help=help_text)
+
+
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "serve",
@@ -33,26 +58,12 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         "/metrics. Every flag can also be set with the environment variable shown.",
     )
     for name, field in Settings.model_fields.items():
-        flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-        env = ENV_PREFIX + name.upper()
-        default = field.get_default(call_default_factory=True)
-        help_text = f"{field.description} [env {env}; default {default}]"
-        kind = _flag_type(field.annotation)
-        if kind == "bool":
-            parser.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        elif kind == "list":
-            parser.add_argument(
-                flag,
-                dest=name,
-                action="append",
-                default=None,
-                metavar="KEY",
-                help=help_text + " (repeat the flag for several)",
-            )
-        else:
-            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+        if name == NESTED_ENGINE:
+            continue
+        _add_setting_flag(parser, name, name, field, ENV_PREFIX + name.upper())
+    for name, field in EngineSettings.model_fields.items():
+        env = f"{ENV_PREFIX}{NESTED_ENGINE.upper()}{ENV_NESTED_DELIMITER}{name.upper()}"
+        _add_setting_flag(parser, name, f"{NESTED_ENGINE}.{name}", field, env)
     parser.set_defaults(run=run_serve)
     return parser
 
@@ -66,6 +77,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         for name in Settings.model_fields
         if getattr(args, name, None) is not None
     }
+    engine = {
+        name: getattr(args, f"{NESTED_ENGINE}.{name}")
+        for name in EngineSettings.model_fields
+        if getattr(args, f"{NESTED_ENGINE}.{name}", None) is not None
+    }
+    if engine:  # pydantic-settings merges these over GATEMIX_ENGINE__* variables, field by field
+        given[NESTED_ENGINE] = engine
     try:
         return Settings(**given)
     except ValidationError as exc:

@@ -67,6 +67,7 @@ class ServingEngine:
         metrics,
         settings: Settings,
         vocab_size: int,
+        max_model_len: int,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
@@ -75,6 +76,7 @@ class ServingEngine:
         self.metrics = metrics
         self.settings = settings
         self.vocab_size = vocab_size
+        self.max_model_len = max_model_len  # the engine's context, prompt and completion together
         self.waiting = 0  # engine requests submitted, no token yet
         self.running = 0  # engine requests producing tokens
         self.aborted = 0  # engine requests aborted (client gone, or an error)
@@ -116,7 +118,7 @@ class ServingEngine:
         ``requested`` None means "the rest of the context"; 0 means "score the prompt
         only": the engine cannot generate 0 tokens, so it makes one that is dropped.
         """
-        context = self.settings.max_model_len
+        context = self.max_model_len
         if prompt_len == 0:
             raise bad_request("the prompt is empty", prompt_param)
         if requested is None:

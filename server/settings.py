@@ -2,7 +2,9 @@
 
 Every field's ``description`` is its ``--help`` text (``gatemix serve --help``
 lists them all, with the matching environment variable). Flags given on the
-command line win over the environment, which wins over the defaults.
+command line win over the environment, which wins over the defaults. The
+engine's settings are one nested object (``engine_config.EngineSettings``):
+flat flags (``--max-model-len``), nested variables (``GATEMIX_ENGINE__MAX_MODEL_LEN``).
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "GATEMIX_"
+ENV_NESTED_DELIMITER = "__"  # GATEMIX_ENGINE__MAX_MODEL_LEN
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="ignore", protected_namespaces=()
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="ignore",
+        protected_namespaces=(),
     )
 
     # Where to listen.
@@ -30,42 +36,26 @@ class Settings(BaseSettings):
     model_dir: Path | None = Field(
         None,
         description="model folder to serve: a gatemix composite, or a plain single-model HF "
-        "folder (served as a one-expert mixture). Default: <demo-dir>/composite, built if missing",
+        "folder (served as a one-expert mixture)",
+    )
+    project: Path | None = Field(
+        None,
+        description="gatemix project file (or a folder holding gatemix.toml): serves its "
+        "composite, packed from its experts and fitted gate when missing or stale",
     )
     demo_dir: Path = Field(
         Path("artifacts/demo"),
-        description="demo build folder used when --model-dir is not given (`make serve`)",
+        description="with neither --model-dir nor --project: the demo, built here if missing "
+        "(its project file included), then served as its project (`make serve`)",
     )
     served_model_name: str | None = Field(
         None,
-        description="model name of the gated mixture (default: the model folder's name; "
-        "gatemix-demo for the demo)",
+        description="model name of the gated mixture (default: the project's name, else the "
+        "model folder's name)",
     )
 
-    # Engine sizes (mapped onto gatemix.engine.engine_config.EngineSettings).
-    dtype: str = Field(
-        "auto", description="weights/activations dtype: auto, float32, bfloat16, float16"
-    )
-    max_model_len: int = Field(
-        512, ge=16, description="context length in tokens (prompt + completion)"
-    )
-    max_num_seqs: int = Field(64, ge=1, description="most sequences decoded in one engine step")
-    max_num_batched_tokens: int | None = Field(
-        None, ge=1, description="token budget per engine step"
-    )
-    gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="fraction of GPU memory for vLLM (CPU: see --kv-cache-gib)"
-    )
-    kv_cache_gib: int = Field(2, ge=1, description="CPU only: KV cache size in whole GiB")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (tensor parallelism)")
-    pipeline_parallel_size: int = Field(
-        1, ge=1, description="pipeline stages (each holds a slice of every expert's layers)"
-    )
-    distributed_executor_backend: str | None = Field(
-        None, description="vLLM executor: mp (one node) or ray (across nodes); default: vLLM's choice"
-    )
-    enforce_eager: bool = Field(True, description="skip torch.compile / CUDA graphs")
-    seed: int = Field(0, description="engine seed (requests without a seed draw from it)")
+    # The engine: vLLM's sizes and parallelism, one nested object (flags --max-model-len ...).
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="vLLM engine settings")
 
     # Access.
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -116,19 +106,3 @@ class Settings(BaseSettings):
             # vLLM's engine refuses more than its max_logprobs (20 by default).
             raise ValueError("max_logprobs above 20 is not supported by the engine")
         return self
-
-    def engine_settings(self, model_dir: str | Path) -> EngineSettings:
-        return EngineSettings(
-            model_dir=str(model_dir),
-            dtype=self.dtype,
-            max_model_len=self.max_model_len,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            kv_cache_gib=self.kv_cache_gib,
-            tensor_parallel_size=self.tensor_parallel_size,
-            pipeline_parallel_size=self.pipeline_parallel_size,
-            distributed_executor_backend=self.distributed_executor_backend,
-            enforce_eager=self.enforce_eager,
-            seed=self.seed,
-        )

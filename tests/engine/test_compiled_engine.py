@@ -11,17 +11,14 @@ import gc
 
 from vllm import SamplingParams
 
-from gatemix.engine.engine_config import EngineSettings, build_offline_engine
+from gatemix.engine.engine_config import build_offline_engine
 
 PROMPTS = [list(range(20 + 7 * i, 40 + 7 * i)) for i in range(3)]
 
 
 def _generate(model_dir, eager: bool):
     llm = build_offline_engine(
-        EngineSettings(
-            model_dir=str(model_dir), dtype="float32", max_model_len=128, max_num_seqs=4,
-            enforce_eager=eager,
-        )
+        model_dir, dtype="float32", max_model_len=128, max_num_seqs=4, enforce_eager=eager
     )
     try:
         params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=10)

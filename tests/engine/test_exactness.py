@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from vllm import SamplingParams
 
 from gatemix.demo.corpus import load_split
-from gatemix.engine.engine_config import EngineSettings, build_offline_engine
+from gatemix.engine.engine_config import build_offline_engine
 from gatemix.engine.request_gates import gate_request_args
 
 TOP = 20
@@ -29,9 +29,7 @@ WEIGHT_SETTINGS = {
 
 @pytest.fixture(scope="module")
 def engine(composite_dir):
-    llm = build_offline_engine(
-        EngineSettings(model_dir=str(composite_dir), dtype="float32", max_model_len=256, max_num_seqs=8)
-    )
+    llm = build_offline_engine(composite_dir, dtype="float32", max_model_len=256, max_num_seqs=8)
     yield llm
     llm.llm_engine.engine_core.shutdown()
     del llm
@@ -145,8 +143,7 @@ def test_tensor_parallel_engine_serves_the_same_mixture(composite_dir, reference
     _, experts = reference
     weights = WEIGHT_SETTINGS["skewed"]
     llm = build_offline_engine(
-        EngineSettings(model_dir=str(composite_dir), dtype="float32", max_model_len=256, max_num_seqs=4,
-                       tensor_parallel_size=2)
+        composite_dir, dtype="float32", max_model_len=256, max_num_seqs=4, tensor_parallel_size=2
     )
     try:
         outputs = llm.generate(

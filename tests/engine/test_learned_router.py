@@ -21,7 +21,7 @@ from vllm import SamplingParams
 
 from gatemix.distill.teacher import EnsembleTeacher
 from gatemix.engine.composite_folder import pack_composite
-from gatemix.engine.engine_config import EngineSettings, build_offline_engine
+from gatemix.engine.engine_config import build_offline_engine
 from gatemix.expert_folder import expert_hash
 from gatemix.engine.request_gates import gate_request_args
 from gatemix.gate.artifact import RouterArtifact
@@ -73,9 +73,7 @@ def test_engine_weights_and_logprobs_match_the_offline_router(routed_composite, 
     socket = context.socket(zmq.PULL)
     address = f"ipc://{tmp_path}/trace.sock"
     socket.bind(address)
-    llm = build_offline_engine(
-        EngineSettings(model_dir=str(routed_composite), dtype="float32", max_model_len=256, max_num_seqs=4)
-    )
+    llm = build_offline_engine(routed_composite, dtype="float32", max_model_len=256, max_num_seqs=4)
     try:
         prompt = list(range(40, 60))
         params = SamplingParams(

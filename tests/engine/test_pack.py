@@ -77,12 +77,20 @@ def test_mismatched_tokenizers_are_refused(experts, tmp_path):
     _assert_refused(_gatemix("pack", *map(str, experts), "--out", str(out)), out, "different tokenizers")
 
 
-def test_unknown_architecture_is_refused(experts, tmp_path):
+def test_a_folder_that_is_not_a_causal_lm_is_refused(experts, tmp_path):
     config = json.loads((experts[2] / "config.json").read_text())
-    config["architectures"] = ["GPT2LMHeadModel"]
+    config["architectures"] = ["BertForMaskedLM"]
     (experts[2] / "config.json").write_text(json.dumps(config))
     out = tmp_path / "composite"
-    _assert_refused(_gatemix("pack", *map(str, experts), "--out", str(out)), out, "not supported")
+    _assert_refused(_gatemix("pack", *map(str, experts), "--out", str(out)), out, "not a causal language model")
+
+
+def test_an_architecture_vllm_cannot_build_is_refused(experts, tmp_path):
+    config = json.loads((experts[2] / "config.json").read_text())
+    config["architectures"] = ["MadeUpForCausalLM"]
+    (experts[2] / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "composite"
+    _assert_refused(_gatemix("pack", *map(str, experts), "--out", str(out)), out, "not supported by the installed vLLM")
 
 
 def test_gate_naming_an_unknown_expert_is_refused(experts, tmp_path):

@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 from gatemix.server.cli import add_serve_parser, settings_from_args
+from gatemix.engine.engine_config import EngineSettings
 from gatemix.server.settings import Settings
 
 
@@ -20,7 +21,10 @@ def test_every_setting_has_a_documented_flag():
     serve = add_serve_parser(parser.add_subparsers())
     help_text = " ".join(serve.format_help().split())
     for name in Settings.model_fields:
-        assert f"GATEMIX_{name.upper()}" in help_text
+        if name != "engine":
+            assert f"GATEMIX_{name.upper()}" in help_text
+    for name in EngineSettings.model_fields:
+        assert f"GATEMIX_ENGINE__{name.upper()}" in help_text and f"--{name.replace('_', '-')}" in help_text
 
 
 def test_env_keys_are_a_comma_list_and_flags_win_over_env(monkeypatch):
@@ -31,8 +35,25 @@ def test_env_keys_are_a_comma_list_and_flags_win_over_env(monkeypatch):
         parse(["--api-key", "gamma", "--max-n", "7", "--no-enforce-eager"])
     )
     assert (
-        settings.api_keys == ["gamma"] and settings.max_n == 7 and settings.enforce_eager is False
+        settings.api_keys == ["gamma"] and settings.max_n == 7 and settings.engine.enforce_eager is False
     )
+
+
+def test_engine_flags_merge_with_engine_variables_field_by_field(monkeypatch):
+    monkeypatch.setenv("GATEMIX_ENGINE__KV_CACHE_GIB", "5")
+    monkeypatch.setenv("GATEMIX_ENGINE__MAX_MODEL_LEN", "128")
+    engine = settings_from_args(parse(["--max-model-len", "256"])).engine
+    assert (engine.kv_cache_gib, engine.max_model_len) == (5, 256)
+
+
+def test_engine_defaults_follow_the_device():
+    """No context length and no eager setting unless asked: vLLM's and the device's own."""
+    from gatemix.engine.engine_config import on_cpu
+
+    engine = Settings().engine
+    assert engine.max_model_len is None and engine.enforce_eager is None
+    assert engine.resolved_enforce_eager() is on_cpu()
+    assert engine.gpu_memory_utilization == EngineSettings().gpu_memory_utilization
 
 
 def test_bad_setting_is_a_one_line_user_error():
@@ -43,16 +64,12 @@ def test_bad_setting_is_a_one_line_user_error():
 
 
 def test_engine_settings_carry_the_sizes():
-    engine = Settings(
-        max_model_len=256, max_num_seqs=8, kv_cache_gib=3, dtype="float32"
-    ).engine_settings("/m")
-    assert (engine.model_dir, engine.max_model_len, engine.max_num_seqs, engine.kv_cache_gib) == (
-        "/m",
-        256,
-        8,
-        3,
+    engine = settings_from_args(
+        parse(["--max-model-len", "256", "--max-num-seqs", "8", "--kv-cache-gib", "3", "--dtype", "float32"])
+    ).engine
+    assert (engine.max_model_len, engine.max_num_seqs, engine.kv_cache_gib, engine.dtype) == (
+        256, 8, 3, "float32"
     )
-    assert engine.dtype == "float32"
 
 
 def test_a_folder_without_config_is_refused_before_the_engine_starts(tmp_path):

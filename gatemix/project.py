@@ -1,0 +1,432 @@
+"""The project file: the experts of one ensemble and the data of each domain.
+
+Every job (fit-gate, distill, pack, serve, bench) reads one project file through
+``load_project``, so they all agree on which folder is which expert and which
+documents are the gate's and which are held out::
+
+    name = "my-ensemble"        # served model name; default: the project folder's name
+    work_dir = "gatemix-work"   # where jobs write: gate/, composite/, student/, cache/
+    [experts]                   # expert name = domain name, in composite order
+    code = "/models/qwen-code"
+    [baselines]                 # optional: models a report compares against, never served
+    [data]                      # defaults: text_field, seed, gate_fraction, eval_fraction
+    [data.code]                 # train/gate/eval lists, or one pool `files` split with the seed
+
+Paths are relative to the project file's folder (``~`` expanded, absolute allowed);
+``gatemix.data_sources`` says what a source is. YAML holds the same schema.
+The tables and the experts are checked on load; documents are read on first
+use (data can be large) and kept. Every refusal is a ``ProjectError``: one line
+naming the project file, the data file where one is at fault, and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from gatemix.data_sources import (
+    DATA_DEFAULTS,
+    POOL,
+    SPLITS,
+    DataSourceError,
+    Document,
+    DomainData,
+    TableError,
+    check_settings,
+    check_source,
+    expect_type,
+    kind_name,
+    parse_domain,
+    path_label,
+    read_sources,
+    reject_unknown_keys,
+    resolve_path,
+    source_sha256,
+    split_pool,
+    text_sha256,
+)
+from gatemix.errors import UserError
+from gatemix.expert_folder import (
+    EXPERT_NAME_PATTERN,
+    ExpertFolder,
+    ExpertFolderError,
+    check_compatible,
+    read_expert,
+)
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+logger = logging.getLogger(__name__)
+
+PROJECT_FILE_NAMES = ("gatemix.toml", "gatemix.yaml", "gatemix.yml")
+TOP_LEVEL_KEYS = ("name", "work_dir", "experts", "baselines", "data")
+DEFAULT_WORK_DIR = "gatemix-work"
+SPLIT_RECORD_FILE = "splits.json"
+
+
+class ProjectError(UserError):
+    """A project file, expert or data source a job refuses; always one line."""
+
+    def __init__(self, message: str):
+        # Parser messages (YAML's above all) span lines; a CLI error is one.
+        super().__init__(re.sub(r"\s*\n\s*", " ", str(message)).strip())
+
+
+@dataclass(frozen=True, eq=False)
+class Project:
+    """A loaded project file; documents are read on first use and kept."""
+
+    path: Path
+    name: str
+    work_dir: Path
+    experts: dict[str, Path]
+    baselines: dict[str, Path]
+    data: dict[str, DomainData]
+    _documents: dict[tuple[str, str], list[Document]] = field(
+        default_factory=dict, init=False, repr=False)
+    _expert_folders: list[ExpertFolder] = field(default_factory=list, init=False, repr=False)
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.experts)
+
+    @property
+    def gate_dir(self) -> Path:
+        return self.work_dir / "gate"
+
+    @property
+    def composite_dir(self) -> Path:
+        return self.work_dir / "composite"
+
+    @property
+    def student_dir(self) -> Path:
+        return self.work_dir / "student"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.work_dir / "cache"
+
+    def has_split(self, domain: str, split: str) -> bool:
+        domain_data = self._domain(domain)
+        if split not in SPLITS:
+            raise ProjectError(f"{self.path}: unknown split {split!r} (splits: {', '.join(SPLITS)})")
+        return domain_data.is_pool or split in domain_data.sources
+
+    def documents(self, domain: str, split: str) -> list[Document]:
+        """The ``(doc_id, text)`` pairs of one domain's split, in source order."""
+        if not self.has_split(domain, split):
+            raise ProjectError(
+                f"{self.path}: domain {domain!r} has no {split} split; add {split} = [\"<file>\"] "
+                f"under [data.{domain}], or give one pool {POOL} = [...] split with the seed")
+        if (domain, split) not in self._documents:
+            try:
+                self._load(self.data[domain], split)
+            except DataSourceError as exc:
+                raise ProjectError(f"{self.path}: {exc}") from exc
+        return list(self._documents[(domain, split)])
+
+    def texts(self, domain: str, split: str) -> list[str]:
+        return [text for _, text in self.documents(domain, split)]
+
+    def split_listing(self) -> dict[str, dict[str, list[dict]]]:
+        """``{domain: {split: [{"id", "sha256"}, ...]}}`` over the splits that exist."""
+        return {
+            domain: {
+                split: [{"id": doc_id, "sha256": text_sha256(text)}
+                        for doc_id, text in self.documents(domain, split)]
+                for split in SPLITS if self.has_split(domain, split)
+            }
+            for domain in self.domains
+        }
+
+    def source_listing(self) -> dict[str, dict[str, list[dict]]]:
+        """``{domain: {split or "files": [{"path", "format", ..., "sha256"}]}}``, hashed now."""
+        return {
+            domain: {
+                key: [{"path": source.label, "format": source.resolved_format(),
+                       "text_field": source.text_field, "split": source.split,
+                       "sha256": source_sha256(source)} for source in sources]
+                for key, sources in domain_data.sources.items()
+            }
+            for domain, domain_data in self.data.items()
+        }
+
+    def write_split_record(self, path: str | os.PathLike | None = None) -> Path:
+        """Record which documents each split holds and the hash of every source they came from.
+
+        A job writes it next to what it fitted, so a later run can tell whether
+        the data under the project changed. Default: ``<work_dir>/splits.json``.
+        """
+        target = Path(path) if path is not None else self.work_dir / SPLIT_RECORD_FILE
+        splits = self.split_listing()
+        try:
+            sources = self.source_listing()
+        except OSError as exc:  # a source removed since its documents were read
+            raise ProjectError(f"{self.path}: cannot hash the sources for {target} ({exc})") from exc
+        record = {"project": str(self.path), "name": self.name, "splits": splits,
+                  "sources": sources}
+        write_atomically(target, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+        return target
+
+    def expert_folders(self) -> list[ExpertFolder]:
+        """The experts, read and checked once; their weights are not hashed here."""
+        if not self._expert_folders:
+            self._expert_folders.extend(
+                [self._read_expert(name, folder) for name, folder in self.experts.items()])
+        return list(self._expert_folders)
+
+    def check_sources(self) -> None:
+        """Refuse a declared source that does not exist or cannot be read as its format."""
+        for domain_data in self.data.values():
+            for key, sources in domain_data.sources.items():
+                for source in sources:
+                    try:
+                        check_source(source)
+                    except DataSourceError as exc:
+                        raise ProjectError(
+                            f"{self.path}: [data.{domain_data.name}] {key}: {exc}") from exc
+
+    def check_baselines(self) -> None:
+        """Refuse a baseline folder that does not exist (its contents are the report's concern)."""
+        for name, folder in self.baselines.items():
+            if not folder.is_dir():
+                raise ProjectError(f"{self.path}: baseline {name!r}: folder {folder} does not exist")
+
+    def _read_expert(self, name: str, folder: Path) -> ExpertFolder:
+        try:
+            return read_expert(folder, name)
+        except ExpertFolderError as exc:
+            raise ProjectError(f"{self.path}: expert {name!r}: {exc}") from exc
+
+    def _domain(self, domain: str) -> DomainData:
+        if domain not in self.data:
+            raise ProjectError(
+                f"{self.path}: no domain {domain!r} (domains: {', '.join(self.domains)})")
+        return self.data[domain]
+
+    def _load(self, domain_data: DomainData, split: str) -> None:
+        """Read one explicit split, or a whole pool and split it (all three splits at once)."""
+        key = POOL if domain_data.is_pool else split
+        where = f"[data.{domain_data.name}] {key}"
+        documents = read_sources(domain_data.sources[key], where)
+        logger.info("domain %s %s: %d documents", domain_data.name, key, len(documents))
+        if not domain_data.is_pool:
+            self._documents[(domain_data.name, split)] = documents
+            return
+        try:
+            by_split = split_pool(domain_data, documents)
+        except DataSourceError as exc:
+            raise DataSourceError(f"{where}: {exc}") from exc
+        for pool_split, pool_documents in by_split.items():
+            self._documents[(domain_data.name, pool_split)] = pool_documents
+
+
+# ---- reading and checking the file ----
+
+def load_project(path: str | os.PathLike, check_data: bool = True) -> Project:
+    """Read and check a project file (``.toml``, ``.yaml``/``.yml``, or a folder holding one).
+
+    Checks the tables, the experts (config, tokenizer, one shared vocabulary; the
+    weights are not hashed) and, with ``check_data``, that every source and baseline
+    folder exists.
+    """
+    file = find_project_file(path)
+    table = _read_table(file)
+    try:
+        project = _project_from_table(file, table)
+    except TableError as exc:
+        raise ProjectError(f"{file}: {exc}") from exc
+    try:
+        check_compatible(project.expert_folders())
+    except ExpertFolderError as exc:
+        raise ProjectError(f"{file}: {exc}") from exc
+    if check_data:
+        project.check_sources()
+        project.check_baselines()
+    return project
+
+
+def find_project_file(path: str | os.PathLike) -> Path:
+    """The project file: ``path`` itself, or the one ``gatemix.{toml,yaml,yml}`` in folder ``path``."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = [path / name for name in PROJECT_FILE_NAMES if (path / name).is_file()]
+        if not found:
+            raise ProjectError(
+                f"{path}: no project file in this folder (expected {' or '.join(PROJECT_FILE_NAMES)})")
+        if len(found) > 1:
+            raise ProjectError(f"{path}: {' and '.join(f.name for f in found)}; keep one project file")
+        path = found[0]
+    elif not path.exists():
+        raise ProjectError(f"project file {path} does not exist")
+    if path.suffix.lower() not in (".toml", ".yaml", ".yml"):
+        raise ProjectError(f"{path}: a project file is .toml, .yaml or .yml")
+    return path.resolve()
+
+
+def _read_table(file: Path) -> dict:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProjectError(f"{file}: unreadable project file ({exc})") from exc
+    is_toml = file.suffix.lower() == ".toml"
+    try:
+        table = tomllib.loads(text) if is_toml else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ProjectError(f"{file}: not valid {'TOML' if is_toml else 'YAML'} ({exc})") from exc
+    if table is None:  # an empty YAML file
+        table = {}
+    if not isinstance(table, dict):
+        raise ProjectError(f"{file}: the top level must be a table of keys, got {kind_name(table)}")
+    return table
+
+
+def _project_from_table(file: Path, table: dict) -> Project:
+    root = file.parent
+    reject_unknown_keys(table, TOP_LEVEL_KEYS, "at the top level")
+    name = expect_type(table.get("name", root.name), str, "name")
+    if not name.strip():
+        raise TableError("name must not be empty")
+    work_dir = expect_type(table.get("work_dir", DEFAULT_WORK_DIR), str, "work_dir")
+    experts = _model_table(table, "experts", root)
+    if not experts:
+        raise TableError('[experts] is missing or empty; name each expert: <name> = "<folder>"')
+    return Project(path=file, name=name, work_dir=resolve_path(work_dir, root), experts=experts,
+                   baselines=_model_table(table, "baselines", root),
+                   data=_data_tables(table.get("data", {}), list(experts), root))
+
+
+def _model_table(table: dict, key: str, root: Path) -> dict[str, Path]:
+    """``[experts]`` or ``[baselines]``: model name -> folder."""
+    models = expect_type(table.get(key, {}), dict, f"[{key}]")
+    for name, folder in models.items():
+        if not (isinstance(name, str) and EXPERT_NAME_PATTERN.match(name)):
+            raise TableError(f"name {name!r} in [{key}] must be lowercase letters, digits, '-' or "
+                             "'_', starting with a letter")
+        expect_type(folder, str, f"[{key}] {name}")
+    return {name: resolve_path(folder, root) for name, folder in models.items()}
+
+
+def _data_tables(data: object, expert_names: list[str], root: Path) -> dict[str, DomainData]:
+    """``[data]``: its defaults, and one ``[data.<expert>]`` per expert, no more, no fewer."""
+    data = expect_type(data, dict, "[data]")
+    domain_tables = {key: value for key, value in data.items() if isinstance(value, dict)}
+    defaults = {key: value for key, value in data.items() if key not in domain_tables}
+    for key, value in defaults.items():
+        if key in expert_names and key not in DATA_DEFAULTS:
+            raise TableError(f"[data.{key}] must be a table, got {kind_name(value)}")
+    reject_unknown_keys(defaults, tuple(DATA_DEFAULTS),
+                        "in [data] (a domain is a table [data.<expert>])")
+    defaults = {**DATA_DEFAULTS, **defaults}
+    check_settings(defaults, "[data]")
+    for domain in domain_tables:
+        if domain not in expert_names:
+            raise TableError(f"[data.{domain}] names no expert (experts: {', '.join(expert_names)});"
+                             f' add {domain} = "<folder>" under [experts] or remove [data.{domain}]')
+    for expert in expert_names:
+        if expert not in domain_tables:
+            raise TableError(
+                f"expert {expert!r} has no data; add [data.{expert}] with train/gate/eval or {POOL}")
+    return {name: parse_domain(name, domain_tables[name], defaults, root) for name in expert_names}
+
+
+# ---- writing ----
+
+def write_project_file(path: str | os.PathLike, *, name: str,
+                       experts: Mapping[str, str | os.PathLike],
+                       data: Mapping[str, Mapping[str, object]],
+                       baselines: Mapping[str, str | os.PathLike] | None = None,
+                       work_dir: str | os.PathLike | None = None,
+                       defaults: Mapping[str, object] | None = None) -> Path:
+    """Write a TOML project file: ``path`` is the ``.toml`` file, or a folder for ``gatemix.toml``.
+
+    ``data`` is ``{domain: {"train"/"gate"/"eval" or "files": [sources], override: value}}``,
+    a source a path or a source table. Relative paths are the caller's (taken from
+    the current directory); they are written relative to the file's folder when
+    inside it, so the project folder can move as a whole.
+    """
+    file = Path(path).expanduser()
+    if file.suffix.lower() != ".toml":
+        file = file / PROJECT_FILE_NAMES[0]
+    file = Path(os.path.abspath(file))
+    root = file.parent
+    lines = ["# gatemix project file: the experts and the data of each domain.",
+             f"name = {_toml_value(name)}"]
+    if work_dir is not None:
+        lines.append(f"work_dir = {_toml_value(_relative(work_dir, root))}")
+    lines += _toml_table("experts", {key: _relative(value, root) for key, value in experts.items()})
+    if baselines:
+        lines += _toml_table("baselines",
+                             {key: _relative(value, root) for key, value in baselines.items()})
+    lines += _toml_table("data", dict(defaults or {}))
+    for domain, entries in data.items():
+        lines += _toml_table(f"data.{_toml_key(domain)}", {
+            key: _relative_sources(value, root) if key in (*SPLITS, POOL) else value
+            for key, value in entries.items()
+        })
+    write_atomically(file, "\n".join(lines) + "\n")
+    return file
+
+
+def _relative(value: str | os.PathLike, root: Path) -> str:
+    return path_label(resolve_path(value, Path.cwd()), root)
+
+
+def _relative_sources(value: object, root: Path) -> list:
+    entries = [value] if isinstance(value, (str, os.PathLike, Mapping)) else list(value)
+    return [{**entry, "path": _relative(entry["path"], root)} if isinstance(entry, Mapping)
+            else _relative(entry, root) for entry in entries]
+
+
+def _toml_table(header: str, values: Mapping[str, object]) -> list[str]:
+    return ["", f"[{header}]", *(f"{_toml_key(key)} = {_toml_value(value)}"
+                                 for key, value in values.items())]
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, os.PathLike)):
+        # A JSON string is a TOML basic string, except that TOML wants DEL escaped too.
+        return json.dumps(os.fspath(value)).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} to a project file: {value!r}")
+
+
+def write_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write through a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.chmod(temp_name, 0o644)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
