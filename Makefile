@@ -10,7 +10,7 @@ VLLM_VERSION := 0.32.0
 DEMO_DIR ?= artifacts/demo
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: install serve test bench demo prometheus clean
+.PHONY: install serve test bench demo prometheus gpu-check clean
 
 install: $(STAMP)
 
@@ -50,6 +50,11 @@ bench: $(STAMP)
 	$(VENV)/bin/gatemix build-demo --out $(DEMO_DIR)
 	test -f $(DEMO_DIR)/student/config.json || $(VENV)/bin/gatemix distill --demo-dir $(DEMO_DIR)
 	$(VENV)/bin/gatemix bench serve --demo-dir $(DEMO_DIR) --student $(DEMO_DIR)/student
+
+# What runs without vLLM, on a lent GPU machine: nothing is installed there, so
+# bench/gpu_check.sh stages gatemix from the checkout (see its header).
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) artifacts .cache

@@ -11,10 +11,12 @@ and reports the ratios and the largest difference from the two-pass form.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
 import torch
+
 from gatemix.gate.mixing import mix_logits, mix_logits_two_pass
 
 
@@ -34,14 +36,44 @@ DEFAULT_SHAPES = (
 )
 
 
-def _median_seconds(fn, logits: torch.Tensor, log_weights: torch.Tensor, repeats: int) -> float:
-    fn(logits, log_weights)  # warm-up
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued CUDA work, so a timing covers the kernels and not only their launch."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, *args, repeats: int, device: str | torch.device = "cpu") -> float:
+    """Median wall time of ``fn(*args)`` over ``repeats`` calls, after one warm-up call."""
+    fn(*args)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn(logits, log_weights)
+        fn(*args)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def random_mixing_inputs(
+    shape: MixingShape,
+    generator: torch.Generator,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert logits ``(N, K, V)`` with a real model's spread and normalized log weights ``(N, K)``.
+
+    Drawn on the generator's device, then moved: a CUDA generator keeps the
+    large draws off the CPU.
+    """
+    source = generator.device
+    size = (shape.tokens, shape.experts, shape.vocab)
+    logits = torch.randn(size, generator=generator, device=source) * 4
+    log_weights = torch.log_softmax(
+        torch.randn(shape.tokens, shape.experts, generator=generator, device=source), -1
+    )
+    return logits.to(device=device, dtype=dtype), log_weights.to(device)
 
 
 def run_mixing_bench(
@@ -56,22 +88,19 @@ def run_mixing_bench(
     """Median time per call of each form; rounds alternate the two so drift hits both."""
     generator = torch.Generator().manual_seed(seed)
     compiled = torch.compile(mix_logits, dynamic=True)
+    time_call = functools.partial(median_seconds, repeats=repeats, device=device)
     rows = []
     for shape in shapes:
-        logits = (torch.randn(shape.tokens, shape.experts, shape.vocab, generator=generator) * 4).to(
-            device=device, dtype=dtype
-        )
-        log_weights = torch.log_softmax(
-            torch.randn(shape.tokens, shape.experts, generator=generator), -1
-        ).to(device)
+        logits, log_weights = random_mixing_inputs(shape, generator, device=device, dtype=dtype)
         start = time.perf_counter()
         compiled(logits, log_weights)
+        synchronize(device)
         compile_seconds = time.perf_counter() - start
         fused, two_pass, fused_compiled = [], [], []
         for _ in range(rounds):
-            two_pass.append(_median_seconds(mix_logits_two_pass, logits, log_weights, repeats))
-            fused.append(_median_seconds(mix_logits, logits, log_weights, repeats))
-            fused_compiled.append(_median_seconds(compiled, logits, log_weights, repeats))
+            two_pass.append(time_call(mix_logits_two_pass, logits, log_weights))
+            fused.append(time_call(mix_logits, logits, log_weights))
+            fused_compiled.append(time_call(compiled, logits, log_weights))
         reference = mix_logits_two_pass(logits, log_weights)
         difference = max(
             float((mix_logits(logits, log_weights) - reference).abs().max()),

@@ -4,6 +4,12 @@ It runs the same function as the engine's composite model: every expert on the
 sequence, the router on the concatenated final hidden states, the exact
 mixture. It is also how tests compare the offline router with the engine's
 per-token weights.
+
+The experts may be any Hugging Face causal-LM architecture, on any device and
+in any dtype; the router stays in float32 (it is small and decides the gate),
+and the mixture is computed in float32 whatever the experts' dtype. Nothing
+here imports vLLM, and the composite folder's code is imported only by
+``load``, so ``from_experts`` runs on a machine with no engine at all.
 """
 
 from __future__ import annotations
@@ -12,38 +18,95 @@ from pathlib import Path
 
 import torch
 
-from gatemix.engine.composite_folder import GATE_SUBDIR, CompositeInfo
-from gatemix.gate.artifact import load_router
 from gatemix.gate.mixing import mix_logits
 from gatemix.gate.router import HiddenStateRouter
 
 
+def _load_experts(expert_dirs: list[str | Path], device: str, dtype: torch.dtype) -> list:
+    from transformers import AutoModelForCausalLM
+
+    experts = []
+    for path in expert_dirs:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        experts.append(model.requires_grad_(False))
+    return experts
+
+
 class EnsembleTeacher:
-    def __init__(self, experts: list, router: HiddenStateRouter, expert_names: list[str]) -> None:
+    def __init__(
+        self,
+        experts: list,
+        router: HiddenStateRouter,
+        expert_names: list[str],
+        *,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        """``experts`` and ``router`` must already be on ``device``."""
         self.experts = experts
         self.router = router
         self.expert_names = expert_names
+        self.device = torch.device(device)
 
     @classmethod
-    def load(cls, composite_dir: str | Path, expert_dirs: list[str | Path]) -> EnsembleTeacher:
-        from transformers import LlamaForCausalLM
+    def load(
+        cls,
+        composite_dir: str | Path,
+        expert_dirs: list[str | Path],
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> EnsembleTeacher:
+        """The router from a composite folder; the experts from their own folders, in its order."""
+        from gatemix.engine.composite_folder import GATE_SUBDIR, CompositeInfo
+        from gatemix.gate.artifact import load_router
 
         info = CompositeInfo.read(composite_dir)
         if len(expert_dirs) != len(info.expert_names):
-            raise ValueError(f"{len(expert_dirs)} expert folders for {len(info.expert_names)} experts")
-        artifact = load_router(Path(composite_dir) / GATE_SUBDIR)
-        experts = [LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in expert_dirs]
-        for model in experts:
-            model.requires_grad_(False)
-        return cls(experts, artifact.router.eval().requires_grad_(False), info.expert_names)
+            raise ValueError(
+                f"{len(expert_dirs)} expert folders for {len(info.expert_names)} experts"
+            )
+        router = load_router(Path(composite_dir) / GATE_SUBDIR).router
+        return cls.from_experts(
+            expert_dirs, router, expert_names=info.expert_names, device=device, dtype=dtype
+        )
+
+    @classmethod
+    def from_experts(
+        cls,
+        expert_dirs: list[str | Path],
+        router: HiddenStateRouter,
+        *,
+        expert_names: list[str] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> EnsembleTeacher:
+        """Expert folders and a router in hand, no composite folder.
+
+        The router is moved to ``device`` in float32 in place (``Module.to``);
+        pass a copy to keep the original where it is.
+        """
+        if len(expert_dirs) != router.form.num_experts:
+            raise ValueError(
+                f"{len(expert_dirs)} expert folders for a router of {router.form.num_experts}"
+            )
+        experts = _load_experts(expert_dirs, str(device), dtype)
+        router = router.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+        names = expert_names or [Path(path).name for path in expert_dirs]
+        return cls(experts, router, list(names), device=device)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, T)`` ids -> mixture log-probs ``(B, T, V)`` and log gate weights ``(B, T, K)``."""
+        """``(B, T)`` ids -> mixture log-probs ``(B, T, V)`` and log gate weights ``(B, T, K)``.
+
+        Both float32, on the teacher's device (the ids are moved there).
+        """
+        input_ids = input_ids.to(self.device)
         hidden, logits = [], []
         for expert in self.experts:
-            last_hidden = expert.model(input_ids=input_ids).last_hidden_state  # (B, T, H), after the final norm
-            hidden.append(last_hidden)
-            logits.append(expert.lm_head(last_hidden))
-        log_weights = self.router(torch.cat(hidden, dim=-1).float(), input_ids)  # (B, T, K)
+            # The causal LM's own forward, not ``model`` + ``lm_head``: some
+            # architectures scale or soft-cap their logits there.
+            out = expert(input_ids=input_ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-1].float())  # (B, T, H), after the final norm
+            logits.append(out.logits)  # (B, T, V)
+        log_weights = self.router(torch.cat(hidden, dim=-1), input_ids)  # (B, T, K)
         return mix_logits(torch.stack(logits, dim=-2), log_weights), log_weights

@@ -88,16 +88,24 @@ class PrimalDualConfig:
 
 @dataclass
 class FitGateConfig(PrimalDualConfig):
-    demo_dir: str = field(default="", **_help("the demo folder (experts/, data, manifest)"))
+    project: str = field(
+        default="",
+        **_help("the project file (or a folder holding gatemix.toml): experts and each domain's data"),
+    )
     out_dir: str = field(
-        default="artifacts/router-robust", **_help("where the router artifact goes")
+        default="", **_help("where the router artifact goes (default: <project work_dir>/gate)")
     )
     work_dir: str = field(
         default="", **_help("checkpoints, plots and the report (default: <out_dir>/fit)")
     )
-    cache_dir: str = field(default=".cache/gate-features", **_help("disk cache of expert features"))
-    experts: tuple[str, ...] = field(
-        default=(), **_help("expert (= domain) names in order (default: all in <demo>/experts)")
+    cache_dir: str = field(
+        default="", **_help("disk cache of expert features (default: <project work_dir>/cache)")
+    )
+    device: str = field(
+        default="auto", **_help("where the experts score the text: auto (cuda if there is one), cpu, cuda, cuda:1")
+    )
+    dtype: str = field(
+        default="auto", **_help("the experts' dtype for scoring: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     )
     max_length: int = field(default=256, **_help("tokens per sequence read from the gate split"))
     max_sequences: int = field(default=0, **_help("cap on sequences per domain and split (0: all)"))
@@ -162,6 +170,10 @@ class FitGateConfig(PrimalDualConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if min(self.feature_batch_size, self.gate_width, self.gate_heads) < 1:
             raise ValueError("feature_batch_size, gate_width and gate_heads must be positive")
         if self.max_length < 2:

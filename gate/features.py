@@ -6,24 +6,31 @@ norm: ``hidden_states[-1]`` in transformers), which is what the engine feeds
 the router. The cache key hashes the experts' weights, the text and the
 settings, so a changed expert or split never reads stale features.
 
-Sharding is ``torchrun``-ready: with ``rank``/``world_size`` each process scores
-``sequences[rank::world_size]`` into its own cache file, and rank 0 merges them.
+Scoring shards across processes with no manual step: under ``torchrun`` (or
+any launcher that sets ``RANK``/``WORLD_SIZE``) each process scores
+``sequences[rank::world_size]`` on its own GPU into its own shard file, the
+processes meet at a barrier, and every one of them reads the shards back,
+merged in the original order, into the same full cache file a single process
+would have written (``merge_shards``). Later runs, sharded or not, read that.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from gatemix.expert_folder import expert_hash  # noqa: F401  (re-exported)
-from gatemix.gate.distill_router import TokenFeatures
 from safetensors.torch import load_file, save_file
+
+from gatemix.expert_folder import expert_hash
+from gatemix.gate.distill_router import TokenFeatures
 
 logger = logging.getLogger(__name__)
 
-FEATURES_VERSION = "gate-features/2"  # 2: whole documents in windows
+FEATURES_VERSION = "gate-features/3"  # 2: whole documents in windows; 3: dtype in the key
 
 
 def data_hash(texts: list[str]) -> str:
@@ -52,6 +59,7 @@ class HFExpertBank:
             for path in self.expert_dirs
         ]
         self.device = device
+        self.dtype = dtype
         self.num_experts = len(self.models)
         self.hidden_sizes = [model.config.hidden_size for model in self.models]
         self.hashes = [expert_hash(path) for path in self.expert_dirs]
@@ -186,6 +194,49 @@ def _cache_key(*parts) -> str:
     return hashlib.sha256("|".join([FEATURES_VERSION, *map(str, parts)]).encode()).hexdigest()[:24]
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a sharded scoring run: ``sequences[rank::world_size]``."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> Shard:
+        """The launcher's ``RANK`` and ``WORLD_SIZE`` (``torchrun`` sets both), else one shard."""
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every shard (a no-op for one); joins ``torch.distributed`` on first use."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")  # CPU tensors only: a barrier needs no NCCL
+        dist.barrier()
+
+
+def shard_path(path: Path, shard: Shard) -> Path:
+    return path.with_name(f"{path.stem}-{shard.rank}of{shard.world_size}{path.suffix}")
+
+
+def merge_shards(parts: list[TokenFeatures]) -> TokenFeatures:
+    """Shards ``r`` holding sequences ``r, r + W, r + 2W, ...`` -> all sequences in order."""
+    world_size = len(parts)
+    merged = TokenFeatures.concat(parts)
+    offsets = [0]
+    for part in parts[:-1]:
+        offsets.append(offsets[-1] + part.input_ids.shape[0])
+    total = merged.input_ids.shape[0]
+    order = [offsets[i % world_size] + i // world_size for i in range(total)]
+    return merged.select(torch.tensor(order, dtype=torch.long))
+
+
 def cached_features(
     bank: HFExpertBank,
     texts: list[str],
@@ -194,21 +245,34 @@ def cached_features(
     max_length: int,
     with_hidden: bool,
     batch_size: int = 8,
-    rank: int = 0,
-    world_size: int = 1,
+    shard: Shard | None = None,
     progress: bool = False,
 ) -> TokenFeatures:
-    """Expert features of ``texts``, read from the disk cache or computed and stored there."""
-    key = _cache_key(*bank.hashes, data_hash(texts), max_length, with_hidden)
-    shard = "" if world_size == 1 else f"-{rank}of{world_size}"
-    path = Path(cache_dir) / f"{key}{shard}.safetensors"
+    """Expert features of ``texts``, read from the disk cache or computed and stored there.
+
+    With a ``shard`` of several processes, each scores its part and all of them
+    return the merged whole (see the module docstring).
+    """
+    shard = shard or Shard()
+    key = _cache_key(*bank.hashes, data_hash(texts), max_length, with_hidden, bank.dtype)
+    path = Path(cache_dir) / f"{key}.safetensors"
     if path.is_file():
         logger.info("expert features from cache %s", path)
         return _load(path)
-    token_lists = bank.tokenize(texts, max_length)[rank::world_size]
+    token_lists = bank.tokenize(texts, max_length)
     bank.with_hidden = with_hidden
-    features = score_sequences(bank, token_lists, batch_size=batch_size, progress=progress)
-    _save(features, path)
+    if shard.world_size == 1:
+        features = score_sequences(bank, token_lists, batch_size=batch_size, progress=progress)
+        _save(features, path)
+        return features
+    own = token_lists[shard.rank :: shard.world_size]
+    _save(score_sequences(bank, own, batch_size=batch_size, progress=progress), shard_path(path, shard))
+    shard.barrier()  # every shard written
+    parts = [_load(shard_path(path, Shard(r, shard.world_size))) for r in range(shard.world_size)]
+    features = merge_shards(parts)
+    if shard.is_main:
+        _save(features, path)
+    shard.barrier()  # the merged file is complete before anyone may read it next time
     return features
 
 

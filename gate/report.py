@@ -1,4 +1,4 @@
-"""The fit's evaluation on the demo's eval split: the robust router against every baseline."""
+"""The fit's evaluation on the project's eval split: the robust router against every baseline."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from gatemix.gate.distill_router import TokenFeatures
 from gatemix.gate.evaluate import compare_to_baselines, evaluate_methods, write_report
 from gatemix.gate.features import HFExpertBank
 from gatemix.gate.fit import (
+    FitInputs,
     fit_router_directly,
     in_domain_cross_entropy,
     load_split_features,
@@ -49,9 +50,7 @@ def model_token_logprobs(
 
 def evaluate_fit(
     config: FitGateConfig,
-    bank: HFExpertBank,
-    domains: list[str],
-    data: GateFitData,
+    inputs: FitInputs,
     routers: dict[str, HiddenStateRouter],
     served: str,
     gate: SequenceGate,
@@ -62,8 +61,9 @@ def evaluate_fit(
     ``robust_router`` is the served one (``routers[served]``); the two-stage
     router and the direct one also appear under their own names.
     """
+    bank, domains, data = inputs.bank, inputs.domains, inputs.data
     bank.with_hidden = True
-    eval_features = load_split_features(bank, config, domains, "eval", with_hidden=True)
+    eval_features = load_split_features(bank, config, inputs.project, "eval")
     gate_features_ce = in_domain_cross_entropy(
         {d: _domain_slice(data, j) for j, d in enumerate(domains)}
     )
@@ -91,9 +91,8 @@ def evaluate_fit(
             d: sequence_gate_token_logprobs(gate, f) for d, f in eval_features.items()
         }
     }
-    monolithic = Path(config.demo_dir) / "monolithic"
-    if (monolithic / "config.json").is_file():
-        extra["monolithic"] = model_token_logprobs(monolithic, eval_features)
+    for name, model_dir in inputs.project.baselines.items():  # the project's [baselines]
+        extra[name] = model_token_logprobs(model_dir, eval_features)
     report = evaluate_methods(eval_features, gates, extra, seed=config.seed)
     report.notes = [f"robust_router is the served router: the {served} one"]
     report.notes += compare_to_baselines(report, "robust_router")

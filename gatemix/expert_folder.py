@@ -17,7 +17,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,13 +61,53 @@ def _file_sha256(path: Path, digest) -> None:
 
 
 def expert_hash(folder: str | Path) -> str:
-    """sha256 over an expert's config.json and *.safetensors, in name order."""
-    folder = Path(folder)
+    """sha256 over an expert's config.json and *.safetensors, in name order.
+
+    Real experts hold gigabytes, and every pack and every server start checks
+    the hash, so it is remembered per folder (``hash_memo_path``) under the
+    files' names, sizes and modification times: a changed file is hashed again.
+    """
+    folder = Path(folder).resolve()
+    files = [folder / "config.json", *sorted(folder.glob("*.safetensors"))]
+    stamp = [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in files]
+    memo = _read_hash_memo()
+    entry = memo.get(str(folder))
+    if entry and entry.get("stamp") == stamp:
+        return entry["sha256"]
     digest = hashlib.sha256()
-    for path in [folder / "config.json", *sorted(folder.glob("*.safetensors"))]:
+    for path in files:
         digest.update(path.name.encode())
         _file_sha256(path, digest)
+    memo[str(folder)] = {"stamp": stamp, "sha256": digest.hexdigest()}
+    _write_hash_memo(memo)
     return digest.hexdigest()
+
+
+def hash_memo_path() -> Path:
+    """``$GATEMIX_CACHE_DIR/expert-hashes.json``, default ``~/.cache/gatemix``."""
+    root = os.environ.get("GATEMIX_CACHE_DIR") or Path.home() / ".cache" / "gatemix"
+    return Path(root) / "expert-hashes.json"
+
+
+def _read_hash_memo() -> dict:
+    try:
+        memo = json.loads(hash_memo_path().read_text())
+        return memo if isinstance(memo, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_hash_memo(memo: dict) -> None:
+    """Best effort, atomic: a read-only home or a lost race only costs a second hashing."""
+    path = hash_memo_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".expert-hashes.", suffix=".tmp")
+        with os.fdopen(handle, "w") as out:
+            json.dump(memo, out)
+        os.replace(temp, path)
+    except OSError:
+        pass
 
 
 def tokenizer_fingerprint(folder: Path) -> str:

@@ -68,6 +68,17 @@ def _micro_demo(root: Path) -> Path:
                     json.dumps({"id": f"{split}-{row}", "text": " ".join(words[p] for p in picks)})
                 )
             (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    from gatemix.project import write_project_file
+
+    write_project_file(
+        root,
+        name="micro",
+        experts={domain: root / "experts" / domain for domain in WORDS},
+        data={
+            domain: {split: [root / "data" / domain / f"{split}.jsonl"] for split in ("gate", "eval")}
+            for domain in WORDS
+        },
+    )
     return root
 
 
@@ -76,13 +87,23 @@ def micro_demo(tmp_path_factory) -> Path:
     return _micro_demo(tmp_path_factory.mktemp("micro-demo"))
 
 
-def test_expert_hash_matches_the_engine_and_changes_with_the_weights(micro_demo, tmp_path):
-    from gatemix.expert_folder import expert_hash as engine_hash
-    from gatemix.gate.features import expert_hash
+def test_expert_hash_changes_with_the_weights_and_only_with_them(micro_demo, tmp_path):
+    import shutil
+
+    from gatemix.expert_folder import expert_hash
 
     folder = micro_demo / "experts" / "code"
-    assert expert_hash(folder) == engine_hash(folder)
+    copy = tmp_path / "code"
+    shutil.copytree(folder, copy)
+    assert expert_hash(copy) == expert_hash(folder)  # the content, not the path
     assert expert_hash(folder) != expert_hash(micro_demo / "experts" / "legal")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(copy / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    assert expert_hash(copy) != expert_hash(folder)
 
 
 def _micro_config(micro_demo: Path, tmp_path: Path, **overrides):
@@ -90,7 +111,7 @@ def _micro_config(micro_demo: Path, tmp_path: Path, **overrides):
     from gatemix.gate.config import FitGateConfig
 
     values = dict(
-        demo_dir=str(micro_demo),
+        project=str(micro_demo),
         out_dir=str(tmp_path / "router"),
         cache_dir=str(tmp_path / "cache"),
         batch_per_domain=4,
@@ -156,10 +177,12 @@ def _flags(config) -> list[str]:
     return flags
 
 
-def test_distill_gate_redoes_only_the_second_stage(micro_demo, tmp_path):
+def test_distill_gate_redoes_only_the_second_stage(micro_demo, tmp_path, monkeypatch):
     from gatemix.cli import main
+    from gatemix.gate import fit as fit_module
     from gatemix.gate.artifact import load_router
     from gatemix.gate.fit import fit_gate
+    from gatemix.gate.sequence_gate import SequenceGate
 
     config = _micro_config(
         micro_demo,
@@ -173,8 +196,17 @@ def test_distill_gate_redoes_only_the_second_stage(micro_demo, tmp_path):
     )
     assert main(["distill-gate", *_flags(config)]) == 2  # no finished fit yet: refused
     first = fit_gate(config)
+    games_played = []
+    real_loop = fit_module.run_primal_dual
+
+    def counting_loop(model, *args, **kwargs):
+        games_played.append(type(model))
+        return real_loop(model, *args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "run_primal_dual", counting_loop)
     assert main(["distill-gate", *_flags(config), "--distill-source", "data"]) == 0
+    assert SequenceGate not in games_played  # stage 1 was read back, not replayed
     second = load_router(tmp_path / "router")
     assert second.details["distillation"]["source"] == "data" != first.details["distillation"]["source"]
-    assert second.details["lambda_avg"] == first.details["lambda_avg"]  # the game was not replayed
+    assert second.details["lambda_avg"] == first.details["lambda_avg"]
     assert second.version != first.version
