@@ -48,8 +48,8 @@ test: $(STAMP) prometheus
 # the student are built first where missing (reruns reuse them).
 bench: $(STAMP)
 	$(VENV)/bin/gatemix build-demo --out $(DEMO_DIR)
-	test -f $(DEMO_DIR)/student/config.json || $(VENV)/bin/gatemix distill --demo-dir $(DEMO_DIR)
-	$(VENV)/bin/gatemix bench serve --demo-dir $(DEMO_DIR) --student $(DEMO_DIR)/student
+	test -f $(DEMO_DIR)/student/config.json || $(VENV)/bin/gatemix distill --project $(DEMO_DIR)
+	$(VENV)/bin/gatemix bench serve --project $(DEMO_DIR) --student $(DEMO_DIR)/student
 
 # What runs without vLLM, on a lent GPU machine: nothing is installed there, so
 # bench/gpu_check.sh stages gatemix from the checkout (see its header).

@@ -34,6 +34,8 @@ MANIFEST_FORMAT = "gatemix-demo/1"
 WEIGHTS_FILE = "model.safetensors"
 MODEL_FILES = ("config.json", WEIGHTS_FILE, "generation_config.json", *tokenizer.TOKENIZER_FILES)
 EVAL_FILE = "eval_loss.json"
+PROJECT_FILE = "gatemix.toml"
+DEMO_PROJECT_NAME = "gatemix-demo"  # the ensemble's served name
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class DemoPaths:
     expert_dirs: dict[str, Path]
     monolithic_dir: Path | None
     eval_dir: Path
+    project_file: Path
 
     @classmethod
     def for_config(cls, config: DemoConfig) -> DemoPaths:
@@ -61,6 +64,7 @@ class DemoPaths:
             expert_dirs={domain: root / "experts" / domain for domain in config.domains},
             monolithic_dir=root / "monolithic" if config.build_monolithic else None,
             eval_dir=root / "eval",
+            project_file=root / PROJECT_FILE,
         )
 
     def model_dirs(self) -> dict[str, Path]:
@@ -82,8 +86,28 @@ def build_demo(config: DemoConfig) -> DemoPaths:
     finally:
         torch.set_num_threads(previous_threads)
     stages.write_json_atomic(paths.manifest, _manifest(config, paths, stamps))
-    logger.info("demo ready at %s", paths.root)
+    write_demo_project(paths)
+    logger.info("demo ready at %s (project file %s)", paths.root, paths.project_file)
     return paths
+
+
+def write_demo_project(paths: DemoPaths) -> Path:
+    """The demo's project file: every later job reads the demo through it, as a user's project.
+
+    Its work folder is the demo folder itself, so the gate, the composite and
+    the student land beside the experts (``gate/``, ``composite/``, ``student/``).
+    """
+    from gatemix.project import write_project_file
+
+    data = {
+        domain: {split: [paths.data_dir / domain / f"{split}.jsonl"] for split in corpus.SPLITS}
+        for domain in paths.expert_dirs
+    }
+    baselines = {"monolithic": paths.monolithic_dir} if paths.monolithic_dir is not None else None
+    return write_project_file(
+        paths.project_file, name=DEMO_PROJECT_NAME, experts=paths.expert_dirs, data=data,
+        baselines=baselines, work_dir=paths.root,
+    )
 
 
 def _prepare_root(root: Path) -> None:

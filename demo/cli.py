@@ -1,4 +1,4 @@
-"""``gatemix build-demo``: small demo experts from real text on this machine, packed."""
+"""``gatemix build-demo``: small demo experts from real text on this machine, and their project file."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from pathlib import Path
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "build-demo",
-        help="build the embedded demo: tokenizer, base model, one expert per domain, composite",
+        help="build the embedded demo: tokenizer, base model, one expert per domain, project file",
         description="Collect code, legal and technical text from this machine, split it by document, "
-        "train a shared tokenizer, a base Llama and one expert per domain, and pack the experts "
-        "with a uniform gate into <out>/composite. Reruns reuse what is already built.",
+        "train a shared tokenizer, a base Llama and one expert per domain, and write the project "
+        "file <out>/gatemix.toml that every later job reads (fit-gate, pack, serve, distill, bench). "
+        "Reruns reuse what is already built.",
     )
     parser.add_argument("--out", default="artifacts/demo", help="output folder (default: artifacts/demo)")
     parser.add_argument("--preset", choices=("full", "test"), default="full", help="model and data sizes")
@@ -21,29 +22,14 @@ def add_parser(subparsers) -> None:
 
 
 def ensure_demo(out: Path, preset: str = "full", seed: int = 0) -> Path:
-    """Build (or reuse) the demo and its uniform-gate composite; returns the composite folder."""
+    """Build (or reuse) the demo; returns its project file."""
     from gatemix.demo.build import build_demo
     from gatemix.demo.config import DemoConfig
-    from gatemix.engine.composite_folder import CompositeInfo, PackError, pack_composite
 
-    paths = build_demo(DemoConfig.preset(preset, out_dir=out, seed=seed))
-    composite = Path(out) / "composite"
-    try:
-        info = CompositeInfo.read(composite)
-        expected = [p.name for p in paths.expert_dirs.values()]
-        from gatemix.expert_folder import expert_hash
-
-        fresh = info.expert_names == expected and all(
-            info.expert_hashes[name] == expert_hash(path) for name, path in paths.expert_dirs.items()
-        )
-    except (PackError, OSError, KeyError):
-        fresh = False
-    if not fresh:
-        pack_composite(list(paths.expert_dirs.values()), composite, gate="uniform", overwrite=True)
-    return composite
+    return build_demo(DemoConfig.preset(preset, out_dir=out, seed=seed)).project_file
 
 
 def run(args: argparse.Namespace) -> int:
-    composite = ensure_demo(Path(args.out), args.preset, args.seed)
-    print(f"demo ready: composite model at {composite}")
+    project_file = ensure_demo(Path(args.out), args.preset, args.seed)
+    print(f"demo ready: project file {project_file}")
     return 0

@@ -16,10 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from gatemix import data_sources
 from gatemix.demo.config import DemoConfig
 from gatemix.demo.errors import DemoBuildError
 from gatemix.demo.sources import Document, collect_domain
@@ -32,33 +32,22 @@ SPLITS_FILE = "splits.json"
 MANIFEST_FILE = "manifest.json"
 
 
-def text_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+text_sha256 = data_sources.text_sha256
 
 
 def split_documents(doc_ids: Sequence[str], *, seed: int, domain: str, gate_fraction: float,
                     eval_fraction: float) -> dict[str, list[str]]:
-    """Seeded document-level split into train / gate / eval, each non-empty.
+    """Seeded document-level split into train / gate / eval: the project files' rule.
 
-    The result depends only on the set of ids, the seed and the domain name, not
-    on the order the ids come in. Every id lands in exactly one split.
+    The demo is one project among others, so it splits exactly as a user's
+    ``files`` pool is split (``gatemix.data_sources.split_documents``).
     """
-    if len(set(doc_ids)) != len(doc_ids):
-        raise DemoBuildError(f"domain {domain!r} has duplicate document ids")
-    if len(doc_ids) < len(SPLITS):
-        raise DemoBuildError(
-            f"domain {domain!r} has {len(doc_ids)} documents; need at least {len(SPLITS)} "
-            "to split into train, gate and eval")
-    shuffled = sorted(doc_ids)
-    random.Random(f"split/{seed}/{domain}").shuffle(shuffled)
-    num_eval = max(1, round(len(shuffled) * eval_fraction))
-    num_gate = max(1, round(len(shuffled) * gate_fraction))
-    num_gate = min(num_gate, len(shuffled) - num_eval - 1)  # train keeps at least one
-    return {
-        "eval": sorted(shuffled[:num_eval]),
-        "gate": sorted(shuffled[num_eval:num_eval + num_gate]),
-        "train": sorted(shuffled[num_eval + num_gate:]),
-    }
+    try:
+        return data_sources.split_documents(doc_ids, seed=seed, domain=domain,
+                                            gate_fraction=gate_fraction,
+                                            eval_fraction=eval_fraction)
+    except data_sources.DataSourceError as error:
+        raise DemoBuildError(str(error)) from None
 
 
 def build_corpus(config: DemoConfig, data_dir: Path) -> dict[str, dict[str, list[dict]]]:

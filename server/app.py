@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from gatemix.errors import UserError
 from gatemix.server.errors import install_error_handlers
 from gatemix.server.routes import router
 from gatemix.server.served_models import ServedModels
@@ -24,22 +25,33 @@ from gatemix.server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-DEMO_MODEL_NAME = "gatemix-demo"  # the ensemble's name when serving the demo build
-
-
 def resolve_settings(settings: Settings) -> Settings:
-    """Settings with the folder to serve: ``model_dir``, else ``<demo_dir>/composite``
-    (built if missing, and served as ``gatemix-demo``). Idempotent."""
+    """Settings with the folder to serve. Idempotent: the result names ``model_dir`` alone.
+
+    ``model_dir`` is served as it is. Else the project's composite (packed from
+    its experts and fitted gate when missing or stale) under the project's name;
+    with no project either, the demo's project, the demo built first if missing.
+    """
     if settings.model_dir is not None:
+        if settings.project is not None:
+            raise UserError("give --model-dir or --project, not both")
         if not (settings.model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{settings.model_dir} is not a model folder (no config.json)")
         return settings
-    from gatemix.demo.cli import ensure_demo
+    from gatemix.engine.composite_folder import ensure_composite
+    from gatemix.project import load_project
 
-    logger.info("no --model-dir: serving the demo in %s (building it if needed)", settings.demo_dir)
-    model_dir = ensure_demo(settings.demo_dir)
-    name = settings.served_model_name or DEMO_MODEL_NAME
-    return settings.model_copy(update={"model_dir": Path(model_dir), "served_model_name": name})
+    project_file = settings.project
+    if project_file is None:
+        from gatemix.demo.cli import ensure_demo
+
+        logger.info("no --model-dir or --project: serving the demo in %s (built if needed)", settings.demo_dir)
+        project_file = ensure_demo(settings.demo_dir)
+    project = load_project(project_file, check_data=False)
+    info = ensure_composite(project)
+    logger.info("project %s: serving %s with gate %s (%s)", project.path, info.path, info.gate_version, info.gate_method)
+    name = settings.served_model_name or project.name
+    return settings.model_copy(update={"model_dir": info.path, "project": None, "served_model_name": name})
 
 
 @asynccontextmanager

@@ -16,6 +16,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("GATEMIX_TEST_CACHE", REPO_ROOT / ".cache"))
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# The expert-hash memo stays in the test cache, not the user's home.
+os.environ.setdefault("GATEMIX_CACHE_DIR", str(CACHE_DIR / "gatemix-home"))
 # On a busy 2-core machine spinning OpenMP threads make training steps many times slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,6 +29,14 @@ def demo_paths():
     from gatemix.demo.config import DemoConfig
 
     return build_demo(DemoConfig.preset("test", out_dir=CACHE_DIR / "demo-test"))
+
+
+@pytest.fixture(scope="session")
+def demo_project(demo_paths):
+    """The demo's project file, loaded: what every job reads."""
+    from gatemix.project import load_project
+
+    return load_project(demo_paths.project_file)
 
 
 @pytest.fixture(scope="session")

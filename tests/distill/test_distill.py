@@ -22,9 +22,8 @@ def _heldout_kl(student_dir, teacher, input_ids) -> float:
 def test_distilled_student_is_closer_to_the_ensemble_than_its_init(demo_paths, composite_dir, tmp_path):
     expert_dirs = [str(p) for p in demo_paths.expert_dirs.values()]
     config = DistillConfig(
+        project=str(demo_paths.project_file),
         composite_dir=str(composite_dir),
-        expert_dirs=expert_dirs,
-        text_files=[str(demo_paths.root / "data" / d / "train.jsonl") for d in demo_paths.expert_dirs],
         out_dir=str(tmp_path / "student"),
         steps=30,
         batch_size=4,

@@ -1,0 +1,194 @@
+"""Every required architecture through the whole pipeline: project file, fit-gate, pack, vLLM.
+
+For each architecture, two randomly initialised experts of it (the second one
+bigger: wider, deeper, more KV heads) share the demo tokenizer; a project file
+names them and the demo's code and legal text; ``fit_gate`` fits a router on
+tiny settings; ``pack --project`` writes the composite; the real vLLM engine
+serves it in float32. The reference is independent of the engine: each expert
+run by ``transformers`` from its own folder, the fitted router applied to their
+hidden states there (``EnsembleTeacher``), or the pinned weights mixed in
+float64. A last composite mixes three architectures of three sizes.
+"""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from vllm import SamplingParams
+
+from arch_experts import make_expert
+from gatemix.engine.engine_config import build_offline_engine
+from gatemix.engine.request_gates import gate_request_args
+
+TOP = 20
+GREEDY_TOKENS = 32
+NUM_PROMPTS = 5
+# The first weight setting is the fitted router's (no pin): weights per token from hidden states.
+PINS = {"fitted router": None, "skewed": [0.7, 0.3], "one-hot": [0.0, 1.0]}
+BIGGER = dict(hidden_size=128, num_attention_heads=4, num_hidden_layers=3, num_key_value_heads=2, intermediate_size=256)
+DOMAINS = ("code", "legal")
+TINY_FIT = dict(
+    steps=10, batch_per_domain=4, max_length=32, max_sequences=8, gate_width=8, gate_layers=1,
+    gate_heads=2, sample_length=6, q_samples=16, distill_samples=8, distill_steps=20,
+    distill_batch_size=4, torch_threads=1, evaluate=False,
+)
+
+
+def _project(root: Path, demo_paths, experts: dict[str, tuple[str, dict]]) -> Path:
+    """Random experts (name -> (architecture, shape)) and the demo's text of the same domains."""
+    from gatemix.project import write_project_file
+
+    folders = {
+        name: make_expert(root / name, architecture, demo_paths.tokenizer_dir, seed=index, **shape)
+        for index, (name, (architecture, shape)) in enumerate(experts.items())
+    }
+    data = {
+        name: {split: [demo_paths.data_dir / name / f"{split}.jsonl"] for split in ("gate", "eval")}
+        for name in experts
+    }
+    return write_project_file(root / "gatemix.toml", name="arch-test", experts=folders, data=data)
+
+
+def _fit_and_pack(project_file: Path, tmp_path: Path) -> Path:
+    from gatemix.gate.config import FitGateConfig
+    from gatemix.gate.fit import fit_gate
+    from gatemix.project import load_project
+
+    fit_gate(FitGateConfig(project=str(project_file), cache_dir=str(tmp_path / "features"), **TINY_FIT))
+    result = subprocess.run(
+        [sys.executable, "-m", "gatemix.cli", "pack", "--project", str(project_file)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return load_project(project_file).composite_dir
+
+
+class Reference:
+    """The mixture computed by transformers from the experts' own folders."""
+
+    def __init__(self, project_file: Path) -> None:
+        from gatemix.distill.teacher import EnsembleTeacher
+        from gatemix.gate.artifact import load_router
+        from gatemix.project import load_project
+
+        project = load_project(project_file)
+        self.teacher = EnsembleTeacher.from_experts(
+            list(project.experts.values()), load_router(project.gate_dir).router
+        )
+
+    @torch.no_grad()
+    def next_logprobs(self, token_ids: list[int], pin: list[float] | None) -> torch.Tensor:
+        """``(V,)`` log-probs of the next token: the fitted router's mixture, or the pinned one in float64."""
+        ids = torch.tensor([token_ids])
+        if pin is None:
+            return self.teacher(ids)[0][0, -1].double()
+        probs = [torch.softmax(expert(ids).logits[0, -1].double(), -1) for expert in self.teacher.experts]
+        return torch.log(sum(weight * p for weight, p in zip(pin, probs)))
+
+    def greedy(self, prompt: list[int], pin: list[float] | None, steps: int) -> list[int]:
+        tokens = list(prompt)
+        for _ in range(steps):
+            tokens.append(int(self.next_logprobs(tokens, pin).argmax()))
+        return tokens[len(prompt):]
+
+
+def _prompts(demo_paths, tokenizer_dir: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    from gatemix.project import load_project
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    project = load_project(demo_paths.project_file)
+    texts = [text[:300] for domain in DOMAINS for text in project.texts(domain, "eval")[:3]]
+    prompts = [tokenizer(text).input_ids[:24] for text in texts]
+    return [p for p in prompts if len(p) >= 8][:NUM_PROMPTS]
+
+
+def _params(pin: list[float] | None, **kwargs) -> SamplingParams:
+    return SamplingParams(extra_args=gate_request_args(pinned_weights=pin) if pin else None, **kwargs)
+
+
+def _check_logprobs(llm, reference: Reference, prompts, pin) -> None:
+    outputs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        _params(pin, max_tokens=1, temperature=0.0, logprobs=TOP),
+        use_tqdm=False,
+    )
+    for prompt, output in zip(prompts, outputs):
+        expected = reference.next_logprobs(prompt, pin)
+        engine_top = output.outputs[0].logprobs[0]
+        assert len(set(engine_top) & set(expected.topk(TOP).indices.tolist())) >= TOP - 1
+        for token_id, logprob in engine_top.items():
+            assert abs(logprob.logprob - expected[token_id].item()) < 1e-3, (pin, token_id)
+
+
+def _check_greedy(llm, reference: Reference, prompts, pin) -> None:
+    outputs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        _params(pin, max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True),
+        use_tqdm=False,
+    )
+    for prompt, output in zip(prompts, outputs):
+        assert list(output.outputs[0].token_ids) == reference.greedy(prompt, pin, GREEDY_TOKENS), pin
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3", "qwen2-tied"])
+def served(request, demo_paths, tmp_path_factory):
+    """One architecture's composite in the real engine, with its reference and prompts."""
+    architecture = request.param
+    root = tmp_path_factory.mktemp(f"arch-{architecture}")
+    project_file = _project(
+        root, demo_paths, {"code": (architecture, {}), "legal": (architecture, BIGGER)}
+    )
+    composite = _fit_and_pack(project_file, root)
+    llm = build_offline_engine(composite, dtype="float32", max_model_len=128, max_num_seqs=8)
+    yield llm, Reference(project_file), _prompts(demo_paths, demo_paths.tokenizer_dir)
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", list(PINS))
+def test_next_token_logprobs_equal_the_transformers_mixture(served, setting):
+    llm, reference, prompts = served
+    assert len(prompts) == NUM_PROMPTS
+    _check_logprobs(llm, reference, prompts, PINS[setting])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", list(PINS))
+def test_greedy_decodes_match_the_transformers_mixture(served, setting):
+    llm, reference, prompts = served
+    _check_greedy(llm, reference, prompts, PINS[setting])
+
+
+@pytest.mark.slow
+def test_experts_of_three_architectures_and_sizes_share_one_engine(demo_paths, tmp_path):
+    """Llama, Qwen3 (q/k norms, 2 KV heads, wider) and Mistral (head size 64) side by side."""
+    project_file = _project(
+        tmp_path,
+        demo_paths,
+        {
+            "code": ("llama", {}),
+            "legal": ("qwen3", BIGGER),
+            "docs": ("mistral", dict(hidden_size=128, head_dim=64, num_attention_heads=2)),
+        },
+    )
+    composite = _fit_and_pack(project_file, tmp_path)
+    reference = Reference(project_file)
+    prompts = _prompts(demo_paths, demo_paths.tokenizer_dir)
+    llm = build_offline_engine(composite, dtype="float32", max_model_len=128, max_num_seqs=8)
+    try:
+        for pin in (None, [0.2, 0.3, 0.5]):
+            _check_logprobs(llm, reference, prompts, pin)
+            _check_greedy(llm, reference, prompts[:2], pin)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
