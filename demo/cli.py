@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gatemix.config_cli import add_dataclass_flags, given_values
+from gatemix.demo.config import PRESETS, DemoConfig
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -16,20 +19,21 @@ def add_parser(subparsers) -> None:
         "Reruns reuse what is already built.",
     )
     parser.add_argument("--out", default="artifacts/demo", help="output folder (default: artifacts/demo)")
-    parser.add_argument("--preset", choices=("full", "test"), default="full", help="model and data sizes")
-    parser.add_argument("--seed", type=int, default=0, help="split and training seed")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
+                        help="model and data sizes; any field below overrides the preset's")
+    # Every other DemoConfig field is a flag; one given overrides the preset.
+    add_dataclass_flags(parser, DemoConfig, skip=("out_dir",))
     parser.set_defaults(run=run)
 
 
-def ensure_demo(out: Path, preset: str = "full", seed: int = 0) -> Path:
+def ensure_demo(out: Path, preset: str = "full", **overrides) -> Path:
     """Build (or reuse) the demo; returns its project file."""
     from gatemix.demo.build import build_demo
-    from gatemix.demo.config import DemoConfig
 
-    return build_demo(DemoConfig.preset(preset, out_dir=out, seed=seed)).project_file
+    return build_demo(DemoConfig.preset(preset, out_dir=out, **overrides)).project_file
 
 
 def run(args: argparse.Namespace) -> int:
-    project_file = ensure_demo(Path(args.out), args.preset, args.seed)
+    project_file = ensure_demo(Path(args.out), args.preset, **given_values(args, DemoConfig))
     print(f"demo ready: project file {project_file}")
     return 0

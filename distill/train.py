@@ -27,13 +27,12 @@ from gatemix.project import Project, load_project
 logger = logging.getLogger(__name__)
 
 
-def _token_stream(config: DistillConfig, project: Project, tokenizer) -> list[int]:
-    """Every domain's train split, documents joined by EOS."""
+def _token_stream(config: DistillConfig, project: Project, texts: list[str], tokenizer) -> list[int]:
+    """The documents, joined by EOS."""
     ids: list[int] = []
-    for domain in project.domains:
-        for text in project.texts(domain, "train"):
-            ids += tokenizer(text, add_special_tokens=False).input_ids
-            ids.append(tokenizer.eos_token_id)
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False).input_ids
+        ids.append(tokenizer.eos_token_id)
     if len(ids) < config.seq_len + 1:
         raise UserError(
             f"{project.path}: the train splits hold {len(ids)} tokens, fewer than one sequence of {config.seq_len}"
@@ -58,19 +57,22 @@ def distill(config: DistillConfig) -> Path:
     torch.set_num_threads(config.threads)
     project = load_project(config.project)
     expert_dirs = list(project.experts.values())
+    # Every domain's train split, read and checked before any work is done.
+    texts = [text for domain in project.domains for text in project.texts(domain, "train")]
+    tokenizer = AutoTokenizer.from_pretrained(expert_dirs[0])
+    token_ids = _token_stream(config, project, texts, tokenizer)
     composite = Path(config.composite_dir) if config.composite_dir else ensure_composite(project).path
     device = resolve_device(config.device)
     teacher = EnsembleTeacher.load(
         composite, expert_dirs, device=device, dtype=resolve_dtype(config.teacher_dtype, device)
     )
-    tokenizer = AutoTokenizer.from_pretrained(expert_dirs[0])
     student = AutoModelForCausalLM.from_pretrained(
         config.init_from or expert_dirs[0], dtype=torch.float32
     ).to(device)
     student.train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / config.steps)
-    batches = _batches(_token_stream(config, project, tokenizer), config, random.Random(config.seed))
+    batches = _batches(token_ids, config, random.Random(config.seed))
     progress = tqdm(range(config.steps), desc="distill", unit="step")
     for _ in progress:
         input_ids = next(batches).to(device)

@@ -11,9 +11,8 @@ costs minutes of start-up on a small machine for little gain at these sizes),
 and the KV cache sized in GiB (``VLLM_CPU_KVCACHE_SPACE``). ``dtype="float32"``
 stays available everywhere for exactness checks.
 
-The settings that make the composite correct (no async scheduling, whose
-in-flight placeholder tokens would shift the per-token gate trace) are set here
-once. A plain model folder (one expert, a student) keeps vLLM's own choice, as
+The settings that make the composite correct (``COMPOSITE_ENGINE_ARGS``,
+``COMPOSITE_CUDAGRAPH_MODE``) are set here once. A plain model folder (one expert, a student) keeps vLLM's own choice, as
 ``vllm serve`` would.
 """
 
@@ -24,6 +23,15 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+# No async scheduling: its in-flight placeholder tokens would shift the per-token gate trace.
+COMPOSITE_ENGINE_ARGS = {"async_scheduling": False}
+# CUDA graphs for the experts' compiled graph only (the ensemble, captured piecewise between
+# attention ops). The router head and the per-request pins run eagerly every step: they read
+# which request sits in which batch row, host-side state that a full-model graph would freeze
+# at capture time.
+COMPOSITE_CUDAGRAPH_MODE = "PIECEWISE"
 
 
 def on_cpu() -> bool:
@@ -91,7 +99,9 @@ def engine_kwargs(model_dir: str | Path, settings: EngineSettings) -> dict:
     }
     kwargs.update({name: value for name, value in optional.items() if value is not None})
     if is_composite_folder(model_dir):
-        kwargs["async_scheduling"] = False
+        kwargs.update(COMPOSITE_ENGINE_ARGS)
+        if not on_cpu() and not kwargs["enforce_eager"]:
+            kwargs["compilation_config"] = {"cudagraph_mode": COMPOSITE_CUDAGRAPH_MODE}
     return kwargs
 
 

@@ -181,6 +181,9 @@ def fit_inputs(config: FitGateConfig, shard: Shard | None = None) -> FitInputs |
     project = load_project(config.project) if config.project else None
     if project is None:
         raise FitGateError("fit-gate needs a project: --project <gatemix.toml or its folder>")
+    for domain in project.domains:  # every source read and checked before any work is done
+        for split in ("gate", "eval") if config.evaluate else ("gate",):
+            project_texts(project, domain, split, config)
     torch.set_num_threads(config.torch_threads)
     bank = load_bank(config, project, shard)
     gate_features = load_split_features(bank, config, project, "gate", shard)

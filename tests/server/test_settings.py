@@ -79,3 +79,18 @@ def test_a_folder_without_config_is_refused_before_the_engine_starts(tmp_path):
         resolve_settings(Settings(model_dir=tmp_path))
     (tmp_path / "config.json").write_text("{}")
     assert resolve_settings(Settings(model_dir=tmp_path)).model_dir == tmp_path
+
+
+def test_a_composite_on_gpu_gets_piecewise_cuda_graphs_and_no_async_scheduling(composite_dir, monkeypatch):
+    """Full-model CUDA graphs would freeze the per-request pins read in forward(); the experts'
+    compiled graph is captured piecewise instead. A plain folder keeps vLLM's own choice."""
+    from gatemix.engine import engine_config
+
+    monkeypatch.setattr(engine_config, "on_cpu", lambda: False)
+    composite = engine_config.engine_kwargs(composite_dir, EngineSettings())
+    assert composite["enforce_eager"] is False and composite["async_scheduling"] is False
+    assert composite["compilation_config"] == {"cudagraph_mode": "PIECEWISE"}
+    eager = engine_config.engine_kwargs(composite_dir, EngineSettings(enforce_eager=True))
+    assert "compilation_config" not in eager
+    plain = engine_config.engine_kwargs(composite_dir / "expert_configs" / "a", EngineSettings())
+    assert "compilation_config" not in plain and "async_scheduling" not in plain
