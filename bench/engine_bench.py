@@ -11,6 +11,12 @@ Three systems, measured one after another in one process on the same prompts:
 Efficiency ``E = K * tps(ensemble) / tps(single)`` is 1 when K experts cost
 exactly K times one expert, i.e. when mixing and gating add nothing.
 
+The experts are a project's, or K random-init ones of any shape
+(``RandomExpertsConfig``, written once by :mod:`gatemix.bench.random_experts`
+and packed with a uniform gate): on the tiny demo the per-step overheads
+dominate, on experts of real size the compute does, and E should be measured
+at both.
+
 The fused ensemble also runs once with the mixing step compiled
 (``GATEMIX_COMPILE_MIXING=1``), so that optimisation's before/after figures
 come from the same run.
@@ -21,35 +27,174 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import time
-from dataclasses import dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from gatemix.engine.composite_folder import CompositeInfo
+from gatemix.bench.cli import DEFAULT_PROJECT, BenchModels
+from gatemix.bench.random_experts import ARCHITECTURES, ExpertShape, check_architecture
 from gatemix.engine.engine_config import EngineSettings, build_offline_engine
 
 logger = logging.getLogger(__name__)
 
+ENGINE_DTYPES = typing.get_args(EngineSettings.model_fields["dtype"].annotation)
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+WORD_VOCAB_SIZE = 32000  # the random experts' word tokenizer, when no tokenizer folder is given
+
+
+def _help(text: str, **metadata) -> dict:
+    return {"metadata": {"help": text, **metadata}}
+
+
+@dataclass
+class RandomExpertsConfig:
+    """K random-init experts of one shape, instead of a project's (``--random-experts 3 ...``)."""
+
+    random_experts: int = field(
+        default=0, **_help("bench this many random-init experts instead of the project's (0: the project's)"))
+    random_architecture: str = field(
+        default="llama", **_help(f"their architecture: {', '.join(ARCHITECTURES)}", choices=tuple(ARCHITECTURES)))
+    random_hidden_size: int = field(default=512, **_help("hidden size"))
+    random_layers: int = field(default=8, **_help("decoder layers"))
+    random_heads: int = field(default=8, **_help("attention heads"))
+    random_kv_heads: int | None = field(default=None, **_help("KV heads (None: as many as heads)"))
+    random_head_dim: int | None = field(
+        default=None, **_help("size of one head (None: hidden size / heads; the CPU backend needs >= 32)"))
+    random_intermediate_size: int = field(default=1536, **_help("MLP width"))
+    random_vocab_size: int | None = field(
+        default=None,
+        **_help(f"vocabulary (None: the tokenizer's, or {WORD_VOCAB_SIZE} words without a tokenizer)"))
+    random_tokenizer: str | None = field(
+        default=None, **_help("tokenizer folder they share (None: a word-level tokenizer written in code)"))
+    random_initializer_range: float = field(default=0.02, **_help("std of the random weights"))
+    random_max_position_embeddings: int = field(default=2048, **_help("their context length"))
+    random_weight_dtype: str = field(
+        default="float32", **_help(f"dtype of the written weights: {', '.join(WEIGHT_DTYPES)}", choices=WEIGHT_DTYPES))
+    random_seed: int = field(default=0, **_help("expert i is drawn with seed + i"))
+    random_cache_dir: str = field(
+        default=".cache/bench-random-experts",
+        **_help("written under <this>/<hash of the shape>/, reused when present"))
+
+    def __post_init__(self) -> None:
+        if self.random_experts < 0:
+            raise ValueError(f"random_experts must be >= 0, got {self.random_experts}")
+        if self.random_weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"random_weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}")
+        if self.random_tokenizer is not None and not Path(self.random_tokenizer).is_dir():
+            raise ValueError(f"random_tokenizer folder {self.random_tokenizer} not found")
+        check_architecture(self.random_architecture, self.shape())
+
+    def shape(self) -> ExpertShape:
+        vocab_size = self.random_vocab_size
+        if vocab_size is None and self.random_tokenizer is None:
+            vocab_size = WORD_VOCAB_SIZE
+        return ExpertShape(
+            hidden_size=self.random_hidden_size, num_hidden_layers=self.random_layers,
+            num_attention_heads=self.random_heads, intermediate_size=self.random_intermediate_size,
+            num_key_value_heads=self.random_kv_heads, head_dim=self.random_head_dim,
+            vocab_size=vocab_size, initializer_range=self.random_initializer_range,
+            max_position_embeddings=self.random_max_position_embeddings,
+        )
+
 
 @dataclass
 class EngineBenchConfig:
-    composite_dir: str = field(metadata={"help": "composite folder (gatemix pack output)"})
-    expert_dir: str = field(metadata={"help": "one expert's folder, for the single-model baseline"})
-    concurrencies: tuple[int, ...] = field(default=(1, 16), metadata={"help": "sequences decoded at once"})
-    prompt_len: int = field(default=32, metadata={"help": "prompt tokens per sequence"})
-    output_len: int = field(default=128, metadata={"help": "generated tokens per sequence"})
-    dtype: str = field(default="float32", metadata={"help": "engine dtype"})
-    naive_max_concurrency: int = field(default=16, metadata={"help": "skip the slow naive loop above this"})
-    enforce_eager: bool = field(default=True, metadata={"help": "vLLM eager mode (no torch.compile)"})
-    repeats: int = field(default=2, metadata={"help": "timed repeats per point; the best is kept"})
+    project: str = field(
+        default=DEFAULT_PROJECT,
+        **_help("project file, or a folder holding gatemix.toml: the experts, in order"))
+    composite: str | None = field(
+        default=None,
+        **_help("composite folder of the project's experts (None: the project's, packed when "
+                "missing or stale)"))
+    expert: str | None = field(
+        default=None, **_help("the single-expert baseline's folder (None: the first expert)"))
+    concurrency: tuple[int, ...] = field(
+        default=(1, 16), **_help("sequences decoded at once, one point each (e.g. 1 16)"))
+    prompt_len: int = field(default=32, **_help("prompt tokens per sequence"))
+    output_len: int = field(default=128, **_help("generated tokens per sequence (EOS ignored)"))
+    dtype: str = field(default="float32", **_help(f"engine dtype: {', '.join(ENGINE_DTYPES)}", choices=ENGINE_DTYPES))
+    enforce_eager: bool | None = field(
+        default=None,
+        **_help("vLLM eager mode (None: the engine's default, eager on CPU, compiled with CUDA "
+                "graphs on GPU)"))
+    compiled_mixing: bool = field(
+        default=True, **_help("also run the ensemble with its mixing step compiled"))
+    naive_max_concurrency: int = field(
+        default=16, **_help("run the slow naive transformers loop up to this concurrency (0: never)"))
+    repeats: int = field(default=2, **_help("timed repeats per point; the best is kept"))
+    json: str | None = field(default=None, **_help("also write the results here"))
+    random: RandomExpertsConfig = field(
+        default_factory=RandomExpertsConfig, **_help("random-init experts instead of the project's"))
 
     def __post_init__(self) -> None:
-        if self.prompt_len < 1 or self.output_len < 1 or min(self.concurrencies) < 1 or self.repeats < 1:
-            raise ValueError("prompt_len, output_len, concurrencies and repeats must be positive")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise ValueError(f"concurrency takes positive integers, got {self.concurrency}")
+        if self.prompt_len < 1 or self.output_len < 1 or self.repeats < 1:
+            raise ValueError("prompt_len, output_len and repeats must be positive")
+        if self.naive_max_concurrency < 0:
+            raise ValueError("naive_max_concurrency must be >= 0")
+        if self.dtype not in ENGINE_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(ENGINE_DTYPES)}, got {self.dtype!r}")
+        if self.random.random_experts and (self.composite or self.expert):
+            raise ValueError("random_experts writes its own composite and experts; give no "
+                             "composite or expert with it")
 
+    @property
+    def max_model_len(self) -> int:
+        return self.prompt_len + self.output_len + 16
+
+
+# ---- the models ----
+
+def random_models(config: RandomExpertsConfig) -> BenchModels:
+    """K random experts from the cache (written when missing) and their uniform composite."""
+    from gatemix.bench.random_experts import cached_random_experts
+    from gatemix.engine.composite_folder import (
+        CompositeInfo,
+        PackError,
+        composite_is_current,
+        pack_composite,
+    )
+    from gatemix.expert_folder import read_expert
+
+    expert_dirs = cached_random_experts(
+        config.random_cache_dir, config.random_experts, config.random_architecture, config.shape(),
+        tokenizer_dir=config.random_tokenizer, seed=config.random_seed,
+        dtype=getattr(torch, config.random_weight_dtype),
+    )
+    names = [folder.name for folder in expert_dirs]
+    composite = expert_dirs[0].parent / f"composite-k{len(expert_dirs)}"
+    experts = [read_expert(folder, name) for folder, name in zip(expert_dirs, names)]
+    try:
+        current = composite_is_current(CompositeInfo.read(composite), experts, "uniform")
+    except (PackError, OSError):
+        current = False
+    if current:
+        logger.info("reusing the random experts' composite %s", composite)
+    else:
+        pack_composite(expert_dirs, composite, gate="uniform", names=names, overwrite=True)
+    return BenchModels(composite_dir=composite, expert_dirs=expert_dirs, single_dir=expert_dirs[0],
+                       names=names)
+
+
+def parameter_count(model_dir: str | Path) -> int:
+    """Parameters in a folder's safetensors files (tied weights are stored, and counted, once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            names = handle.keys()
+            total += sum(math.prod(handle.get_slice(name).get_shape()) for name in names)
+    return total
+
+
+# ---- the three systems ----
 
 def _prompts(vocab_size: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
@@ -66,9 +211,11 @@ def _vllm_tokens_per_second(
     params = SamplingParams(max_tokens=config.output_len, temperature=0.0, ignore_eos=True)
     results = {}
     try:
-        llm.generate([{"prompt_token_ids": p} for p in _prompts(vocab_size, 2, config.prompt_len)], params, use_tqdm=False)
-        for concurrency in config.concurrencies:
-            requests = [{"prompt_token_ids": p} for p in _prompts(vocab_size, concurrency, config.prompt_len)]
+        warm_up = [{"prompt_token_ids": p} for p in _prompts(vocab_size, 2, config.prompt_len)]
+        llm.generate(warm_up, params, use_tqdm=False)
+        for concurrency in config.concurrency:
+            requests = [{"prompt_token_ids": p}
+                        for p in _prompts(vocab_size, concurrency, config.prompt_len)]
             best = 0.0
             for _ in range(config.repeats):
                 start = time.perf_counter()
@@ -83,10 +230,25 @@ def _vllm_tokens_per_second(
     return results
 
 
+def _compiled_mixing_tokens_per_second(
+    model_dir: str, settings: EngineSettings, config: EngineBenchConfig, vocab_size: int
+) -> dict[int, float]:
+    previous = os.environ.get("GATEMIX_COMPILE_MIXING")
+    os.environ["GATEMIX_COMPILE_MIXING"] = "1"  # read by the engine's worker when it starts
+    try:
+        return _vllm_tokens_per_second(model_dir, settings, config, vocab_size)
+    finally:
+        if previous is None:
+            os.environ.pop("GATEMIX_COMPILE_MIXING")
+        else:
+            os.environ["GATEMIX_COMPILE_MIXING"] = previous
+
+
 @torch.no_grad()
 def naive_ensemble_decode(experts, log_weights: torch.Tensor, prompts: list[list[int]], steps: int) -> torch.Tensor:
     """Greedy decode of the mixture, one transformers call per expert per token. -> (B, steps)."""
-    input_ids = torch.tensor(prompts)
+    device = log_weights.device
+    input_ids = torch.tensor(prompts, device=device)
     caches = [None] * len(experts)
     generated = []
     for _ in range(steps):
@@ -94,74 +256,101 @@ def naive_ensemble_decode(experts, log_weights: torch.Tensor, prompts: list[list
         for k, expert in enumerate(experts):
             out = expert(input_ids, past_key_values=caches[k], use_cache=True)
             caches[k] = out.past_key_values
-            logprobs.append(torch.log_softmax(out.logits[:, -1].float(), -1))
+            logprobs.append(torch.log_softmax(out.logits[:, -1].float(), -1))  # (B, V)
+        # (B, K, V) + (1, K, 1) -> (B, V)
         mixture = torch.logsumexp(torch.stack(logprobs, 1) + log_weights[None, :, None], dim=1)
         input_ids = mixture.argmax(-1, keepdim=True)
         generated.append(input_ids)
     return torch.cat(generated, dim=1)
 
 
-def _naive_tokens_per_second(config: EngineBenchConfig, expert_dirs: list[str], vocab_size: int) -> dict[int, float]:
-    from transformers import LlamaForCausalLM
+def _naive_tokens_per_second(config: EngineBenchConfig, expert_dirs: list[Path],
+                             vocab_size: int) -> dict[int, float]:
+    concurrencies = [c for c in config.concurrency if c <= config.naive_max_concurrency]
+    if not concurrencies:
+        return {}
+    from transformers import AutoModelForCausalLM
 
-    experts = [LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in expert_dirs]
-    log_weights = torch.full((len(experts),), -torch.log(torch.tensor(float(len(experts)))))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
+    experts = [AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval() for d in expert_dirs]
+    log_weights = torch.full((len(experts),), -math.log(len(experts)), device=device)
     results = {}
-    for concurrency in config.concurrencies:
-        if concurrency > config.naive_max_concurrency:
-            continue
+    for concurrency in concurrencies:
         prompts = _prompts(vocab_size, concurrency, config.prompt_len)
         naive_ensemble_decode(experts, log_weights, prompts, 2)  # warm-up
         start = time.perf_counter()
         tokens = naive_ensemble_decode(experts, log_weights, prompts, config.output_len)
+        if device == "cuda":
+            torch.cuda.synchronize()
         results[concurrency] = tokens.numel() / (time.perf_counter() - start)
+    del experts
+    gc.collect()
     return results
 
 
-def run_engine_bench(config: EngineBenchConfig, expert_dirs: list[str]) -> dict:
-    """Measure all three systems; returns ``{system: {concurrency: tokens/s}}`` plus ratios."""
-    info = CompositeInfo.read(config.composite_dir)
-    vocab_size = json.loads((Path(config.composite_dir) / "config.json").read_text())["vocab_size"]
-    num_experts = len(info.expert_names)
-    max_seqs = max(config.concurrencies)
-
+def run_engine_bench(config: EngineBenchConfig, models: BenchModels) -> dict:
+    """Measure every system; returns ``{system: {concurrency: tokens/s}}`` plus ratios and sizes."""
+    composite_config = json.loads((models.composite_dir / "config.json").read_text())
+    vocab_size = composite_config["vocab_size"]
+    num_experts = len(composite_config["gatemix"]["expert_names"])
     settings = EngineSettings(
-        dtype=config.dtype, max_model_len=config.prompt_len + config.output_len + 16,
-        max_num_seqs=max_seqs, enforce_eager=config.enforce_eager,
+        dtype=config.dtype, max_model_len=config.max_model_len,
+        max_num_seqs=max(config.concurrency), enforce_eager=config.enforce_eager,
     )
-
-    previous = os.environ.get("GATEMIX_COMPILE_MIXING")
-    os.environ["GATEMIX_COMPILE_MIXING"] = "1"  # read by the engine's worker when it starts
-    try:
-        compiled_mixing = _vllm_tokens_per_second(config.composite_dir, settings, config, vocab_size)
-    finally:
-        if previous is None:
-            os.environ.pop("GATEMIX_COMPILE_MIXING")
-        else:
-            os.environ["GATEMIX_COMPILE_MIXING"] = previous
-    tps = {
-        "fused ensemble": _vllm_tokens_per_second(config.composite_dir, settings, config, vocab_size),
-        "fused ensemble, compiled mixing": compiled_mixing,
-        "single expert (vLLM)": _vllm_tokens_per_second(config.expert_dir, settings, config, vocab_size),
-        "naive transformers ensemble": _naive_tokens_per_second(config, expert_dirs, vocab_size),
+    composite, single = str(models.composite_dir), str(models.single_dir)
+    tps = {"fused ensemble": _vllm_tokens_per_second(composite, settings, config, vocab_size)}
+    if config.compiled_mixing:
+        tps["fused ensemble, compiled mixing"] = _compiled_mixing_tokens_per_second(
+            composite, settings, config, vocab_size)
+    tps["single expert (vLLM)"] = _vllm_tokens_per_second(single, settings, config, vocab_size)
+    tps["naive transformers ensemble"] = _naive_tokens_per_second(config, models.expert_dirs, vocab_size)
+    return {
+        "num_experts": num_experts,
+        "expert_parameters": [parameter_count(folder) for folder in models.expert_dirs],
+        "single_parameters": parameter_count(models.single_dir),
+        "models": models.describe(),
+        "config": {**asdict(config), "random": asdict(config.random) if config.random.random_experts else None},
+        "tokens_per_second": tps,
+        "ratios": _ratios(tps, config.concurrency, num_experts),
     }
+
+
+def _ratios(tps: dict[str, dict[int, float]], concurrencies, num_experts: int) -> dict[int, dict]:
     ratios = {}
-    for concurrency in config.concurrencies:
+    for concurrency in concurrencies:
         ensemble, single = tps["fused ensemble"][concurrency], tps["single expert (vLLM)"][concurrency]
         naive = tps["naive transformers ensemble"].get(concurrency)
+        compiled = tps.get("fused ensemble, compiled mixing", {}).get(concurrency)
         ratios[concurrency] = {
             "efficiency_E": num_experts * ensemble / single,
             "speedup_over_naive": ensemble / naive if naive else None,
-            "compiled_mixing_speedup": tps["fused ensemble, compiled mixing"][concurrency] / ensemble,
+            "compiled_mixing_speedup": compiled / ensemble if compiled else None,
         }
-    return {"num_experts": num_experts, "tokens_per_second": tps, "ratios": ratios}
+    return ratios
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.2f}M" if count < 1e9 else f"{count / 1e9:.2f}B"
+
+
+def _sizes_line(result: dict) -> str:
+    sizes = result["expert_parameters"]
+    experts = (f"{len(sizes)} x {_millions(sizes[0])}" if len(set(sizes)) == 1
+               else " + ".join(_millions(size) for size in sizes))
+    return (f"expert parameters: {experts} (total {_millions(sum(sizes))}); "
+            f"single expert {_millions(result['single_parameters'])}")
 
 
 def format_engine_bench(result: dict, config: EngineBenchConfig) -> str:
-    concurrencies = list(config.concurrencies)
+    concurrencies = list(config.concurrency)
+    random = config.random
+    source = (f"{random.random_experts} random {random.random_architecture} experts" if random.random_experts
+              else f"project {config.project}")
     lines = [
-        f"decode tokens/s, prompt {config.prompt_len} + output {config.output_len} tokens, "
-        f"K = {result['num_experts']} experts, dtype {config.dtype}",
+        (f"decode tokens/s, prompt {config.prompt_len} + output {config.output_len} tokens, "
+         f"K = {result['num_experts']} experts ({source}), dtype {config.dtype}"),
+        _sizes_line(result),
         "",
         "| system | " + " | ".join(f"c={c}" for c in concurrencies) + " |",
         "|---|" + "---|" * len(concurrencies),
@@ -173,8 +362,9 @@ def format_engine_bench(result: dict, config: EngineBenchConfig) -> str:
     for c in concurrencies:
         ratio = result["ratios"][c]
         speedup = f"{ratio['speedup_over_naive']:.1f}x" if ratio["speedup_over_naive"] else "n/a"
-        lines.append(
-            f"c={c}: E = K*tps(ensemble)/tps(single) = {ratio['efficiency_E']:.3f}; fused vs naive: {speedup}; "
-            f"compiled vs eager mixing: {ratio['compiled_mixing_speedup']:.2f}x"
-        )
+        line = (f"c={c}: E = K*tps(ensemble)/tps(single) = {ratio['efficiency_E']:.3f}; "
+                f"fused vs naive: {speedup}")
+        if ratio["compiled_mixing_speedup"] is not None:
+            line += f"; compiled vs eager mixing: {ratio['compiled_mixing_speedup']:.2f}x"
+        lines.append(line)
     return "\n".join(lines)

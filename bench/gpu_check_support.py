@@ -1,11 +1,11 @@
 """What ``gatemix.bench.gpu_check`` checks with (sizes, random experts) and how it reports.
 
 The experts are random-init causal LMs sharing one vocabulary, written as
-ordinary Hugging Face folders: a machine with no network cannot download
-experts, and a check of the numerics needs no trained ones. Three
-architectures (Llama, Qwen2, Mistral), one width so one router reads them all,
-and a word-level tokenizer built in code; ``HFExpertBank`` and
-``EnsembleTeacher`` load them the way they load real experts.
+ordinary Hugging Face folders by ``gatemix.bench.random_experts``: a machine
+with no network cannot download experts, and a check of the numerics needs no
+trained ones. Three architectures (Llama, Qwen2, Mistral), one width so one
+router reads them all, and a word-level tokenizer built in code;
+``HFExpertBank`` and ``EnsembleTeacher`` load them the way they load real experts.
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ from pathlib import Path
 
 import torch
 
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3; words follow
+from gatemix.bench.random_experts import (
+    SPECIAL_TOKENS,
+    ExpertShape,
+    write_random_expert,
+    write_word_tokenizer,
+)
 
 
 @dataclass(frozen=True)
@@ -56,62 +61,29 @@ TINY_SIZES = CheckSizes(
 )
 
 
-def write_word_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A whitespace word-level tokenizer over ``w0 .. w{n}``, saved as a fast tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
-    for index in range(vocab_size - len(SPECIAL_TOKENS)):
-        vocab[f"w{index}"] = len(vocab)
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        pad_token="<pad>",
-    )
-    fast.save_pretrained(folder)
-
-
-def expert_configs(sizes: ExpertSizes) -> list:
+def expert_shapes(sizes: ExpertSizes) -> list[tuple[str, ExpertShape]]:
     """Three architectures of one width and vocabulary: MHA Llama, GQA Qwen2, GQA Mistral."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
-
     shared = {
-        "vocab_size": sizes.vocab,
-        "hidden_size": sizes.hidden,
-        "num_hidden_layers": sizes.layers,
-        "num_attention_heads": sizes.heads,
-        "max_position_embeddings": 1024,
+        "vocab_size": sizes.vocab, "hidden_size": sizes.hidden, "num_hidden_layers": sizes.layers,
+        "num_attention_heads": sizes.heads, "max_position_embeddings": 1024,
         "initializer_range": sizes.initializer_range,
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 3,
     }
     return [
-        LlamaConfig(**shared, intermediate_size=sizes.intermediate),
-        Qwen2Config(**shared, intermediate_size=sizes.intermediate, num_key_value_heads=1),
-        MistralConfig(
-            **shared, intermediate_size=2 * sizes.intermediate,
-            num_key_value_heads=max(1, sizes.heads // 2), sliding_window=None,
-        ),
+        ("llama", ExpertShape(**shared, intermediate_size=sizes.intermediate)),
+        ("qwen2", ExpertShape(**shared, intermediate_size=sizes.intermediate, num_key_value_heads=1)),
+        ("mistral", ExpertShape(**shared, intermediate_size=2 * sizes.intermediate,
+                                num_key_value_heads=max(1, sizes.heads // 2))),
     ]
 
 
 def write_random_experts(root: Path, sizes: ExpertSizes, *, seed: int = 0) -> list[Path]:
     """Write the three random experts under ``root`` (fp32 safetensors); returns their folders."""
-    from transformers import AutoModelForCausalLM
-
-    folders = []
-    for index, config in enumerate(expert_configs(sizes)):
-        folder = root / f"{config.model_type}-{index}"
-        torch.manual_seed(seed + index)
-        model = AutoModelForCausalLM.from_config(config)
-        model.save_pretrained(folder)
-        write_word_tokenizer(folder, sizes.vocab)
-        folders.append(folder)
-    return folders
+    tokenizer_dir = write_word_tokenizer(root / "tokenizer", sizes.vocab)
+    return [
+        write_random_expert(root / f"{architecture}-{index}", architecture, shape,
+                            tokenizer_dir=tokenizer_dir, seed=seed + index)
+        for index, (architecture, shape) in enumerate(expert_shapes(sizes))
+    ]
 
 
 def random_texts(vocab_size: int, lengths: list[int], generator: torch.Generator) -> list[str]:

@@ -13,11 +13,34 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from gatemix.gate.mixing import mix_logits, mix_logits_two_pass
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class MixingBenchConfig:
+    dtype: str = field(default="float32", metadata={"help": f"dtype of the expert logits: {', '.join(DTYPES)}",
+                                                    "choices": DTYPES})
+    device: str = field(default="cpu", metadata={"help": "where the mixing runs (cpu, cuda, cuda:1)"})
+    repeats: int = field(default=20, metadata={"help": "calls per timing; the median is kept"})
+    rounds: int = field(default=3, metadata={"help": "rounds alternating the forms; the best is kept"})
+    seed: int = field(default=0, metadata={"help": "seed of the random logits and weights"})
+    json: str | None = field(default=None, metadata={"help": "also write the results here"})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.repeats < 1 or self.rounds < 1:
+            raise ValueError("repeats and rounds must be at least 1")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from gatemix.bench.cli import DEFAULT_PROJECT, BenchModels, check_context, project_models
 from gatemix.bench.serve_report import (
     compute_ratios,
     format_serve_bench,
@@ -44,6 +46,8 @@ from gatemix.bench.servers import (
     ServerStartError,
     launch,
 )
+from gatemix.config_cli import add_dataclass_flags, config_from_args
+from gatemix.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -59,38 +63,60 @@ METRICS = {
     "total_output_tokens": "output_tokens",
     "duration": "duration_s",
 }
+
+
+def _help(text: str, **metadata) -> dict:
+    return {"metadata": {"help": text, **metadata}}
+
+
 @dataclass
 class ServeBenchConfig:
-    composite_dir: str = field(metadata={"help": "composite folder (gatemix pack output)"})
-    expert_dirs: list[str] = field(metadata={"help": "the composite's experts, in order"})
-    systems: tuple[str, ...] = field(default=("ensemble", "single", "vllm", "student", "lockstep"),
-                                     metadata={"help": "systems to run, in order"})
-    concurrencies: tuple[int, ...] = field(default=(1, 16, 64), metadata={"help": "client max concurrency"})
-    prompt_lens: tuple[int, ...] = field(default=(32, 512), metadata={"help": "random prompt tokens"})
-    output_len: int = field(default=128, metadata={"help": "generated tokens per request (EOS ignored)"})
-    num_prompts: int | None = field(default=None, metadata={"help": "requests per point; None: max(8c, 32)"})
-    lockstep_num_prompts: int | None = field(default=None,
-                                             metadata={"help": "lockstep requests per point; None: max(c, 2)"})
-    lockstep_max_concurrency: int = field(default=16, metadata={"help": "skip lockstep points above this"})
-    student_dir: str | None = field(default=None, metadata={"help": "distilled student folder, if any"})
-    seed: int = field(default=0, metadata={"help": "prompt sampling seed, the same for every system"})
-    dtype: str = field(default="float32", metadata={"help": "engine dtype for every system"})
-    kv_cache_gib: int = field(default=1, metadata={"help": "CPU KV cache per engine (whole GiB)"})
-    enforce_eager: bool = field(default=True, metadata={"help": "eager mode for every engine"})
-    out_dir: str = field(default="artifacts/bench", metadata={"help": "JSON, PNG and server logs go here"})
-    interleave: bool = field(default=False, metadata={"help": "all systems up at once; points alternate"})
-    repeats: int = field(default=1, metadata={"help": "runs per point and system; the median is kept"})
+    project: str = field(
+        default=DEFAULT_PROJECT,
+        **_help("project file, or a folder holding gatemix.toml: the experts, in order"))
+    composite: str | None = field(
+        default=None,
+        **_help("composite folder of the project's experts (None: the project's, packed when "
+                "missing or stale)"))
+    student: str | None = field(
+        default=None,
+        **_help("distilled student folder (None: the project's student/ when it holds a "
+                "config.json; without one the student system is skipped)"))
+    systems: tuple[str, ...] = field(
+        default=SYSTEMS, **_help(f"systems to run, in order: {' '.join(SYSTEMS)}", choices=SYSTEMS))
+    concurrency: tuple[int, ...] = field(
+        default=(1, 16, 64), **_help("client max concurrency, one point each (e.g. 1 16 64)"))
+    prompt_lens: tuple[int, ...] = field(
+        default=(32, 512), **_help("random prompt tokens, one point each"))
+    output_len: int = field(default=128, **_help("generated tokens per request (EOS ignored)"))
+    num_prompts: int | None = field(default=None, **_help("requests per point (None: max(8c, 32))"))
+    lockstep_num_prompts: int | None = field(
+        default=None, **_help("requests per lockstep point (None: max(c, 2))"))
+    lockstep_max_concurrency: int = field(
+        default=16, **_help("skip the (slow) lockstep baseline above this concurrency"))
+    seed: int = field(default=0, **_help("prompt sampling seed, the same for every system"))
+    dtype: str = field(default="float32", **_help("engine dtype for every system"))
+    kv_cache_gib: int = field(default=1, **_help("CPU KV cache per engine (whole GiB)"))
+    enforce_eager: bool = field(default=True, **_help("eager mode (no torch.compile) for every engine"))
+    out_dir: str = field(default="artifacts/bench", **_help("results JSON, markdown, PNG and server logs"))
+    interleave: bool = field(
+        default=False, **_help("start every system at once and alternate them within each point"))
+    repeats: int = field(default=1, **_help("runs per point and system; the median is kept"))
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
             raise ValueError("repeats must be positive")
         unknown = set(self.systems) - set(SYSTEMS)
-        if unknown:
+        if unknown or not self.systems:
             raise ValueError(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
-        if min(self.concurrencies) < 1 or min(self.prompt_lens) < 1 or self.output_len < 1:
-            raise ValueError("concurrencies, prompt lengths and output length must be positive")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise ValueError(f"concurrency takes positive integers, got {self.concurrency}")
+        if not self.prompt_lens or min(self.prompt_lens) < 1 or self.output_len < 1:
+            raise ValueError("prompt lengths and output length must be positive")
         if any(count is not None and count < 1 for count in (self.num_prompts, self.lockstep_num_prompts)):
             raise ValueError("num_prompts and lockstep_num_prompts must be positive")
+        if self.lockstep_max_concurrency < 1 or self.kv_cache_gib < 1:
+            raise ValueError("lockstep_max_concurrency and kv_cache_gib must be positive")
 
     def prompts_for(self, system: str, concurrency: int) -> int:
         """Long enough points that the ramp-up and drain of the first and last waves are a small part;
@@ -126,19 +152,26 @@ def run_load(running: RunningSystem, *, tokenizer_dir: str, concurrency: int, pr
     return {ours: float(result[theirs]) for theirs, ours in METRICS.items() if theirs in result}
 
 
-def run_serve_bench(config: ServeBenchConfig) -> dict:
-    """Run every system at every point; returns ``{"points": [...], "ratios": [...], ...}``."""
+def run_serve_bench(config: ServeBenchConfig, models: BenchModels) -> dict:
+    """Run every system at every point; returns ``{"points": [...], "ratios": [...], ...}``.
+
+    The load's prompts come from the first expert's tokenizer (the experts share one).
+    """
     out_dir = Path(config.out_dir)
+    tokenizer_dir = str(models.expert_dirs[0])
+    expert_dirs = [str(folder) for folder in models.expert_dirs]
+    student_dir = str(models.student_dir) if models.student_dir else None
     max_prompt = max(config.prompt_lens)
     options = ServerOptions(
         max_model_len=max_prompt + config.output_len + 64,  # slack for re-tokenized random prompts
-        max_num_seqs=max(config.concurrencies), dtype=config.dtype, kv_cache_gib=config.kv_cache_gib,
+        max_num_seqs=max(config.concurrency), dtype=config.dtype, kv_cache_gib=config.kv_cache_gib,
         enforce_eager=config.enforce_eager, log_dir=out_dir / "logs",
     )
     points, notes = [], []
-    systems = [system for system in config.systems if system != "student" or config.student_dir]
-    if "student" in config.systems and not config.student_dir:
-        notes.append("student: skipped, no distilled student folder given (--student)")
+    systems = [system for system in config.systems if system != "student" or student_dir]
+    if "student" in config.systems and not student_dir:
+        notes.append("student: skipped, no distilled student folder (the project's student/ "
+                     "has no config.json; pass --student)")
     groups = [systems] if config.interleave else [[system] for system in systems]
     for group in groups:
         with contextlib.ExitStack() as stack:
@@ -147,31 +180,33 @@ def run_serve_bench(config: ServeBenchConfig) -> dict:
                 logger.info("starting system %s", system)
                 try:
                     running.append(stack.enter_context(launch(
-                        system, composite_dir=config.composite_dir, expert_dirs=config.expert_dirs,
-                        options=options, student_dir=config.student_dir)))
+                        system, composite_dir=str(models.composite_dir), expert_dirs=expert_dirs,
+                        options=options, student_dir=student_dir)))
                 except ServerStartError as exc:
                     logger.error("%s did not start: %s", system, exc)
                     notes.append(f"{system}: did not start ({str(exc).splitlines()[0]})")
             for system in running:
-                _warm_up(config, system, out_dir)
-            points += _run_points(config, running, notes, out_dir)
+                _warm_up(config, system, tokenizer_dir, out_dir)
+            points += _run_points(config, running, notes, tokenizer_dir, out_dir)
     return {
         "config": asdict(config),
-        "num_experts": len(config.expert_dirs),
+        "models": models.describe(),
+        "num_experts": len(expert_dirs),
         "engine_options": {k: str(v) for k, v in asdict(options).items()},
         "points": points,
-        "ratios": compute_ratios(points, len(config.expert_dirs)),
+        "ratios": compute_ratios(points, len(expert_dirs)),
         "notes": notes,
     }
 
 
-def _warm_up(config: ServeBenchConfig, running: RunningSystem, out_dir: Path) -> None:
+def _warm_up(config: ServeBenchConfig, running: RunningSystem, tokenizer_dir: str,
+             out_dir: Path) -> None:
     """Short untimed requests at the largest batch and prompt, so no point pays for first-call costs."""
-    concurrency = max(config.concurrencies)
+    concurrency = max(config.concurrency)
     if running.name == "lockstep":
         concurrency = min(concurrency, config.lockstep_max_concurrency)
     try:
-        run_load(running, tokenizer_dir=config.expert_dirs[0], concurrency=concurrency,
+        run_load(running, tokenizer_dir=tokenizer_dir, concurrency=concurrency,
                  prompt_len=max(config.prompt_lens), output_len=16, num_prompts=concurrency, seed=config.seed + 1,
                  log_path=out_dir / "logs" / f"load-{running.name}.log")
     except Exception:  # the timed points will report the failure
@@ -179,7 +214,7 @@ def _warm_up(config: ServeBenchConfig, running: RunningSystem, out_dir: Path) ->
 
 
 def _measure_point(config: ServeBenchConfig, running: RunningSystem, prompt_len: int, concurrency: int,
-                   notes: list[str], out_dir: Path) -> dict | None:
+                   notes: list[str], tokenizer_dir: str, out_dir: Path) -> dict | None:
     """One timed ``vllm bench serve`` run; None (and a note) when it is skipped or fails."""
     point = {"system": running.name, "concurrency": concurrency, "prompt_len": prompt_len,
              "num_prompts": config.prompts_for(running.name, concurrency)}
@@ -192,7 +227,7 @@ def _measure_point(config: ServeBenchConfig, running: RunningSystem, prompt_len:
     try:
         with ProcessUsage([p.pid for p in running.processes]) as usage:
             point.update(run_load(
-                running, tokenizer_dir=config.expert_dirs[0], concurrency=concurrency,
+                running, tokenizer_dir=tokenizer_dir, concurrency=concurrency,
                 prompt_len=prompt_len, output_len=config.output_len, num_prompts=point["num_prompts"],
                 seed=config.seed, log_path=log_path,
             ))
@@ -213,14 +248,15 @@ def _measure_point(config: ServeBenchConfig, running: RunningSystem, prompt_len:
 
 
 def _run_points(config: ServeBenchConfig, systems: list[RunningSystem], notes: list[str],
-                out_dir: Path) -> list[dict]:
+                tokenizer_dir: str, out_dir: Path) -> list[dict]:
     """Every point for the running systems: system after system within a point, ``repeats`` times."""
     runs: dict[tuple[str, int, int], list[dict]] = {}
     for prompt_len in config.prompt_lens:
-        for concurrency in config.concurrencies:
+        for concurrency in config.concurrency:
             for _ in range(config.repeats):
                 for running in systems:
-                    point = _measure_point(config, running, prompt_len, concurrency, notes, out_dir)
+                    point = _measure_point(config, running, prompt_len, concurrency, notes,
+                                           tokenizer_dir, out_dir)
                     if point is not None:
                         runs.setdefault((running.name, prompt_len, concurrency), []).append(point)
     return [median_point(group) for group in runs.values()]
@@ -228,81 +264,34 @@ def _run_points(config: ServeBenchConfig, systems: list[RunningSystem], notes: l
 
 # ------------------------------------------------------------------------ CLI
 def add_serve_bench_parser(benches) -> None:
-    serve = benches.add_parser("serve", help="servers side by side under vLLM's load generator")
-    serve.add_argument("--demo-dir", default="artifacts/demo",
-                       help="demo build: <demo-dir>/composite and <demo-dir>/experts/<name>")
-    serve.add_argument("--composite", help="composite folder (default: <demo-dir>/composite)")
-    serve.add_argument("--student", help="distilled student folder (the student system is skipped without it)")
-    serve.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
-    serve.add_argument("--concurrency", default="1,16,64", help="comma-separated client concurrencies")
-    serve.add_argument("--prompt-lens", default="32,512", help="comma-separated prompt lengths (tokens)")
-    serve.add_argument("--output-len", type=int, default=128)
-    serve.add_argument("--num-prompts", type=int, help="requests per point (default max(8*concurrency, 32))")
-    serve.add_argument("--lockstep-num-prompts", type=int,
-                       help="requests per lockstep point (default max(concurrency, 2))")
-    serve.add_argument("--lockstep-max-concurrency", type=int, default=16,
-                       help="skip the (slow) lockstep baseline above this concurrency")
-    serve.add_argument("--dtype", default="float32")
-    serve.add_argument("--kv-cache-gib", type=int, default=1, help="CPU KV cache per engine (whole GiB)")
-    serve.add_argument("--compile", action="store_true", help="let vLLM torch.compile the models (all systems)")
-    serve.add_argument("--out-dir", default="artifacts/bench", help="results JSON, markdown, PNG and server logs")
-    serve.add_argument("--interleave", action="store_true",
-                       help="start every system at once and alternate them within each point")
-    serve.add_argument("--repeats", type=int, default=1, help="runs per point and system; the median is kept")
+    serve = benches.add_parser(
+        "serve", help="servers side by side under vLLM's load generator",
+        description="Each system (ensemble, single, vllm, student, lockstep) is started in turn "
+        "and loaded by `vllm bench serve` at every concurrency and prompt length; the models are "
+        "the project's.",
+    )
+    add_dataclass_flags(serve, ServeBenchConfig)
     serve.set_defaults(run=run_serve)
 
 
-def _int_list(text: str, flag: str) -> tuple[int, ...]:
-    from gatemix.errors import UserError
-
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise UserError(f"{flag} takes positive integers, got {text!r}")
-    return values
-
-
-def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
-    from gatemix.engine.composite_folder import CompositeInfo
-
-    from gatemix.errors import UserError
-
-    demo_dir = Path(args.demo_dir)
-    composite = Path(args.composite) if args.composite else demo_dir / "composite"
-    if not composite.is_dir():
-        raise UserError(f"{composite} not found: run `gatemix build-demo --out {demo_dir}` or pass --composite")
-    expert_dirs = [demo_dir / "experts" / name for name in CompositeInfo.read(composite).expert_names]
-    missing = [str(d) for d in expert_dirs if not d.is_dir()]
-    if missing:
-        raise UserError(f"expert folders not found: {', '.join(missing)} (pass --demo-dir)")
-    if args.student and not Path(args.student).is_dir():
-        raise UserError(f"student folder {args.student} not found")
-    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
-    prompt_lens = _int_list(args.prompt_lens, "--prompt-lens")
-    context = json.loads((expert_dirs[0] / "config.json").read_text()).get("max_position_embeddings")
-    if context and max(prompt_lens) + args.output_len > context:
-        raise UserError(f"prompt {max(prompt_lens)} + output {args.output_len} tokens exceed the experts' "
-                        f"context of {context}; lower --prompt-lens or --output-len")
-    try:
-        return ServeBenchConfig(
-            composite_dir=str(composite), expert_dirs=[str(d) for d in expert_dirs], systems=systems,
-            concurrencies=_int_list(args.concurrency, "--concurrency"), prompt_lens=prompt_lens,
-            output_len=args.output_len, num_prompts=args.num_prompts, lockstep_num_prompts=args.lockstep_num_prompts,
-            lockstep_max_concurrency=args.lockstep_max_concurrency, student_dir=args.student, dtype=args.dtype,
-            kv_cache_gib=args.kv_cache_gib, enforce_eager=not args.compile, out_dir=args.out_dir,
-            interleave=args.interleave, repeats=args.repeats,
-        )
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+def serve_bench_models(config: ServeBenchConfig) -> BenchModels:
+    """The project's experts and composite, and the student: ``--student`` or the project's."""
+    student = Path(config.student) if config.student is not None else None
+    if student is not None and not (student / "config.json").is_file():  # before any packing
+        raise UserError(f"student folder {student} not found (no config.json)")
+    project, models = project_models(config.project, composite=config.composite)
+    if student is None and (project.student_dir / "config.json").is_file():
+        student = project.student_dir
+    check_context(models, max(config.prompt_lens) + config.output_len)
+    return dataclasses.replace(models, student_dir=student)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    config = config_from_args(args, ServeBenchConfig)
+    models = serve_bench_models(config)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = run_serve_bench(config)
+    result = run_serve_bench(config, models)
     report = format_serve_bench(result)
     print(report)
     (out_dir / "serve_bench.json").write_text(json.dumps(result, indent=2))

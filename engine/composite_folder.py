@@ -140,11 +140,36 @@ def check_vllm_supports(experts: list[ExpertFolder]) -> None:
             )
 
 
+def attention_pattern(config: dict) -> tuple[tuple[str, ...], int | None]:
+    """``(kinds of attention layer, sliding window)`` of an expert's config.
+
+    Experts of different widths, depths, head counts and head sizes share one
+    engine (vLLM keeps one KV-cache group of full-attention layers of any
+    shape). A sliding-window expert beside a full-attention one needs a second
+    group, and there the CPU backend's mixture was wrong on prompts longer than
+    the window (while each expert alone was exact), so experts must share one
+    pattern: all full attention, or all the same window.
+    """
+    window = config.get("sliding_window")
+    if config.get("use_sliding_window") is False:  # Qwen2/Qwen3 carry a window they do not use
+        window = None
+    kinds = set(config.get("layer_types") or [])
+    if not kinds:
+        kinds = {"sliding_attention" if window else "full_attention"}
+    return tuple(sorted(kinds)), window if "sliding_attention" in kinds else None
+
+
 def check_engine_compatible(experts: list[ExpertFolder]) -> None:
     """Refuse experts one engine cannot hold side by side, with the reason."""
     check_vllm_supports(experts)
     first = experts[0]
     for other in experts[1:]:
+        if attention_pattern(first.config) != attention_pattern(other.config):
+            raise PackError(
+                f"experts {first.name!r} and {other.name!r} use different attention patterns "
+                f"({attention_pattern(first.config)} vs {attention_pattern(other.config)}); one "
+                "engine holds experts that all use full attention or all the same sliding window"
+            )
         for field in ENGINE_SHARED_FIELDS:
             if first.config.get(field) != other.config.get(field):
                 raise PackError(

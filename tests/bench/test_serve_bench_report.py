@@ -3,6 +3,7 @@
 import argparse
 
 import pytest
+
 from gatemix.bench.serve_bench import ServeBenchConfig, add_serve_bench_parser
 from gatemix.bench.serve_report import (
     _tps_cell,
@@ -11,7 +12,6 @@ from gatemix.bench.serve_report import (
     median_point,
     plot_serve_bench,
 )
-
 from gatemix.errors import UserError
 
 
@@ -29,7 +29,7 @@ def _fake_result():
         _point("lockstep", 16, 30.0),
         _point("ensemble", 64, 1000.0), _point("single", 64, 2400.0), _point("vllm", 64, 2500.0),
     ]
-    config = ServeBenchConfig(composite_dir="c", expert_dirs=["a", "b"], concurrencies=(1, 16, 64), prompt_lens=(32,))
+    config = ServeBenchConfig(concurrency=(1, 16, 64), prompt_lens=(32,))
     from dataclasses import asdict
 
     return {"config": asdict(config), "num_experts": 2, "points": points, "ratios": compute_ratios(points, 2),
@@ -67,24 +67,48 @@ def _parse(argv):
     return parser.parse_args(["serve", *argv])
 
 
-def test_missing_demo_folder_is_a_one_line_user_error(tmp_path):
-    args = _parse(["--demo-dir", str(tmp_path / "nothing")])
-    with pytest.raises(UserError, match="not found"):
+def _one_line_user_error(argv) -> str:
+    args = _parse(argv)
+    with pytest.raises(UserError) as error:
         args.run(args)
+    message = str(error.value)
+    assert "\n" not in message
+    return message
 
 
-def test_bad_concurrency_list_is_a_user_error():
-    from gatemix.bench.serve_bench import _int_list
+def test_missing_project_is_a_one_line_user_error(tmp_path):
+    assert "does not exist" in _one_line_user_error(["--project", str(tmp_path / "nothing")])
+    assert "no project file" in _one_line_user_error(["--project", str(tmp_path)])
 
-    with pytest.raises(UserError, match="--concurrency"):
-        _int_list("1,x", "--concurrency")
-    with pytest.raises(UserError):
-        _int_list("0", "--concurrency")
+
+def test_missing_composite_and_student_folders_are_one_line_user_errors(tmp_path, tiny_project):
+    project = str(tiny_project)
+    message = _one_line_user_error(["--project", project, "--composite", str(tmp_path / "nothing")])
+    assert "not found" in message
+    message = _one_line_user_error(["--project", project, "--student", str(tmp_path / "nothing")])
+    assert "student folder" in message and "not found" in message
+
+
+def test_bad_concurrency_is_rejected(capsys):
+    assert "concurrency" in _one_line_user_error(["--concurrency", "1", "0"])
+    with pytest.raises(SystemExit) as exit_info:  # not an integer: argparse's own error, exit 2
+        _parse(["--concurrency", "1", "x"])
+    assert exit_info.value.code == 2
+    assert "--concurrency" in capsys.readouterr().err
+
+
+def test_concurrency_and_prompt_lens_take_several_integers():
+    from gatemix.config_cli import config_from_args
+
+    args = _parse(["--concurrency", "1", "16", "--prompt-lens", "32", "--systems", "single", "vllm"])
+    config = config_from_args(args, ServeBenchConfig)
+    assert config.concurrency == (1, 16) and config.prompt_lens == (32,)
+    assert config.systems == ("single", "vllm") and config.output_len == 128
 
 
 def test_unknown_system_is_rejected():
     with pytest.raises(ValueError, match="unknown systems"):
-        ServeBenchConfig(composite_dir="c", expert_dirs=["a"], systems=("ensemble", "tgi"))
+        ServeBenchConfig(systems=("ensemble", "tgi"))
 
 
 def test_a_repeated_point_keeps_its_median_run_and_every_figure():
@@ -141,4 +165,36 @@ def test_rounds_that_do_not_pair_fall_back_to_the_medians():
 @pytest.mark.parametrize("count", [0, -3])
 def test_a_request_count_below_one_is_rejected_not_replaced_by_the_default(field, count):
     with pytest.raises(ValueError, match="must be positive"):
-        ServeBenchConfig(composite_dir="c", expert_dirs=["a"], **{field: count})
+        ServeBenchConfig(**{field: count})
+    flag = "--" + field.replace("_", "-")
+    assert "must be positive" in _one_line_user_error([flag, str(count)])
+
+
+def test_the_student_defaults_to_the_projects_when_it_has_a_config(tmp_path, tiny_project):
+    import dataclasses
+    import shutil
+
+    from gatemix.bench.serve_bench import serve_bench_models
+    from gatemix.project import load_project
+
+    project = load_project(tiny_project, check_data=False)
+    config = ServeBenchConfig(project=str(tiny_project), prompt_lens=(32,), output_len=16)
+    shutil.rmtree(project.student_dir, ignore_errors=True)
+    models = serve_bench_models(config)
+    assert models.student_dir is None and models.composite_dir == project.composite_dir
+    assert [p.name for p in models.expert_dirs] == ["llama-0", "qwen2-1"]
+    shutil.copytree(models.expert_dirs[0], project.student_dir)
+    try:
+        assert serve_bench_models(config).student_dir == project.student_dir
+        explicit = dataclasses.replace(config, student=str(models.expert_dirs[1]))
+        assert serve_bench_models(explicit).student_dir == models.expert_dirs[1]
+    finally:
+        shutil.rmtree(project.student_dir)
+
+
+def test_prompt_and_output_beyond_the_experts_context_are_refused(tiny_project):
+    from gatemix.bench.serve_bench import serve_bench_models
+
+    config = ServeBenchConfig(project=str(tiny_project), prompt_lens=(32, 512))
+    with pytest.raises(UserError, match="exceed the experts' context of 256"):
+        serve_bench_models(config)

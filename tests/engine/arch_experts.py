@@ -1,73 +1,52 @@
 """Tiny randomly initialised experts of every architecture the composite must hold.
 
-Each is an ordinary Hugging Face folder written by ``transformers`` (its own
-config class, its own weight names), sharing one tokenizer folder, so the
-engine loads them exactly as it would a user's fine-tunes. The weights are
-drawn with a wide initialiser so the next-token distributions are peaked:
-greedy decodes of near-uniform distributions would hinge on float rounding.
+A thin layer over ``gatemix.bench.random_experts`` (the one writer of random
+experts), with the tests' shape: every expert shares one tokenizer folder, and
+the weights are drawn with a wide initialiser so the next-token distributions
+are peaked: greedy decodes of near-uniform distributions would hinge on float
+rounding.
 """
 
 from __future__ import annotations
 
-import shutil
+import dataclasses
 from pathlib import Path
 
-import torch
-
-# Shapes the CPU attention backend accepts (head size 32); two layers, GQA (2 heads, 1 KV head).
-BASE_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=32,
-    max_position_embeddings=512,
-    initializer_range=0.35,
-    rms_norm_eps=1e-6,
+from gatemix.bench.random_experts import (
+    ARCHITECTURES,
+    ExpertShape,
+    tokenizer_vocab_size,
+    write_random_expert,
 )
 
-# name -> (transformers config class, what sets it apart)
-ARCHITECTURES = {
-    "llama": ("LlamaConfig", {}),
-    "mistral": ("MistralConfig", {"sliding_window": None}),
-    "qwen2": ("Qwen2Config", {"use_sliding_window": False}),  # biases in q/k/v projections
-    "qwen3": ("Qwen3Config", {"use_sliding_window": False}),  # RMSNorm on q and k
-    "qwen2-tied": ("Qwen2Config", {"use_sliding_window": False, "tie_word_embeddings": True}),
+__all__ = ["ARCHITECTURES", "BASE_SHAPE", "make_expert", "tokenizer_vocab_size"]
+
+# Shapes the CPU attention backend accepts (head size 32); two layers, GQA (2 heads, 1 KV head).
+BASE_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+    "max_position_embeddings": 512,
+    "initializer_range": 0.35,
+    "rms_norm_eps": 1e-6,
 }
-
-
-def tokenizer_vocab_size(tokenizer_dir: Path) -> int:
-    from transformers import AutoTokenizer
-
-    return len(AutoTokenizer.from_pretrained(tokenizer_dir))
+# The demo tokenizer's special ids, which the tests' tokenizer folders share.
+SPECIAL_IDS = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
+_SHAPE_FIELDS = {field.name for field in dataclasses.fields(ExpertShape)}
 
 
 def make_expert(
     out_dir: Path, architecture: str, tokenizer_dir: Path, seed: int, **shape_overrides
 ) -> Path:
-    """Write one random-init expert of ``architecture`` with the shared tokenizer; returns its folder."""
-    import transformers
+    """Write one random-init expert of ``architecture`` with the shared tokenizer; returns its folder.
 
-    class_name, extra = ARCHITECTURES[architecture]
-    vocab_size = tokenizer_vocab_size(tokenizer_dir)
-    shape = {**BASE_SHAPE, **shape_overrides}
-    config = getattr(transformers, class_name)(
-        vocab_size=vocab_size,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-        tie_word_embeddings=extra.get("tie_word_embeddings", False),
-        **{k: v for k, v in extra.items() if k != "tie_word_embeddings"},
-        **shape,
-    )
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    for path in Path(tokenizer_dir).iterdir():
-        if path.name.startswith("tokenizer") or path.name == "special_tokens_map.json":
-            shutil.copy2(path, out_dir / path.name)
-    return out_dir
+    ``shape_overrides`` are config fields: the shape's own (``hidden_size``, ...) or any other.
+    """
+    fields = {**BASE_SHAPE, **shape_overrides}
+    shape = ExpertShape(**{key: value for key, value in fields.items() if key in _SHAPE_FIELDS})
+    others = {key: value for key, value in fields.items() if key not in _SHAPE_FIELDS}
+    return write_random_expert(out_dir, architecture, shape, tokenizer_dir=tokenizer_dir, seed=seed,
+                               **{**SPECIAL_IDS, **others})

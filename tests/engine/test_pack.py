@@ -132,3 +132,24 @@ def test_router_context_model_the_experts_cannot_share_a_cache_with_is_refused(e
         out,
         "(KV heads, head size)",
     )
+
+
+def test_a_sliding_window_expert_beside_full_attention_ones_is_refused(experts, tmp_path):
+    config = json.loads((experts[1] / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=16)
+    (experts[1] / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "composite"
+    _assert_refused(_gatemix("pack", *map(str, experts), "--out", str(out)), out, "attention patterns")
+
+
+def test_experts_of_different_sizes_and_one_window_pack(experts, tmp_path):
+    from gatemix.engine.composite_folder import attention_pattern
+
+    for expert in experts:
+        config = json.loads((expert / "config.json").read_text())
+        config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=16)
+        (expert / "config.json").write_text(json.dumps(config))
+    assert attention_pattern(config) == (("sliding_attention",), 16)
+    assert attention_pattern({"use_sliding_window": False, "sliding_window": 4096}) == (("full_attention",), None)
+    result = _gatemix("pack", *map(str, experts), "--out", str(tmp_path / "composite"))
+    assert result.returncode == 0, result.stderr
