@@ -1,7 +1,8 @@
 """One real ``gatemix serve`` process for the server tests, talked to over loopback.
 
-The server serves the tiny demo composite (the session ``composite_dir``
-fixture), or the folder named by ``GATEMIX_TEST_COMPOSITE``. It runs with API
+The server serves the tiny demo's project file (``gatemix serve --project``, the
+user's path: the project's composite is packed from its experts), or the folder
+named by ``GATEMIX_TEST_COMPOSITE``. It runs with API
 keys, so every client here sends one; the auth tests leave it out on purpose.
 """
 
@@ -36,18 +37,29 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server_model_dir(request) -> Path:
-    override = os.environ.get("GATEMIX_TEST_COMPOSITE")
-    if override:
-        return Path(override)
-    return request.getfixturevalue("composite_dir")
+def served_project(request) -> Path | None:
+    """The demo's project file, served as a user's would be (None with GATEMIX_TEST_COMPOSITE)."""
+    if os.environ.get("GATEMIX_TEST_COMPOSITE"):
+        return None
+    return request.getfixturevalue("demo_paths").project_file
 
 
 @pytest.fixture(scope="session")
-def server(server_model_dir, tmp_path_factory):
+def server_model_dir(served_project) -> Path:
+    """The folder the server runs: the project's composite (packed as `serve --project` would)."""
+    if served_project is None:
+        return Path(os.environ["GATEMIX_TEST_COMPOSITE"])
+    from gatemix.engine.composite_folder import ensure_composite
+    from gatemix.project import load_project
+
+    return ensure_composite(load_project(served_project)).path
+
+
+@pytest.fixture(scope="session")
+def server(served_project, server_model_dir, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("gatemix-serve")
     keys = ("--max-n", str(MAX_N), "--api-key", API_KEY, "--api-key", SECOND_API_KEY)
-    with running_server(server_model_dir, log_dir, *keys) as (url, log_path):
+    with running_server(server_model_dir, log_dir, *keys, project=served_project) as (url, log_path):
         models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
         experts = [card["id"] for card in models["data"] if card["id"] != ENSEMBLE]
         yield Server(url, ENSEMBLE, experts, Path(server_model_dir), log_path)

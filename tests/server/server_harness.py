@@ -39,14 +39,18 @@ def _wait_until_healthy(proc: subprocess.Popen, url: str, log_path: Path) -> Non
 
 
 @contextlib.contextmanager
-def running_server(model_dir: Path, log_dir: Path, *extra_args: str, env: dict | None = None):
-    """Start ``gatemix serve`` on a free loopback port; yield its base URL; stop it."""
+def running_server(
+    model_dir: Path | None, log_dir: Path, *extra_args: str, env: dict | None = None,
+    project: Path | None = None,
+):
+    """Start ``gatemix serve`` of a folder or a project on a free loopback port; yield its base URL; stop it."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = log_dir / "server.log"
+    what = ["--model-dir", str(model_dir)] if project is None else ["--project", str(project)]
     command = [
         sys.executable, "-m", "gatemix.cli", "serve",
-        "--model-dir", str(model_dir),
+        *what,
         "--served-model-name", ENSEMBLE,
         "--host", "127.0.0.1",
         "--port", str(port),
