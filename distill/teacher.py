@@ -108,5 +108,12 @@ class EnsembleTeacher:
             out = expert(input_ids=input_ids, output_hidden_states=True)
             hidden.append(out.hidden_states[-1].float())  # (B, T, H), after the final norm
             logits.append(out.logits)  # (B, T, V)
-        log_weights = self.router(torch.cat(hidden, dim=-1), input_ids)  # (B, T, K)
-        return mix_logits(torch.stack(logits, dim=-2), log_weights), log_weights
+        expert_logits = torch.stack(logits, dim=-2)  # (B, T, K, V)
+        next_logprobs = None
+        if self.router.form.posterior:  # log pi_k(x_{t+1} | x_<=t); the last position has no next token
+            scored = torch.log_softmax(expert_logits[:, :-1].float(), -1).gather(
+                -1, input_ids[:, 1:, None, None].expand(-1, -1, expert_logits.shape[2], 1)
+            ).squeeze(-1)  # (B, T-1, K)
+            next_logprobs = torch.cat([scored, scored.new_zeros(scored[:, :1].shape)], dim=1)
+        log_weights = self.router(torch.cat(hidden, dim=-1), input_ids, None, next_logprobs)  # (B, T, K)
+        return mix_logits(expert_logits, log_weights), log_weights

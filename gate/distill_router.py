@@ -102,18 +102,20 @@ def router_log_weights(
     hidden: torch.Tensor,
     input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    next_logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The router's weights for predicting token t+1, for every scored position t.
 
     ``hidden`` ``(N, T-1, K*H)`` is aligned on the predicting position, and
     ``input_ids`` ``(N, T)`` are the whole sequences, whose first T-1 tokens are
-    what a context model reads. -> ``(N, T-1, K)``.
+    what a context model reads; ``next_logprobs`` ``(N, T-1, K)``, aligned like
+    ``hidden``, feed a posterior router's state. -> ``(N, T-1, K)``.
     """
     if input_ids is not None:
         width = hidden.shape[1]
         input_ids = input_ids[:, :width]
         attention_mask = None if attention_mask is None else attention_mask[:, :width]
-    return router(hidden.float(), input_ids, attention_mask)
+    return router(hidden.float(), input_ids, attention_mask, next_logprobs)
 
 
 def routed_token_logprobs(
@@ -124,7 +126,7 @@ def routed_token_logprobs(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``log sum_k gamma(x_<=t)_k pi_k(x_{t+1}|x_<=t)``. ``(N, T, K*H)``, ``(N, T, K)`` -> ``(N, T)``."""
-    log_weights = router_log_weights(router, hidden, input_ids, attention_mask)  # (N, T, K)
+    log_weights = router_log_weights(router, hidden, input_ids, attention_mask, next_logprobs)  # (N, T, K)
     return mix_logprobs(next_logprobs.unsqueeze(-1), log_weights).squeeze(-1)
 
 

@@ -61,7 +61,8 @@ def learned_gate(router: HiddenStateRouter) -> TokenGate:
         if features.hidden is None:
             raise ValueError("the learned router needs the experts' hidden states")
         return router_log_weights(
-            router, features.hidden, features.input_ids, features.attention_mask
+            router, features.hidden, features.input_ids, features.attention_mask,
+            features.next_logprobs,
         )
 
     return gate

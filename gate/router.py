@@ -39,6 +39,11 @@ class RouterForm:
     context_config: dict | None = None
     # Each expert's final hidden size, when they differ (experts of different sizes); None: all H.
     hidden_sizes: tuple[int, ...] | None = None
+    # The posterior state (gate/posterior.py): a learned prior and forgetting factor whose
+    # posterior log-weights are added to the head's logits (the head at zero: the posterior alone).
+    posterior: bool = False
+    # The head also reads the posterior's log-weights (K features after the hidden states).
+    posterior_features: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_sizes is not None:
@@ -47,6 +52,8 @@ class RouterForm:
                 raise ValueError(f"invalid router form {self}: one positive hidden size per expert")
         if self.num_experts < 1 or self.hidden_size < 1 or self.router_hidden < 0:
             raise ValueError(f"invalid router form {self}")
+        if self.posterior_features and not self.posterior:
+            raise ValueError("posterior_features needs posterior")
         if self.context_config is not None:
             for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
                 if not isinstance(self.context_config.get(key), int) or self.context_config[key] < 1:
@@ -72,11 +79,18 @@ class RouterForm:
     def context_size(self) -> int:
         return 0 if self.context_config is None else self.context_config["hidden_size"]
 
+    @property
+    def head_inputs(self) -> int:
+        """Features the head reads: the experts' states, the context model's, the posterior's."""
+        return sum(self.expert_widths) + self.context_size + (self.num_experts if self.posterior_features else 0)
+
     def to_dict(self) -> dict:
         form = asdict(self)
-        if form["hidden_sizes"] is None:  # experts of one width: the form artifacts always had
-            del form["hidden_sizes"]
-        else:
+        # Fields at their old defaults are left out: an artifact written before them keeps its version.
+        for name in ("hidden_sizes", "posterior", "posterior_features"):
+            if not form[name]:
+                del form[name]
+        if "hidden_sizes" in form:
             form["hidden_sizes"] = list(form["hidden_sizes"])
         return form
 
@@ -133,7 +147,11 @@ class HiddenStateRouter(nn.Module):
         """``build_context=False`` builds the head alone (the engine runs the context model)."""
         super().__init__()
         self.form = form
-        in_features = sum(form.expert_widths) + form.context_size
+        in_features = form.head_inputs
+        if form.posterior:
+            self.prior_logits = nn.Parameter(torch.zeros(form.num_experts))  # uniform prior
+            # lambda = exp(-softplus(raw)) in (0, 1); -7 starts at 1 - 9e-4 (nearly Bayes).
+            self.forgetting_raw = nn.Parameter(torch.tensor(-7.0))
         if form.router_hidden:
             self.proj_in = nn.Linear(in_features, form.router_hidden)
             self.proj_out = nn.Linear(form.router_hidden, form.num_experts)
@@ -151,11 +169,14 @@ class HiddenStateRouter(nn.Module):
         expert_hidden: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        next_logprobs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``(N, T, sum_k H_k)`` states of tokens ``input_ids`` ``(N, T)`` -> ``(N, T, K)``.
 
         The token ids are needed only with a context model; position t of both
-        is token t, so the weights at t decide token t + 1.
+        is token t, so the weights at t decide token t + 1. A posterior router
+        also needs ``next_logprobs`` ``(N, T, K)``: ``log pi_k(x_{t+1} | x_<=t)``
+        at position t (zero where masked), whose exclusive scan is its state.
         """
         if self.context is not None:
             if input_ids is None:
@@ -164,14 +185,45 @@ class HiddenStateRouter(nn.Module):
             expert_hidden = torch.cat(
                 [expert_hidden, context.last_hidden_state.to(expert_hidden.dtype)], dim=-1
             )
-        return self.head(expert_hidden)
+        state = None
+        if self.form.posterior:
+            if next_logprobs is None:
+                raise ValueError("this router reads the experts' log-probs of the prefix: pass next_logprobs")
+            from gatemix.gate.posterior import prefix_state
 
-    def head(self, features: torch.Tensor) -> torch.Tensor:
-        """The head alone: ``(..., sum_k H_k [+ C])`` -> ``(..., K)``; the engine computes the context."""
+            state = prefix_state(next_logprobs.float(), self.forgetting)
+        return self.gate(expert_hidden, state)
+
+    @property
+    def forgetting(self) -> torch.Tensor:
+        """The posterior's forgetting factor lambda in (0, 1) (1: the exact Bayes posterior)."""
+        return torch.exp(-nn.functional.softplus(self.forgetting_raw))
+
+    def gate(self, features: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """``(..., sum_k H_k [+ C])`` features and the posterior state ``(..., K)`` -> ``(..., K)``.
+
+        What the engine runs per token (it computes the context model and the
+        state itself). Without a posterior the state is ignored.
+        """
         hidden = features
+        prior_and_state = None
+        if self.form.posterior:
+            if state is None:
+                raise ValueError("this router needs the posterior state")
+            prior_and_state = self.prior_logits.float() + state.float()  # (..., K)
+            if self.form.posterior_features:
+                posterior = torch.log_softmax(prior_and_state, dim=-1)
+                hidden = torch.cat([hidden, posterior.to(hidden.dtype)], dim=-1)
         if self.proj_in is not None:
             hidden = nn.functional.silu(self.proj_in(hidden))
-        return torch.log_softmax(self.proj_out(hidden).float(), dim=-1)  # (N, K)
+        logits = self.proj_out(hidden).float()
+        if prior_and_state is not None:
+            logits = logits + prior_and_state
+        return torch.log_softmax(logits, dim=-1)  # (..., K)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """The gate of a router without a posterior: ``(..., sum_k H_k [+ C])`` -> ``(..., K)``."""
+        return self.gate(features)
 
     def context_weights(self) -> dict[str, torch.Tensor]:
         """The context model's weights under Hugging Face Llama names (``model.`` dropped)."""
