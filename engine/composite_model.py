@@ -54,9 +54,13 @@ from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.sequence import IntermediateTensors
 
 from gatemix.engine.composite_folder import GATE_SUBDIR, expert_config_dir, expert_module_key
-from gatemix.engine.request_gates import token_rows_from_forward_context, worker_gate_table
+from gatemix.engine.request_gates import (
+    query_start_loc_from_forward_context,
+    token_rows_from_forward_context,
+    worker_gate_table,
+)
 from gatemix.gate.artifact import load_router, read_router_form
-from gatemix.gate.mixing import LOG_WEIGHT_FLOOR, mix_logits, mix_logits_two_pass
+from gatemix.gate.mixing import LOG_WEIGHT_FLOOR, mix_logits, mix_logits_two_pass, mix_logprobs
 from gatemix.gate.router import HiddenStateRouter, check_context_fits
 
 logger = logging.getLogger(__name__)
@@ -226,24 +230,48 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         if not get_pp_group().is_last_rank:
             return router_inputs  # IntermediateTensors for the next pipeline stage
         expert_hidden = router_inputs[:, : sum(self.expert_widths)]
-        log_weights = self.router.head(router_inputs.float())  # (T, K) float32
+        state = self._posterior_states(input_ids, positions, expert_hidden) if self.router.form.posterior else None
+        log_weights = self.router.gate(router_inputs.float(), state)  # (T, K) float32
         token_rows = token_rows_from_forward_context(expert_hidden.shape[0], expert_hidden.device)
         log_weights = self.gate_table.apply_overrides(log_weights, token_rows)
         return torch.cat([expert_hidden, *encode_log_weights(log_weights, expert_hidden.dtype)], dim=-1)
+
+    def _expert_logits(self, expert_hidden: torch.Tensor) -> torch.Tensor | None:
+        """``(N, sum_k H_k)`` -> ``(N, K, V)``, or None on a TP rank that receives no logits."""
+        per_expert = [
+            # Each expert's own compute_logits: its LM head, tensor-parallel gather and any scaling.
+            expert.compute_logits(hidden)
+            for expert, hidden in zip(self.ensemble.experts.values(), expert_hidden.split(self.expert_widths, dim=-1))
+        ]
+        return None if per_expert[0] is None else torch.stack(per_expert, dim=1)
+
+    def _posterior_states(self, input_ids, positions, expert_hidden: torch.Tensor) -> torch.Tensor:
+        """``(T, K)`` posterior state of every token (``engine/prefix_state.py``)."""
+        if input_ids is None:
+            raise ValueError("a posterior gate reads the token ids; prompt embeddings are not supported")
+
+        def expert_logprobs(index: torch.Tensor) -> torch.Tensor | None:
+            logits = self._expert_logits(expert_hidden[index])
+            return None if logits is None else torch.log_softmax(logits.float(), dim=-1)
+
+        return self.gate_table.prefix_states.token_states(
+            input_ids, positions, query_start_loc_from_forward_context(), expert_logprobs,
+            self.router.forgetting.detach(), self.num_experts,
+        )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         """``(N, sum_k H_k + 2K)`` -> ``(N, V)`` mixture log-probs, float32."""
         split = sum(self.expert_widths)
         log_weights = decode_log_weights(hidden_states[:, split:], self.num_experts)  # (N, K)
-        expert_hidden = hidden_states[:, :split].split(self.expert_widths, dim=-1)
-        # Each expert's own compute_logits: its LM head, tensor-parallel gather and any scaling.
-        per_expert = [
-            expert.compute_logits(hidden) for expert, hidden in zip(self.ensemble.experts.values(), expert_hidden)
-        ]
-        if per_expert[0] is None:  # tensor-parallel rank that does not receive the gathered logits
+        expert_logits = self._expert_logits(hidden_states[:, :split])  # (N, K, V)
+        if expert_logits is None:  # tensor-parallel rank that does not receive the gathered logits
             return None
-        expert_logits = torch.stack(per_expert, dim=1)  # (N, K, V)
         self.gate_table.last_sample_log_weights = log_weights
+        if self.router.form.posterior:
+            # The sampling call's log-probs are the next step's first-token log-probs.
+            expert_logprobs = torch.log_softmax(expert_logits.float(), dim=-1)
+            self.gate_table.prefix_states.store_sampled(expert_logprobs)
+            return mix_logprobs(expert_logprobs, log_weights)
         return self.mix(expert_logits, log_weights)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -75,6 +75,13 @@ class EngineSettings(BaseModel):
         return on_cpu() if self.enforce_eager is None else self.enforce_eager
 
 
+def composite_gate_has_posterior(model_dir: str | Path) -> bool:
+    from gatemix.engine.composite_folder import GATE_SUBDIR
+    from gatemix.gate.artifact import read_router_form
+
+    return read_router_form(Path(model_dir) / GATE_SUBDIR).posterior
+
+
 def engine_kwargs(model_dir: str | Path, settings: EngineSettings) -> dict:
     """Keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs``."""
     from gatemix.engine.composite_folder import is_composite_folder
@@ -100,6 +107,10 @@ def engine_kwargs(model_dir: str | Path, settings: EngineSettings) -> dict:
     kwargs.update({name: value for name, value in optional.items() if value is not None})
     if is_composite_folder(model_dir):
         kwargs.update(COMPOSITE_ENGINE_ARGS)
+        if composite_gate_has_posterior(model_dir):
+            # A cached block's tokens are never recomputed, so their log-probs would be missing
+            # from the posterior state (engine/prefix_state.py): prefix caching off.
+            kwargs["enable_prefix_caching"] = False
         if not on_cpu() and not kwargs["enforce_eager"]:
             kwargs["compilation_config"] = {"cudagraph_mode": COMPOSITE_CUDAGRAPH_MODE}
     return kwargs

@@ -24,6 +24,7 @@ import torch
 
 from gatemix.engine.composite_folder import COMPOSITE_ARCHITECTURE
 from gatemix.engine.gate_trace import TraceRecord, TraceSender
+from gatemix.engine.prefix_state import PrefixStates
 from gatemix.gate.mixing import LOG_WEIGHT_FLOOR, restrict_log_weights
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class BatchGateTable:
     def __init__(self) -> None:
         self.rows: dict[int, RequestGate] = {}
         self.last_sample_log_weights: torch.Tensor | None = None  # (N, K) of the last sampling call
+        self.prefix_states = PrefixStates()  # every row's posterior state (used by posterior gates)
         self.sender = TraceSender()
         self._dense: tuple[torch.Tensor, ...] | None = None  # row tensors, rebuilt when rows change
 
@@ -157,11 +159,11 @@ def worker_gate_table() -> BatchGateTable:
     return _WORKER_TABLE
 
 
-def token_rows_from_forward_context(num_tokens: int, device: torch.device) -> torch.Tensor | None:
-    """Batch row of each of the ``num_tokens`` tokens in this forward pass.
+def query_start_loc_from_forward_context() -> torch.Tensor | None:
+    """``(num_rows + 1,)``: where each batch row's tokens start in this forward pass.
 
-    Tokens are laid out in batch-row order; ``query_start_loc`` (num_rows + 1)
-    marks where each row starts. Padding tokens map past the last row.
+    Tokens are laid out in batch-row order. None outside a forward pass with
+    requests (profiling and warm-up runs).
     """
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
@@ -173,7 +175,12 @@ def token_rows_from_forward_context(num_tokens: int, device: torch.device) -> to
     if isinstance(attn_metadata, list):  # micro-batched: one dict per ubatch
         attn_metadata = attn_metadata[0]
     metadata = next(iter(attn_metadata.values())) if isinstance(attn_metadata, dict) else attn_metadata
-    query_start_loc = getattr(metadata, "query_start_loc", None)
+    return getattr(metadata, "query_start_loc", None)
+
+
+def token_rows_from_forward_context(num_tokens: int, device: torch.device) -> torch.Tensor | None:
+    """Batch row of each of the ``num_tokens`` tokens in this forward pass; padding maps past the last row."""
+    query_start_loc = query_start_loc_from_forward_context()
     if query_start_loc is None:
         return None
     positions = torch.arange(num_tokens, device=query_start_loc.device)
@@ -219,6 +226,8 @@ class RequestGateProcessor(_LogitsProcessor):
         return not self.active
 
     def update_state(self, batch_update) -> None:
+        if self.active:
+            self.table.prefix_states.update(batch_update)
         if self.active and _process_dict_updates(
             self.table.rows,
             batch_update,

@@ -1,0 +1,132 @@
+"""Per-request posterior state in the vLLM worker: each expert's log-likelihood of the prefix.
+
+A posterior gate (``RouterForm.posterior``) weighs expert k at position t by
+``prior_k + S_k(t)``, ``S_k(t) = lambda S_k(t-1) + log pi_k(x_t | x_<t)`` over
+every token of the request's own sequence, prompt included
+(``gate/posterior.py``). The engine keeps ``S`` per request, from step to step:
+
+* **Where it lives.** ``PrefixStates.rows``: batch row -> ``PrefixState``, in the
+  worker process, beside the per-request pins (``request_gates``). The logits
+  processor's batch updates create a fresh state when a request joins the batch
+  and move it with its row; **a finished, aborted or preempted request's state
+  is freed** when the batch update removes its row.
+* **How it updates.** In ``forward`` each scheduled chunk of a request (a prefill
+  chunk, or the one token of a decode step) continues its state: the log-prob of
+  a token whose predecessor is in the same chunk comes from the experts' logits
+  at that predecessor (computed here, over the chunk); the chunk's first token's
+  comes from the previous step's logits at its predecessor, which the engine's
+  sampling call (``compute_logits``, one row per request) left behind
+  (``store_sampled``). A decode step therefore costs no extra LM head.
+* **Exact under** chunked prefill (chunks continue the state); preemption with
+  recompute (the request rejoins as new and its whole sequence is prefilled
+  again, so the state is rebuilt); ``n > 1`` (each child is its own request);
+  ``echo`` prompt logprobs (each prompt position's weights travel with its own
+  hidden state from ``forward``). **Prefix caching is off** for composites whose
+  gate has a posterior (``engine_config``): a cached block's tokens are never
+  recomputed, so their log-probs would be missing; a chunk that does not start
+  where its request's state ends is an error, not a silent miss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from gatemix.gate.posterior import forgetting_scan
+
+
+@dataclass
+class PrefixState:
+    """One request's state: ``S`` through ``next_position - 1``, and where its next log-probs are."""
+
+    log_likelihood: torch.Tensor | None = None  # (K,) float32; None: nothing seen yet
+    next_position: int = 0  # the position of the first token not yet folded into S
+    pending_slot: int | None = None  # row of PrefixStates.pending for the token at next_position
+
+
+class PrefixStateError(RuntimeError):
+    """The engine scheduled tokens the state cannot account for (a bug, or prefix caching on)."""
+
+
+class PrefixStates:
+    """Every batch row's ``PrefixState`` and the last sampling call's expert log-probs."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, PrefixState] = {}
+        self.pending: torch.Tensor | None = None  # (N, K, V) log-softmax of the last sampling call
+        self._awaiting_sample_rows = 0  # rows of the last forward, until compute_logits stores them
+
+    def update(self, batch_update) -> None:
+        """Apply one logits-processor batch update: fresh state for added rows, moves, removals."""
+        from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+        process_dict_updates(self.rows, batch_update, lambda _params, _prompt, _output: PrefixState())
+
+    def token_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        query_start_loc: torch.Tensor | None,
+        expert_logprobs: Callable[[torch.Tensor], torch.Tensor | None],
+        forgetting: torch.Tensor,
+        num_experts: int,
+    ) -> torch.Tensor:
+        """``(T, K)`` state at every token of this forward pass, each row's state continued.
+
+        ``expert_logprobs(indices)`` -> ``(M, K, V)`` log-probs at those flat token
+        indices (None on a tensor-parallel rank that does not receive logits: its
+        gate weights are never used, so its state is left at zero).
+        """
+        states = torch.zeros(input_ids.shape[0], num_experts, device=input_ids.device)
+        if query_start_loc is None:  # a profiling or warm-up run: no requests
+            return states
+        starts = query_start_loc.tolist()
+        spans = [(row, starts[row], starts[row + 1]) for row in range(len(starts) - 1) if starts[row + 1] > starts[row]]
+        in_chunk = [index for _, start, end in spans for index in range(start, end - 1)]
+        token_logprobs = torch.zeros_like(states)  # (T, K): log pi_k(x_t | x_<t) of each token
+        if in_chunk:
+            index = torch.tensor(in_chunk, device=input_ids.device)
+            logprobs = expert_logprobs(index)
+            if logprobs is None:
+                return states
+            next_ids = input_ids[index + 1]
+            token_logprobs[index + 1] = logprobs.gather(-1, next_ids[:, None, None].expand(-1, num_experts, 1))[..., 0]
+        first_positions = positions[query_start_loc[:-1].clamp_max(max(input_ids.shape[0] - 1, 0))].tolist()
+        for row, start, end in spans:
+            state = self.rows.get(row)
+            if state is None:  # no request there: vLLM's warm-up and graph-capture runs
+                continue
+            position = first_positions[row]
+            if position != state.next_position:
+                raise PrefixStateError(
+                    f"batch row {row}: tokens from position {position}, but its posterior state ends at "
+                    f"{state.next_position} (prefix caching must be off for a posterior gate)"
+                )
+            if position > 0:
+                if state.pending_slot is None or self.pending is None:
+                    raise PrefixStateError(f"batch row {row}: no expert log-probs for the token at position {position}")
+                token_logprobs[start] = self.pending[state.pending_slot, :, input_ids[start]]
+            scanned = forgetting_scan(token_logprobs[start:end], forgetting, state.log_likelihood)
+            states[start:end] = scanned
+            state.log_likelihood = scanned[-1]
+            state.next_position = position + (end - start)
+            state.pending_slot = None
+        self._awaiting_sample_rows = len(starts) - 1
+        return states
+
+    def store_sampled(self, expert_logprobs: torch.Tensor) -> None:
+        """Keep the sampling call's ``(N, K, V)`` log-probs (row i: batch row i's last token).
+
+        Only the first ``compute_logits`` after a forward pass is the sampling
+        call (vLLM computes prompt logprobs after sampling), and it has one row
+        per request of that pass.
+        """
+        if not self._awaiting_sample_rows or expert_logprobs.shape[0] != self._awaiting_sample_rows:
+            return
+        self.pending = expert_logprobs.detach()
+        for row in range(expert_logprobs.shape[0]):
+            if row in self.rows:
+                self.rows[row].pending_slot = row
+        self._awaiting_sample_rows = 0
