@@ -54,6 +54,7 @@ from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.sequence import IntermediateTensors
 
 from gatemix.engine.composite_folder import GATE_SUBDIR, expert_config_dir, expert_module_key
+from gatemix.engine.gate_versions import GateVersions
 from gatemix.engine.request_gates import (
     query_start_loc_from_forward_context,
     token_rows_from_forward_context,
@@ -211,8 +212,12 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         check_context_fits(form.context_config, config.to_dict())
         # The head only: a context model, if the router has one, runs in the ensemble.
         self.router = HiddenStateRouter(form, build_context=False)
+        self.gates = GateVersions(self.router, config.gatemix["gate_version"])
+        self.expert_hashes = dict(config.gatemix["expert_hashes"])
+        self.prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
         self.mix = MixingStep()
         self.gate_table = worker_gate_table()
+        self.gate_table.prefix_states.current_gate_version = self.gates.current
         self.make_empty_intermediate_tensors = self.ensemble.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -230,11 +235,41 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         if not get_pp_group().is_last_rank:
             return router_inputs  # IntermediateTensors for the next pipeline stage
         expert_hidden = router_inputs[:, : sum(self.expert_widths)]
-        state = self._posterior_states(input_ids, positions, expert_hidden) if self.router.form.posterior else None
-        log_weights = self.router.gate(router_inputs.float(), state)  # (T, K) float32
+        state = self._posterior_states(input_ids, positions, expert_hidden) if self.gates.any_posterior else None
         token_rows = token_rows_from_forward_context(expert_hidden.shape[0], expert_hidden.device)
+        log_weights = self._gate(router_inputs.float(), state, token_rows)  # (T, K) float32
         log_weights = self.gate_table.apply_overrides(log_weights, token_rows)
         return torch.cat([expert_hidden, *encode_log_weights(log_weights, expert_hidden.dtype)], dim=-1)
+
+    def _gate(self, features: torch.Tensor, state: torch.Tensor | None, token_rows: torch.Tensor | None) -> torch.Tensor:
+        """Each token's log weights from the gate its request joined with (one head, almost always)."""
+        if len(self.gates.heads) == 1 or token_rows is None:
+            return self.gates.router.gate(features, state)
+        prefix_states = self.gate_table.prefix_states
+        row_versions = [prefix_states.version_of(row) for row in token_rows.tolist()]
+        self.gates.retire(set(row_versions) | {s.gate_version for s in prefix_states.rows.values()})
+        log_weights = features.new_empty(features.shape[0], self.num_experts)
+        for version in set(row_versions):
+            mask = torch.tensor([v == version for v in row_versions], device=features.device)
+            log_weights[mask] = self.gates.head(version).gate(
+                features[mask], None if state is None else state[mask]
+            )
+        return log_weights
+
+    def load_gate(self, artifact_dir: str) -> dict:
+        """Swap in a new gate between engine steps; requests in flight keep theirs (``gate_versions``)."""
+        from gatemix.engine.gate_versions import load_swappable
+
+        artifact = load_swappable(
+            artifact_dir, expert_names=self.expert_names, expert_hashes=self.expert_hashes,
+            expert_widths=tuple(self.expert_widths), current=self.gates.router,
+            prefix_caching=self.prefix_caching,
+        )
+        self.gates.add(artifact, self.router.proj_out.weight.device)
+        self.gate_table.prefix_states.current_gate_version = artifact.version
+        self.gates.retire({s.gate_version for s in self.gate_table.prefix_states.rows.values()})
+        logger.info("gatemix gate %s (%s) now serves new requests", artifact.version, artifact.method)
+        return {"version": artifact.version, "method": artifact.method}
 
     def _expert_logits(self, expert_hidden: torch.Tensor) -> torch.Tensor | None:
         """``(N, sum_k H_k)`` -> ``(N, K, V)``, or None on a TP rank that receives no logits."""
@@ -254,9 +289,15 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
             logits = self._expert_logits(expert_hidden[index])
             return None if logits is None else torch.log_softmax(logits.float(), dim=-1)
 
-        return self.gate_table.prefix_states.token_states(
+        prefix_states, no_forgetting = self.gate_table.prefix_states, torch.tensor(1.0)
+
+        def forgetting_of_row(row: int) -> torch.Tensor:
+            head = self.gates.head(prefix_states.version_of(row))
+            return head.forgetting.detach() if head.form.posterior else no_forgetting
+
+        return prefix_states.token_states(
             input_ids, positions, query_start_loc_from_forward_context(), expert_logprobs,
-            self.router.forgetting.detach(), self.num_experts,
+            forgetting_of_row, self.num_experts,
         )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
@@ -267,7 +308,7 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         if expert_logits is None:  # tensor-parallel rank that does not receive the gathered logits
             return None
         self.gate_table.last_sample_log_weights = log_weights
-        if self.router.form.posterior:
+        if self.gates.any_posterior:
             # The sampling call's log-probs are the next step's first-token log-probs.
             expert_logprobs = torch.log_softmax(expert_logits.float(), dim=-1)
             self.gate_table.prefix_states.store_sampled(expert_logprobs)

@@ -24,9 +24,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gatemix.engine.gate_reload import WORKER_EXTENSION
+
 
 # No async scheduling: its in-flight placeholder tokens would shift the per-token gate trace.
-COMPOSITE_ENGINE_ARGS = {"async_scheduling": False}
+# The worker extension lets the server swap the gate while serving (engine/gate_reload.py).
+COMPOSITE_ENGINE_ARGS = {"async_scheduling": False, "worker_extension_cls": WORKER_EXTENSION}
 # CUDA graphs for the experts' compiled graph only (the ensemble, captured piecewise between
 # attention ops). The router head and the per-request pins run eagerly every step: they read
 # which request sits in which batch row, host-side state that a full-model graph would freeze

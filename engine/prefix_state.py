@@ -44,6 +44,7 @@ class PrefixState:
     log_likelihood: torch.Tensor | None = None  # (K,) float32; None: nothing seen yet
     next_position: int = 0  # the position of the first token not yet folded into S
     pending_slot: int | None = None  # row of PrefixStates.pending for the token at next_position
+    gate_version: str | None = None  # the gate the request joined the batch with (gate_versions.py)
 
 
 class PrefixStateError(RuntimeError):
@@ -57,12 +58,20 @@ class PrefixStates:
         self.rows: dict[int, PrefixState] = {}
         self.pending: torch.Tensor | None = None  # (N, K, V) log-softmax of the last sampling call
         self._awaiting_sample_rows = 0  # rows of the last forward, until compute_logits stores them
+        self.current_gate_version: str | None = None  # what a request joining the batch gets
 
     def update(self, batch_update) -> None:
         """Apply one logits-processor batch update: fresh state for added rows, moves, removals."""
         from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-        process_dict_updates(self.rows, batch_update, lambda _params, _prompt, _output: PrefixState())
+        process_dict_updates(
+            self.rows, batch_update,
+            lambda _params, _prompt, _output: PrefixState(gate_version=self.current_gate_version),
+        )
+
+    def version_of(self, row: int) -> str | None:
+        state = self.rows.get(row)
+        return None if state is None else state.gate_version
 
     def token_states(
         self,
@@ -70,7 +79,7 @@ class PrefixStates:
         positions: torch.Tensor,
         query_start_loc: torch.Tensor | None,
         expert_logprobs: Callable[[torch.Tensor], torch.Tensor | None],
-        forgetting: torch.Tensor,
+        forgetting_of_row: Callable[[int], torch.Tensor],
         num_experts: int,
     ) -> torch.Tensor:
         """``(T, K)`` state at every token of this forward pass, each row's state continued.
@@ -108,7 +117,7 @@ class PrefixStates:
                 if state.pending_slot is None or self.pending is None:
                     raise PrefixStateError(f"batch row {row}: no expert log-probs for the token at position {position}")
                 token_logprobs[start] = self.pending[state.pending_slot, :, input_ids[start]]
-            scanned = forgetting_scan(token_logprobs[start:end], forgetting, state.log_likelihood)
+            scanned = forgetting_scan(token_logprobs[start:end], forgetting_of_row(row), state.log_likelihood)
             states[start:end] = scanned
             state.log_likelihood = scanned[-1]
             state.next_position = position + (end - start)

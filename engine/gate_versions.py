@@ -1,0 +1,90 @@
+"""The router heads a composite serves: the current one, and older ones that requests still use.
+
+A gate is swapped without restarting the experts (``gatemix_load_gate``, a
+worker-extension method the server calls through vLLM's ``collective_rpc``,
+which the engine core runs between two engine steps). A request keeps the gate
+it joined the batch with (its row's ``PrefixState.gate_version``), so requests
+in flight finish on the gate they started with and none sees half a gate; a
+head no row uses any more is dropped.
+
+What can be swapped in is checked here: the same experts in the same order
+with the same weights, the same hidden sizes, and no router context model
+(whose layers hold KV cache computed with the old weights); a posterior gate
+only where prefix caching is off.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from gatemix.gate.artifact import ArtifactError, RouterArtifact, load_router
+from gatemix.gate.router import HiddenStateRouter
+
+logger = logging.getLogger(__name__)
+
+
+class GateVersions:
+    """Version -> router head; the first is the one vLLM loaded with the composite's weights."""
+
+    def __init__(self, router: HiddenStateRouter, version: str) -> None:
+        self.heads: dict[str, HiddenStateRouter] = {version: router}
+        self.current = version
+
+    @property
+    def router(self) -> HiddenStateRouter:
+        return self.heads[self.current]
+
+    @property
+    def any_posterior(self) -> bool:
+        return any(head.form.posterior for head in self.heads.values())
+
+    def head(self, version: str | None) -> HiddenStateRouter:
+        return self.heads.get(version or self.current, self.router)
+
+    def add(self, artifact: RouterArtifact, device: torch.device) -> None:
+        head = HiddenStateRouter(artifact.router.form, build_context=False)
+        state = {k: v for k, v in artifact.router.state_dict().items() if not k.startswith("context.")}
+        head.load_state_dict(state, strict=True)
+        self.heads[artifact.version] = head.float().to(device).eval().requires_grad_(False)
+        self.current = artifact.version
+
+    def retire(self, versions_in_use: set[str | None]) -> None:
+        """Drop the heads no row uses and that are not current."""
+        for version in [v for v in self.heads if v != self.current and v not in versions_in_use]:
+            del self.heads[version]
+            logger.info("gatemix gate %s retired: no request uses it any more", version)
+
+
+def check_swappable(
+    artifact: RouterArtifact,
+    *,
+    expert_names: list[str],
+    expert_hashes: dict[str, str],
+    expert_widths: tuple[int, ...],
+    current: HiddenStateRouter,
+    prefix_caching: bool,
+) -> None:
+    """Refuse an artifact the running engine cannot switch to; ``ArtifactError``, one line."""
+    artifact.check_experts(expert_names, expert_hashes)
+    form = artifact.router.form
+    if form.expert_widths != tuple(expert_widths):
+        raise ArtifactError(f"the gate reads hidden sizes {form.expert_widths}, the experts have {expert_widths}")
+    if form.context_config is not None or current.form.context_config is not None:
+        raise ArtifactError(
+            "a router with its own context model cannot be swapped while serving (its layers hold KV "
+            "cache): restart the server with the new composite"
+        )
+    if form.posterior and prefix_caching:
+        raise ArtifactError(
+            "a posterior gate needs prefix caching off, and this engine started with it on: restart the "
+            "server with the new composite"
+        )
+
+
+def load_swappable(path: str | Path, **checks) -> RouterArtifact:
+    artifact = load_router(path)
+    check_swappable(artifact, **checks)
+    return artifact
