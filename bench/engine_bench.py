@@ -124,6 +124,10 @@ class EngineBenchConfig:
                 "graphs on GPU)"))
     compiled_mixing: bool = field(
         default=True, **_help("also run the ensemble with its mixing step compiled"))
+    posterior_state: bool = field(
+        default=True,
+        **_help("also run the ensemble with a posterior gate (the per-request state of the prefix "
+                "likelihood), to measure what the state costs"))
     naive_max_concurrency: int = field(
         default=16, **_help("run the slow naive transformers loop up to this concurrency (0: never)"))
     repeats: int = field(default=2, **_help("timed repeats per point; the best is kept"))
@@ -180,6 +184,29 @@ def random_models(config: RandomExpertsConfig) -> BenchModels:
         pack_composite(expert_dirs, composite, gate="uniform", names=names, overwrite=True)
     return BenchModels(composite_dir=composite, expert_dirs=expert_dirs, single_dir=expert_dirs[0],
                        names=names)
+
+
+def posterior_composite(models: BenchModels) -> Path:
+    """The same experts packed with a posterior gate (uniform prior, zero head), beside the composite.
+
+    Its mixture is the Bayes posterior's, its cost the per-request state's:
+    the prefill's extra LM head over every prompt token and the bookkeeping of
+    each step (``engine/prefix_state.py``).
+    """
+    from gatemix.engine.composite_folder import CompositeInfo, pack_composite
+    from gatemix.gate.artifact import RouterArtifact
+    from gatemix.gate.router import HiddenStateRouter, RouterForm
+
+    info = CompositeInfo.read(models.composite_dir)
+    out = models.composite_dir.with_name(models.composite_dir.name + "-posterior")
+    widths = json.loads((models.composite_dir / "config.json").read_text())["gatemix"]["expert_hidden_sizes"]
+    router = HiddenStateRouter(RouterForm.for_experts(widths, posterior=True))
+    with torch.no_grad():
+        router.proj_out.weight.zero_()
+        router.proj_out.bias.zero_()
+    artifact = RouterArtifact(router, info.expert_names, info.expert_hashes, method="posterior-bench")
+    pack_composite(models.expert_dirs, out, gate=artifact, names=info.expert_names, overwrite=True)
+    return out
 
 
 def parameter_count(model_dir: str | Path) -> int:
@@ -303,6 +330,9 @@ def run_engine_bench(config: EngineBenchConfig, models: BenchModels) -> dict:
     if config.compiled_mixing:
         tps["fused ensemble, compiled mixing"] = _compiled_mixing_tokens_per_second(
             composite, settings, config, vocab_size)
+    if config.posterior_state:
+        tps["fused ensemble, posterior gate"] = _vllm_tokens_per_second(
+            str(posterior_composite(models)), settings, config, vocab_size)
     tps["single expert (vLLM)"] = _vllm_tokens_per_second(single, settings, config, vocab_size)
     tps["naive transformers ensemble"] = _naive_tokens_per_second(config, models.expert_dirs, vocab_size)
     return {
@@ -322,10 +352,12 @@ def _ratios(tps: dict[str, dict[int, float]], concurrencies, num_experts: int) -
         ensemble, single = tps["fused ensemble"][concurrency], tps["single expert (vLLM)"][concurrency]
         naive = tps["naive transformers ensemble"].get(concurrency)
         compiled = tps.get("fused ensemble, compiled mixing", {}).get(concurrency)
+        posterior = tps.get("fused ensemble, posterior gate", {}).get(concurrency)
         ratios[concurrency] = {
             "efficiency_E": num_experts * ensemble / single,
             "speedup_over_naive": ensemble / naive if naive else None,
             "compiled_mixing_speedup": compiled / ensemble if compiled else None,
+            "posterior_state_throughput": posterior / ensemble if posterior else None,
         }
     return ratios
 
@@ -366,5 +398,7 @@ def format_engine_bench(result: dict, config: EngineBenchConfig) -> str:
                 f"fused vs naive: {speedup}")
         if ratio["compiled_mixing_speedup"] is not None:
             line += f"; compiled vs eager mixing: {ratio['compiled_mixing_speedup']:.2f}x"
+        if ratio["posterior_state_throughput"] is not None:
+            line += f"; with the posterior state: {ratio['posterior_state_throughput']:.3f}x the throughput"
         lines.append(line)
     return "\n".join(lines)
