@@ -18,7 +18,7 @@ from gatemix.errors import UserError
 
 # Training jobs: idle OpenMP threads must sleep, not spin, or a busy 2-core machine
 # runs each step many times slower. Set before torch is imported.
-TRAINING_COMMANDS = ("build-demo", "fit-gate", "distill-gate", "distill")
+TRAINING_COMMANDS = ("build-demo", "fit-gate", "distill-gate", "distill", "distill-report")
 
 # subcommand -> module exposing add_parser(subparsers) and run(args) -> int | None
 SUBCOMMANDS = {
@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "fit-gate": "gatemix.gate.cli",
     "distill-gate": "gatemix.gate.distill_cli",
     "distill": "gatemix.distill.cli",
+    "distill-report": "gatemix.distill.report_cli",
     "bench": "gatemix.bench.cli",
 }
 

@@ -1,10 +1,15 @@
-"""Invariants of the distillation loss on tiny tensors."""
+"""Invariants of the distillation losses and the top-k (tail bucket) targets on tiny tensors."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gatemix.distill.loss import generalized_jsd_loss
+from gatemix.distill.loss import (
+    distillation_loss,
+    generalized_jsd_loss,
+    teacher_targets,
+    top_k_with_tail,
+)
 
 
 def _logits(seed, shape=(2, 3, 7)):
@@ -45,3 +50,46 @@ def test_mask_excludes_positions():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     manual = generalized_jsd_loss(student[mask.bool()][None], teacher[mask.bool()][None])
     torch.testing.assert_close(generalized_jsd_loss(student, teacher, mask), manual)
+
+
+# ---- the top-k teacher with a tail bucket ----
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
+def test_top_k_equal_to_the_vocabulary_equals_the_exact_loss_and_gradient(beta):
+    teacher = torch.log_softmax(_logits(9), -1)
+    exact_logits = _logits(10).requires_grad_(True)
+    bucket_logits = exact_logits.detach().clone().requires_grad_(True)
+    exact = generalized_jsd_loss(exact_logits, teacher, beta=beta)
+    bucketed = distillation_loss(bucket_logits, top_k_with_tail(teacher, 7), beta=beta)
+    torch.testing.assert_close(bucketed, exact)
+    exact.backward()
+    bucketed.backward()
+    assert torch.isfinite(bucket_logits.grad).all()
+    torch.testing.assert_close(bucket_logits.grad, exact_logits.grad)
+
+
+def test_tail_bucket_keeps_the_teachers_whole_mass():
+    targets = top_k_with_tail(torch.log_softmax(_logits(11), -1), 3)
+    assert targets.indices.shape == (2, 3, 3) and targets.logprobs.shape == (2, 3, 4)
+    torch.testing.assert_close(targets.logprobs.exp().sum(-1), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_top_k_divergence_is_a_lower_bound_of_the_full_one(beta):
+    student, teacher = _logits(12), torch.log_softmax(_logits(13), -1)
+    full = generalized_jsd_loss(student, teacher, beta=beta)
+    for k in (1, 3, 6):
+        assert distillation_loss(student, top_k_with_tail(teacher, k), beta=beta) <= full + 1e-6
+
+
+def test_identical_distributions_give_zero_top_k_loss():
+    logits = _logits(14)
+    assert distillation_loss(logits, top_k_with_tail(torch.log_softmax(logits, -1), 2)).abs() < 1e-6
+
+
+def test_targets_are_dense_when_k_is_zero_or_covers_the_vocabulary():
+    teacher = torch.log_softmax(_logits(15), -1)
+    for k in (0, 7, 100):
+        assert teacher_targets(teacher, k).is_dense
+    assert not teacher_targets(teacher, 6).is_dense
