@@ -103,27 +103,58 @@ class PrefixStates:
             next_ids = input_ids[index + 1]
             token_logprobs[index + 1] = logprobs.gather(-1, next_ids[:, None, None].expand(-1, num_experts, 1))[..., 0]
         first_positions = positions[query_start_loc[:-1].clamp_max(max(input_ids.shape[0] - 1, 0))].tolist()
+        chunks = self._known_chunks(spans, first_positions)
+        self._first_token_logprobs(chunks, input_ids, token_logprobs)
+        decode = [chunk for chunk in chunks if chunk[2] - chunk[1] == 1]
+        if decode:  # one token each: S = lambda S + lp, all rows at once
+            index = torch.tensor([start for _, start, _, _ in decode], device=states.device)
+            previous = torch.stack([self._state_of(chunk[3], num_experts, states) for chunk in decode])
+            forgetting = torch.stack([forgetting_of_row(row).to(states) for row, _, _, _ in decode])
+            updated = forgetting[:, None] * previous + token_logprobs[index]  # (R, K)
+            states[index] = updated
+            for (_, _, _, state), row_state in zip(decode, updated.unbind(0)):
+                state.log_likelihood = row_state
+        for row, start, end, state in chunks:
+            if end - start > 1:  # a prefill chunk: the scan over its tokens
+                scanned = forgetting_scan(token_logprobs[start:end], forgetting_of_row(row), state.log_likelihood)
+                states[start:end] = scanned
+                state.log_likelihood = scanned[-1]
+            state.next_position += end - start
+            state.pending_slot = None
+        self._awaiting_sample_rows = len(starts) - 1
+        return states
+
+    def _known_chunks(self, spans, first_positions: list[int]) -> list[tuple[int, int, int, PrefixState]]:
+        """``(row, start, end, state)`` of the rows with a request, each checked to continue its state."""
+        chunks = []
         for row, start, end in spans:
             state = self.rows.get(row)
             if state is None:  # no request there: vLLM's warm-up and graph-capture runs
                 continue
-            position = first_positions[row]
-            if position != state.next_position:
+            if first_positions[row] != state.next_position:
                 raise PrefixStateError(
-                    f"batch row {row}: tokens from position {position}, but its posterior state ends at "
-                    f"{state.next_position} (prefix caching must be off for a posterior gate)"
+                    f"batch row {row}: tokens from position {first_positions[row]}, but its posterior state "
+                    f"ends at {state.next_position} (prefix caching must be off for a posterior gate)"
                 )
-            if position > 0:
-                if state.pending_slot is None or self.pending is None:
-                    raise PrefixStateError(f"batch row {row}: no expert log-probs for the token at position {position}")
-                token_logprobs[start] = self.pending[state.pending_slot, :, input_ids[start]]
-            scanned = forgetting_scan(token_logprobs[start:end], forgetting_of_row(row), state.log_likelihood)
-            states[start:end] = scanned
-            state.log_likelihood = scanned[-1]
-            state.next_position = position + (end - start)
-            state.pending_slot = None
-        self._awaiting_sample_rows = len(starts) - 1
-        return states
+            chunks.append((row, start, end, state))
+        return chunks
+
+    def _first_token_logprobs(self, chunks, input_ids: torch.Tensor, token_logprobs: torch.Tensor) -> None:
+        """Each chunk's first token's log-probs, from the last sampling call's rows, gathered at once."""
+        continuing = [(start, state.pending_slot) for _, start, _, state in chunks if state.next_position > 0]
+        if not continuing:
+            return
+        if self.pending is None or any(slot is None for _, slot in continuing):
+            raise PrefixStateError("a continuing request has no expert log-probs from the last step")
+        index = torch.tensor([start for start, _ in continuing], device=input_ids.device)
+        slots = torch.tensor([slot for _, slot in continuing], device=self.pending.device)
+        token_logprobs[index] = self.pending[slots, :, input_ids[index]].to(token_logprobs)  # (R, K)
+
+    @staticmethod
+    def _state_of(state: PrefixState, num_experts: int, like: torch.Tensor) -> torch.Tensor:
+        if state.log_likelihood is None:
+            return like.new_zeros(num_experts)
+        return state.log_likelihood
 
     def store_sampled(self, expert_logprobs: torch.Tensor) -> None:
         """Keep the sampling call's ``(N, K, V)`` log-probs (row i: batch row i's last token).
