@@ -111,12 +111,14 @@ class GateTraceReceiver:
 
     async def _receive_loop(self) -> None:
         assert self._socket is not None
-        decoder = msgspec.msgpack.Decoder()
+        # Typed: a message that is not a list of records is refused here, whole, instead of
+        # raising mid-loop and ending the task (every later request's weights would go missing).
+        decoder = msgspec.msgpack.Decoder(list[TraceRecord])
         while True:
             payload = await self._socket.recv()
             try:
                 records = decoder.decode(payload)
-            except msgspec.DecodeError:
+            except msgspec.DecodeError:  # ValidationError (the wrong shape) included
                 logger.warning("dropping an undecodable gate trace message")
                 continue
             touched: set[str] = set()

@@ -2,7 +2,9 @@
 
 Nothing happens at import or in ``create_app``: the model folder is resolved
 (the demo built if needed), the tokenizer loaded and vLLM's ``AsyncLLM``
-started when the server starts, and shut down when it stops.
+started when the server starts, and shut down when it stops. While it runs, a
+watchdog ends the process if the engine dies (``lifecycle.py``); the limits
+middleware (``limits.py``) sits outside everything else.
 """
 
 from __future__ import annotations
@@ -11,17 +13,24 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
+from functools import partial
 
 from fastapi import FastAPI
+
 from gatemix.errors import UserError
+from gatemix.server.chat_template import ChatRenderer
 from gatemix.server.errors import install_error_handlers
+from gatemix.server.lifecycle import Lifecycle, watch_engine
+from gatemix.server.limits import Admission, LimitsMiddleware
+from gatemix.server.openapi import openapi_document
 from gatemix.server.routes import router
 from gatemix.server.served_models import ServedModels
 from gatemix.server.serving import ServingEngine
 from gatemix.server.serving_chat import OpenAIServingChat
 from gatemix.server.serving_completion import OpenAIServingCompletion
+from gatemix.server.serving_tokenize import OpenAIServingTokenization
 from gatemix.server.settings import Settings
+from gatemix.server.tools import ToolCalling
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +63,47 @@ def resolve_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"model_dir": info.path, "project": None, "served_model_name": name})
 
 
+def _install_serving(app: FastAPI, settings: Settings, *, engine, tokenizer, models, receiver):
+    """The handlers the routes find on ``app.state``, around one engine and one tokenizer."""
+    from gatemix.server.metrics import GateMetrics
+
+    renderer = ChatRenderer(
+        tokenizer, settings.chat_template.read_text() if settings.chat_template else None
+    )
+    tools = ToolCalling(tokenizer=tokenizer, renderer=renderer, parser_name=settings.tool_call_parser)
+    metrics = GateMetrics(models.expert_names, models.gate_version or "none", models.gate_loaded_at)
+    core = ServingEngine(
+        engine=engine,
+        tokenizer=tokenizer,
+        models=models,
+        receiver=receiver,
+        metrics=metrics,
+        settings=settings,
+        vocab_size=engine.model_config.get_vocab_size(),
+        max_model_len=engine.model_config.max_model_len,
+    )
+    chat = OpenAIServingChat(core=core, renderer=renderer, tools=tools)
+    app.state.engine = engine
+    app.state.models = models
+    app.state.metrics = metrics
+    app.state.serving_core = core
+    # The engine runs max_num_seqs requests at once; max_queued_requests more may wait.
+    app.state.admission = Admission(
+        capacity=settings.engine.max_num_seqs + settings.max_queued_requests,
+        retry_after_s=settings.retry_after_s,
+    )
+    app.state.serving_completion = OpenAIServingCompletion(core=core)
+    app.state.serving_chat = chat
+    app.state.serving_tokenization = OpenAIServingTokenization(core=core, chat=chat)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    from gatemix.engine.engine_config import build_async_engine
-    from gatemix.engine.gate_trace import GateTraceReceiver
-    from gatemix.server.metrics import GateMetrics
     from transformers import AutoTokenizer
     from vllm.utils.gc_utils import freeze_gc_heap
+
+    from gatemix.engine.engine_config import build_async_engine
+    from gatemix.engine.gate_trace import GateTraceReceiver
 
     settings = await asyncio.to_thread(resolve_settings, app.state.settings)
     model_dir = settings.model_dir
@@ -72,33 +115,25 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # AsyncLLM starts its output handler on the running loop, so it is built here, not in a thread.
     engine = build_async_engine(model_dir, settings.engine)
     receiver = GateTraceReceiver() if models.is_composite else None
+    watchdog = None
     try:
         if receiver is not None:
             await receiver.start()
-        metrics = GateMetrics(
-            models.expert_names, models.gate_version or "none", models.gate_loaded_at
+        _install_serving(
+            app, settings, engine=engine, tokenizer=tokenizer, models=models, receiver=receiver
         )
-        core = ServingEngine(
-            engine=engine,
-            tokenizer=tokenizer,
-            models=models,
-            receiver=receiver,
-            metrics=metrics,
-            settings=settings,
-            vocab_size=engine.model_config.get_vocab_size(),
-            max_model_len=engine.model_config.max_model_len,
+        # A dead engine ends the process (lifecycle.py), as vLLM's own server does.
+        watchdog = asyncio.create_task(
+            watch_engine(engine, app.state.lifecycle, settings.engine_check_interval_s),
+            name="gatemix-engine-watchdog",
         )
-        app.state.engine = engine
-        app.state.models = models
-        app.state.metrics = metrics
-        app.state.serving_core = core
-        app.state.serving_completion = OpenAIServingCompletion(core=core)
-        app.state.serving_chat = OpenAIServingChat(core=core)
         # As vLLM's own server does: the startup heap (torch, transformers, vLLM) is static,
         # and every full collection would walk it again (passes of 50-450 ms at start-up).
         freeze_gc_heap()
         yield
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         engine.shutdown()
         if receiver is not None:
             await receiver.close()
@@ -114,6 +149,10 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.lifecycle = Lifecycle()
     install_error_handlers(app)
     app.include_router(router)
+    # Outermost: the body limit applies before FastAPI reads or parses anything.
+    app.add_middleware(LimitsMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.openapi = partial(openapi_document, app)
     return app

@@ -1,7 +1,8 @@
 """One choice = one engine request: its job, its output so far, its timing.
 
 ``merge_streams`` runs several choices concurrently and yields their outputs
-as they arrive; closing it cancels the choices still running.
+as they arrive, within the request's deadline; closing it cancels the choices
+still running.
 """
 
 from __future__ import annotations
@@ -98,12 +99,13 @@ class ChoiceTiming:
         self.last = now
 
 
-async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator:
-    """Items of several async iterators as they come; closing this cancels the rest."""
-    if len(streams) == 1:
-        async for item in streams[0]:
-            yield item
-        return
+async def merge_streams(streams: list[AsyncIterator], deadline=None) -> AsyncIterator:
+    """Items of several async iterators as they come; closing this cancels the rest.
+
+    Each iterator runs in a task of its own, so that waiting for the next item
+    can be bounded by ``deadline`` (``limits.Deadline``): past it the iterators
+    are cancelled (aborting their engine requests) and its 504 is raised.
+    """
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -119,7 +121,11 @@ async def merge_streams(streams: list[AsyncIterator]) -> AsyncIterator:
     try:
         remaining = len(tasks)
         while remaining:
-            item, exc = await queue.get()
+            timeout = deadline.remaining() if deadline is not None else None
+            try:
+                item, exc = await asyncio.wait_for(queue.get(), timeout)
+            except asyncio.TimeoutError:
+                raise deadline.expired() from None
             if exc is not None:
                 raise exc
             if item is done:

@@ -54,8 +54,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         "serve",
         help="serve the ensemble (and each expert) through an OpenAI-compatible API",
         description="Serve a gatemix composite folder (or a plain model folder) with vLLM behind "
-        "an OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models, /health, "
-        "/metrics. Every flag can also be set with the environment variable shown.",
+        "an OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models, vLLM's "
+        "/tokenize, /detokenize, /tokenizer_info, /version and /ping, /health, /metrics. SIGTERM "
+        "drains in-flight requests; a dead engine ends the process (exit status 4). Every flag "
+        "can also be set with the environment variable shown.",
     )
     for name, field in Settings.model_fields.items():
         if name == NESTED_ENGINE:
@@ -95,19 +97,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
     from gatemix.server.app import create_app, resolve_settings
+    from gatemix.server.lifecycle import serve
 
     # Resolved here too, so that a bad folder is a one-line error, not a failed startup.
     settings = resolve_settings(settings_from_args(args))
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_keep_alive=settings.timeout_keep_alive,
-    )
-    return 0
+    return serve(create_app(settings), settings)
 
 
 # The names gatemix/cli.py dispatches to.

@@ -15,8 +15,9 @@ from http import HTTPStatus
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from gatemix.server.protocol import ErrorInfo, ErrorResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gatemix.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +27,14 @@ _ERROR_TYPES = {
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    429: "rate_limit_error",
     503: "server_error",
+    504: "timeout_error",
 }
 
-_UNION_TAG = re.compile(r"(list|dict|tuple)\[.*\]|str|int|float|bool|none")
+# What pydantic adds to an error's location for a union member or a validator:
+# list[int], literal['a'], function-after[...], str, a model's class name.
+_UNION_TAG = re.compile(r"[a-z-]*\[.*\]|str|int|float|bool|none|constrained-\w+|[A-Z]\w*")
 
 
 class APIError(Exception):
@@ -43,6 +48,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         error_type: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -50,6 +56,7 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.error_type = error_type or _ERROR_TYPES.get(status_code, "server_error")
+        self.headers = headers  # e.g. Retry-After on a 429, Allow on a 405
 
     def to_response(self) -> ErrorResponse:
         return ErrorResponse(
@@ -74,6 +81,22 @@ def model_not_found(model: str) -> APIError:
     )
 
 
+def unsupported_field(param: str, why: str) -> APIError:
+    """A request field this server cannot honour: refused, never silently ignored."""
+    return APIError(
+        HTTPStatus.BAD_REQUEST,
+        f"`{param}` is not supported by this server: {why}",
+        param=param,
+        code="unsupported_parameter",
+    )
+
+
+def engine_dead() -> APIError:
+    return APIError(
+        HTTPStatus.SERVICE_UNAVAILABLE, "the engine has stopped", error_type="server_error"
+    )
+
+
 def invalid_api_key(provided: bool) -> APIError:
     message = (
         "Incorrect API key provided."
@@ -93,8 +116,10 @@ def _validation_error(exc: RequestValidationError) -> APIError:
             code="invalid_json",
         )
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    # Union members add their type to the location (e.g. prompt.list[int]); keep the field path.
-    param = ".".join(part for part in location if not _UNION_TAG.fullmatch(part))
+    # In a union (prompt.list[int].0) the first member's error need not be the one meant:
+    # name the field that holds the union.
+    cut = next((i for i, part in enumerate(location) if _UNION_TAG.fullmatch(part)), None)
+    param = ".".join(location[:cut])
     message = first.get("msg", "invalid request")
     return bad_request(
         f"{message} (param: {param or 'body'})" if param else message, param=param or None
@@ -108,7 +133,11 @@ def install_error_handlers(app: FastAPI) -> None:
         metrics = getattr(request.app.state, "metrics", None)
         if metrics is not None:
             metrics.observe_error(int(error.status_code))
-        return JSONResponse(error.to_response().model_dump(), status_code=int(error.status_code))
+        return JSONResponse(
+            error.to_response().model_dump(),
+            status_code=int(error.status_code),
+            headers=error.headers,
+        )
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -120,8 +149,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = "not_found" if exc.status_code == 404 else None
-        return respond(request, APIError(exc.status_code, str(exc.detail), code=code))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        # Starlette's 405 names the allowed methods in ``Allow``; it is kept.
+        error = APIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers)
+        return respond(request, error)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

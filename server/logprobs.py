@@ -14,6 +14,7 @@ from gatemix.server.protocol import (
     ChatChoiceLogprobs,
     ChatTokenLogprob,
     CompletionLogProbs,
+    PromptLogprob,
     TopLogprob,
 )
 
@@ -98,3 +99,28 @@ def chat_logprobs(
             )
         )
     return ChatChoiceLogprobs(content=content)
+
+
+def prompt_logprobs(
+    prompt_ids: Sequence[int], positions: Sequence[dict | None] | None, num_top: int | None
+) -> list[dict[int, PromptLogprob] | None] | None:
+    """vLLM's ``prompt_logprobs`` shape: per prompt token, its own entry and the top ``num_top``.
+
+    The engine may have scored more alternatives (for ``echo`` with a larger
+    ``logprobs``); the extra ones are dropped. None when not asked for.
+    """
+    if num_top is None or positions is None:
+        return None
+    result: list[dict[int, PromptLogprob] | None] = []
+    for token_id, position in zip(prompt_ids, positions):
+        if position is None:
+            result.append(None)
+            continue
+        result.append({
+            top_id: PromptLogprob(
+                logprob=max(top.logprob, LOGPROB_FLOOR), rank=top.rank, decoded_token=top.decoded_token
+            )
+            for top_id, top in position.items()
+            if top_id == token_id or (top.rank is not None and top.rank <= num_top)
+        })
+    return result

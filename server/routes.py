@@ -1,7 +1,9 @@
 """HTTP only: fetch the handler from ``app.state``, call it, map the result to a response.
 
 Errors are raised (``APIError``) and turned into OpenAI error bodies by
-``gatemix.server.errors``; nothing here builds an error body itself.
+``gatemix.server.errors``; nothing here builds an error body itself. The
+statuses each route can answer are declared, so that the OpenAPI document
+lists them all (``openapi.py`` adds the limits that depend on the settings).
 """
 
 from __future__ import annotations
@@ -10,11 +12,15 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator, Awaitable
 from http import HTTPStatus
+from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import StreamingResponse
-from gatemix.server.errors import APIError, invalid_api_key
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from pydantic import BaseModel
+
+from gatemix.server.errors import engine_dead, invalid_api_key
+from gatemix.server.limits import Ticket
 from gatemix.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -23,18 +29,39 @@ from gatemix.server.protocol import (
     ErrorResponse,
     ModelList,
 )
-from pydantic import BaseModel
+from gatemix.server.tokenize_protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfoResponse,
+    VersionResponse,
+)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code; nobody reads it, the client is gone
 
-ERROR_RESPONSES = {
-    code: {"model": ErrorResponse}
-    for code in (
-        HTTPStatus.BAD_REQUEST,
-        HTTPStatus.UNAUTHORIZED,
-        HTTPStatus.NOT_FOUND,
-        HTTPStatus.INTERNAL_SERVER_ERROR,
-    )
+
+def _errors(*codes: HTTPStatus) -> dict:
+    responses: dict = {code.value: {"model": ErrorResponse} for code in codes}
+    if HTTPStatus.TOO_MANY_REQUESTS in codes:
+        responses[HTTPStatus.TOO_MANY_REQUESTS.value]["headers"] = {
+            "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}
+        }
+    return responses
+
+
+S = HTTPStatus
+GUARDED = _errors(S.UNAUTHORIZED, S.INTERNAL_SERVER_ERROR)
+TAKES_BODY = _errors(S.BAD_REQUEST, S.NOT_FOUND, S.REQUEST_ENTITY_TOO_LARGE)
+GENERATES = {
+    **TAKES_BODY,
+    **_errors(S.TOO_MANY_REQUESTS, S.SERVICE_UNAVAILABLE, S.GATEWAY_TIMEOUT),
+    # A stream: each server-sent event's data is one chunk as JSON, then "[DONE]".
+    S.OK.value: {"content": {"text/event-stream": {"schema": {
+        "type": "object",
+        "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+        "required": ["data"],
+    }}}},
 }
 
 
@@ -52,8 +79,17 @@ async def require_api_key(request: Request) -> None:
         raise invalid_api_key(provided=True)
 
 
+def admission_ticket(request: Request) -> Ticket:
+    """This request's handle on the admission count; the limits middleware releases it."""
+    return Ticket(getattr(request.app.state, "admission", None), request.scope.setdefault("state", {}))
+
+
+TicketDep = Annotated[Ticket, Depends(admission_ticket)]
+
 router = APIRouter()
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=GUARDED)
+# vLLM's tokenizer endpoints sit at the root, as in vLLM; with keys set they need one too.
+tokenizer = APIRouter(dependencies=[Depends(require_api_key)], responses=GUARDED)
 
 
 class AbortingStreamingResponse(StreamingResponse):
@@ -101,48 +137,97 @@ async def list_models(raw_request: Request) -> ModelList:
     return raw_request.app.state.models.model_list()
 
 
-@v1.post(
-    "/completions",
-    response_model=CompletionResponse,
-    responses={HTTPStatus.OK.value: {"content": {"text/event-stream": {}}}},
-)
-async def create_completion(request: CompletionRequest, raw_request: Request) -> Response:
+@v1.post("/completions", response_model=CompletionResponse, responses=GENERATES)
+async def create_completion(
+    request: CompletionRequest, raw_request: Request, ticket: TicketDep
+) -> Response:
     handler = raw_request.app.state.serving_completion
-    return to_response(await run_cancellable(handler.create_completion(request), raw_request))
+    return to_response(
+        await run_cancellable(handler.create_completion(request, ticket), raw_request)
+    )
 
 
-@v1.post(
-    "/chat/completions",
-    response_model=ChatCompletionResponse,
-    responses={HTTPStatus.OK.value: {"content": {"text/event-stream": {}}}},
-)
-async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Response:
+@v1.post("/chat/completions", response_model=ChatCompletionResponse, responses=GENERATES)
+async def create_chat_completion(
+    request: ChatCompletionRequest, raw_request: Request, ticket: TicketDep
+) -> Response:
     handler = raw_request.app.state.serving_chat
-    return to_response(await run_cancellable(handler.create_chat_completion(request), raw_request))
+    return to_response(
+        await run_cancellable(handler.create_chat_completion(request, ticket), raw_request)
+    )
 
 
-@router.get("/health")
-async def health(raw_request: Request) -> dict:
+@tokenizer.post("/tokenize", response_model=TokenizeResponse, responses=TAKES_BODY)
+async def tokenize(request: TokenizeRequest, raw_request: Request) -> TokenizeResponse:
+    return raw_request.app.state.serving_tokenization.tokenize(request)
+
+
+@tokenizer.post("/detokenize", response_model=DetokenizeResponse, responses=TAKES_BODY)
+async def detokenize(request: DetokenizeRequest, raw_request: Request) -> DetokenizeResponse:
+    return raw_request.app.state.serving_tokenization.detokenize(request)
+
+
+@tokenizer.get("/tokenizer_info", response_model=TokenizerInfoResponse)
+async def tokenizer_info(raw_request: Request) -> TokenizerInfoResponse:
+    return raw_request.app.state.serving_tokenization.tokenizer_info()
+
+
+class HealthResponse(BaseModel):
+    status: str
+    requests_waiting: int
+    requests_running: int
+    requests_aborted: int
+    requests_admitted: int
+    engine_unfinished_requests: int
+
+
+@router.get("/health", response_model=HealthResponse, responses=_errors(S.SERVICE_UNAVAILABLE))
+async def health(raw_request: Request) -> HealthResponse:
     """200 while the engine runs, with the request counts (a leak check for tests and ops)."""
     state = raw_request.app.state
     if state.engine.errored:
-        raise APIError(
-            HTTPStatus.SERVICE_UNAVAILABLE, "the engine has stopped", error_type="server_error"
-        )
+        raise engine_dead()
     core = state.serving_core
-    return {
-        "status": "ok",
-        "requests_waiting": core.waiting,
-        "requests_running": core.running,
-        "requests_aborted": core.aborted,
-        "engine_unfinished_requests": state.engine.get_num_unfinished_requests(),
-    }
+    return HealthResponse(
+        status="ok",
+        requests_waiting=core.waiting,
+        requests_running=core.running,
+        requests_aborted=core.aborted,
+        requests_admitted=state.admission.admitted,
+        engine_unfinished_requests=state.engine.get_num_unfinished_requests(),
+    )
 
 
-@router.get("/metrics")
+PING = {S.OK.value: {"description": "the engine runs"}, **_errors(S.SERVICE_UNAVAILABLE)}
+
+
+@router.api_route("/ping", methods=["GET", "POST"], response_class=Response, responses=PING)
+async def ping(raw_request: Request) -> Response:
+    """vLLM's (and SageMaker's) liveness check: an empty 200 while the engine runs."""
+    if raw_request.app.state.engine.errored:
+        raise engine_dead()
+    return Response(status_code=S.OK)
+
+
+@router.get("/version", response_model=VersionResponse)
+async def version() -> VersionResponse:
+    from vllm.version import __version__ as vllm_version
+
+    from gatemix import __version__
+
+    return VersionResponse(version=vllm_version, gatemix_version=__version__)
+
+
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={S.OK.value: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def metrics(raw_request: Request) -> Response:
+    """Prometheus' text exposition format."""
     body, content_type = raw_request.app.state.metrics.render()
     return Response(content=body, media_type=content_type)
 
 
 router.include_router(v1)
+router.include_router(tokenizer)

@@ -106,10 +106,12 @@ class ServedModels:
         values = [float(weights.get(name, 0.0)) for name in self.expert_names]
         if any(not math.isfinite(w) or w < 0 for w in values):
             raise bad_request("mixture.weights must be finite and non-negative", "mixture.weights")
-        total = sum(values)
-        if not total > 0:
+        largest = max(values)
+        if not largest > 0:
             raise bad_request("mixture.weights must have a positive sum", "mixture.weights")
-        return [w / total for w in values]
+        scaled = [w / largest for w in values]  # the sum of two huge weights is not inf
+        total = sum(scaled)
+        return [w / total for w in scaled]
 
     def _expert_mask(self, experts: list[str]) -> list[bool]:
         unknown = sorted(set(experts) - set(self.expert_names))

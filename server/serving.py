@@ -1,4 +1,4 @@
-"""Shared serving logic: request limits, engine requests per choice, gate reports.
+"""Shared serving logic: request checks and limits, engine requests per choice, gate reports.
 
 Each choice of a response is its own engine request (vLLM's ``n > 1`` fan-out
 would copy one gate-trace id to every child), with its own request id, trace
@@ -17,9 +17,9 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from http import HTTPStatus
 
 import anyio
+
 from gatemix.server.choices import (
     ChoiceDelta,
     ChoiceJob,
@@ -27,8 +27,16 @@ from gatemix.server.choices import (
     ChoiceTiming,
     merge_streams,
 )
-from gatemix.server.errors import APIError, bad_request, internal_error
+from gatemix.server.errors import APIError, bad_request, engine_dead, internal_error
+from gatemix.server.limits import Deadline, Ticket
 from gatemix.server.protocol import MixtureReport, UsageInfo
+from gatemix.server.sampling import (
+    check_token_ids,
+    refuse_unsupported,
+    sampling_kwargs,
+    structured_param,
+    verify_sampling,
+)
 from gatemix.server.served_models import GatePlan, ServedModels
 from gatemix.server.settings import Settings
 
@@ -83,46 +91,50 @@ class ServingEngine:
 
     # ------------------------------------------------------------ validation
 
-    def check_request_limits(
-        self, *, n: int, stop: str | list[str] | None, logprobs: int | None
-    ) -> list[str]:
-        """Limits that depend on the settings; returns the stop strings as a list."""
-        if n > self.settings.max_n:
-            raise bad_request(f"n is {n}; this server allows at most {self.settings.max_n}", "n")
+    def check_request(self, request, *, chat: bool, logprobs: int | None) -> dict:
+        """Every check that depends on the settings or the vocabulary, before any engine work.
+
+        Returns the request's vLLM sampling arguments (``sampling.sampling_kwargs``).
+        """
+        settings = self.settings
+        refuse_unsupported(request, chat=chat)
+        if request.n > settings.max_n:
+            raise bad_request(f"n is {request.n}; this server allows at most {settings.max_n}", "n")
+        stop = request.stop
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > self.settings.max_stop:
+        if len(stops) > settings.max_stop:
             raise bad_request(
-                f"{len(stops)} stop sequences; this server allows at most {self.settings.max_stop}",
+                f"{len(stops)} stop sequences; this server allows at most {settings.max_stop}",
                 "stop",
             )
-        if any(not s for s in stops):
-            raise bad_request("stop sequences must not be empty", "stop")
-        if logprobs is not None and logprobs > self.settings.max_logprobs:
-            raise bad_request(
-                f"logprobs is {logprobs}; this server allows at most {self.settings.max_logprobs}",
-                "logprobs",
-            )
-        return stops
+        for name, value in (("logprobs", logprobs), ("prompt_logprobs", request.prompt_logprobs)):
+            if value is not None and value > settings.max_logprobs:
+                raise bad_request(
+                    f"{name} is {value}; this server allows at most {settings.max_logprobs}", name
+                )
+        if request.prompt_logprobs is not None and request.stream:
+            raise bad_request("prompt_logprobs are not available when streaming", "prompt_logprobs")
+        sampling = sampling_kwargs(request, stop=stops, logprobs=logprobs, vocab_size=self.vocab_size)
+        verify_sampling(self.engine, sampling, structured_param(request))
+        return sampling
 
     def check_token_ids(self, token_ids: list[int], param: str) -> None:
-        if any(token >= self.vocab_size for token in token_ids):
-            raise bad_request(
-                f"token ids must be below the vocabulary size {self.vocab_size}", param
-            )
+        check_token_ids(token_ids, self.vocab_size, param)
 
     def engine_max_tokens(
-        self, prompt_len: int, requested: int | None, param: str, prompt_param: str
+        self, prompt_len: int, requested: int | None, param: str, prompt_param: str, default_cap: int
     ) -> tuple[int, bool]:
         """``(max_tokens for the engine, drop the output)`` after the context checks.
 
-        ``requested`` None means "the rest of the context"; 0 means "score the prompt
-        only": the engine cannot generate 0 tokens, so it makes one that is dropped.
+        ``requested`` None means "the rest of the context", within ``default_cap`` (the
+        request's share of the output budget); 0 means "score the prompt only": the
+        engine cannot generate 0 tokens, so it makes one that is dropped.
         """
         context = self.max_model_len
         if prompt_len == 0:
             raise bad_request("the prompt is empty", prompt_param)
         if requested is None:
-            requested = max(context - prompt_len, 1)
+            requested = max(min(context - prompt_len, default_cap), 1)
         limit = self.settings.max_tokens_limit
         if limit is not None and requested > limit:
             raise bad_request(f"{param} is {requested}; this server allows at most {limit}", param)
@@ -143,8 +155,6 @@ class ServingEngine:
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-        if kwargs.get("top_k") == -1:
-            kwargs["top_k"] = 0
         if drop_output:
             kwargs["min_tokens"] = 0
         try:
@@ -167,37 +177,61 @@ class ServingEngine:
         max_tokens_param: str,
         prompt_param: str,
         seed: int | None,
-        **sampling_kwargs,
+        sampling: dict,
+        ticket: Ticket,
     ) -> list[ChoiceJob]:
-        """``n`` engine requests per prompt; choice ``p * n + i`` is prompt p's i-th."""
+        """``n`` engine requests per prompt; choice ``p * n + i`` is prompt p's i-th.
+
+        The request's output, prompts x n x max_tokens, is capped by the settings'
+        ``max_output_tokens``; its choices are admitted (or refused with a 429) last.
+        """
+        budget = self.settings.max_output_tokens
+        share = max(budget // (len(prompts) * n), 1)
+        lengths = [
+            self.engine_max_tokens(len(ids), max_tokens, max_tokens_param, prompt_param, share)
+            for ids in prompts
+        ]
+        total = n * sum(engine_max for engine_max, _ in lengths)
+        if total > budget:
+            raise bad_request(
+                f"the request may generate {total} tokens (prompts x n x {max_tokens_param}); "
+                f"this server allows at most {budget}",
+                max_tokens_param,
+            )
         response_key = uuid.uuid4().hex
         jobs = []
         for p, prompt_ids in enumerate(prompts):
-            engine_max, drop = self.engine_max_tokens(
-                len(prompt_ids), max_tokens, max_tokens_param, prompt_param
-            )
+            engine_max, drop = lengths[p]
             for i in range(n):
                 params = self.sampling_params(
-                    seed=seed, choice=i, max_tokens=engine_max, drop_output=drop, **sampling_kwargs
+                    seed=seed, choice=i, max_tokens=engine_max, drop_output=drop, **sampling
                 )
                 index = p * n + i
                 jobs.append(
                     ChoiceJob(index, prompt_ids, params, drop, f"gatemix-{response_key}-{index}")
                 )
+        ticket.admit(len(jobs))
         return jobs
+
+    def deadline(self) -> Deadline:
+        return Deadline(self.settings.request_timeout_s)
 
     # ------------------------------------------------------------ generation
 
     async def run_choices(
-        self, jobs: list[ChoiceJob], plan: GatePlan
+        self, jobs: list[ChoiceJob], plan: GatePlan, deadline: Deadline
     ) -> AsyncIterator[tuple[ChoiceDelta, ChoiceState]]:
-        """All choices' deltas, merged; closing the iterator aborts unfinished engine requests."""
-        async for item in merge_streams([self._run_choice(job, plan) for job in jobs]):
+        """All choices' deltas, merged; closing the iterator aborts unfinished engine requests,
+        and so does the deadline passing (then a 504 is raised)."""
+        streams = [self._run_choice(job, plan) for job in jobs]
+        async for item in merge_streams(streams, deadline):
             yield item
 
-    async def collect_choices(self, jobs: list[ChoiceJob], plan: GatePlan) -> list[ChoiceState]:
+    async def collect_choices(
+        self, jobs: list[ChoiceJob], plan: GatePlan, deadline: Deadline
+    ) -> list[ChoiceState]:
         states: dict[int, ChoiceState] = {}
-        async for _delta, state in self.run_choices(jobs, plan):
+        async for _delta, state in self.run_choices(jobs, plan, deadline):
             states[state.index] = state
         return [states[job.index] for job in jobs]
 
@@ -302,7 +336,8 @@ class ServingEngine:
         )
 
     async def sse_stream(self, events: AsyncIterator[str]) -> AsyncIterator[str]:
-        """SSE framing: the events, then ``[DONE]``; an error mid-stream goes out as an event."""
+        """SSE framing: the events, then ``[DONE]``; an error mid-stream goes out as an event
+        (past the request's deadline: its 504)."""
         try:
             async for event in events:
                 yield sse(event)
@@ -346,9 +381,7 @@ async def _engine_errors(outputs: AsyncIterator) -> AsyncIterator:
     try:
         async for output in outputs:
             yield output
-    except VLLMClientError as exc:
-        raise bad_request(str(exc), getattr(exc, "parameter", None)) from exc
     except EngineDeadError as exc:
-        raise APIError(
-            HTTPStatus.SERVICE_UNAVAILABLE, "the engine has stopped", error_type="server_error"
-        ) from exc
+        raise engine_dead() from exc
+    except (VLLMClientError, ValueError) as exc:  # the engine refused the request's parameters
+        raise bad_request(str(exc), getattr(exc, "parameter", None)) from exc

@@ -1,14 +1,19 @@
-"""``POST /v1/chat/completions``: messages -> chat template -> engine requests."""
+"""``POST /v1/chat/completions``: messages -> chat template -> engine requests.
+
+With ``tools`` (``tools.py``), the template renders them, vLLM's tool parser
+constrains the output to its call format and turns the text into tool calls.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
 
-from gatemix.server.chat_template import render_chat
+from gatemix.server.chat_template import ChatRenderer, message_dicts
 from gatemix.server.choices import ChoiceState
 from gatemix.server.errors import bad_request
-from gatemix.server.logprobs import chat_logprobs
+from gatemix.server.limits import Deadline, Ticket
+from gatemix.server.logprobs import chat_logprobs, prompt_logprobs
 from gatemix.server.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -20,24 +25,41 @@ from gatemix.server.protocol import (
 )
 from gatemix.server.served_models import GatePlan
 from gatemix.server.serving import ServingEngine, new_response_id
+from gatemix.server.tools import ToolCalling, ToolPlan, finish_reason, parse_choice, parse_delta
 
 
 class OpenAIServingChat:
-    def __init__(self, *, core: ServingEngine) -> None:
+    def __init__(self, *, core: ServingEngine, renderer: ChatRenderer, tools: ToolCalling) -> None:
         self.core = core
+        self.renderer = renderer
+        self.tools = tools
+
+    def render(
+        self, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None
+    ) -> list[int]:
+        """The prompt's token ids (the template places the special tokens it wants)."""
+        text = self.renderer.render(messages, add_generation_prompt, tools)
+        return self.core.tokenizer(text, add_special_tokens=False).input_ids
 
     async def create_chat_completion(
-        self, request: ChatCompletionRequest
+        self, request: ChatCompletionRequest, ticket: Ticket
     ) -> ChatCompletionResponse | AsyncIterator[str]:
         core = self.core
+        deadline = core.deadline()
         plan = core.models.plan(request.model, request.mixture)
         if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         num_top = (request.top_logprobs or 0) if request.logprobs else None
-        stop = core.check_request_limits(n=request.n, stop=request.stop, logprobs=num_top)
-        prompt_text = render_chat(core.tokenizer, request.messages, request.add_generation_prompt)
-        # The template already placed the special tokens (BOS) it wants.
-        prompt_ids = core.tokenizer(prompt_text, add_special_tokens=False).input_ids
+        sampling = core.check_request(request, chat=True, logprobs=num_top)
+        messages = message_dicts(request.messages, self.tools.supported)
+        tool_plan = self.tools.plan(request, messages)
+        if tool_plan is not None:
+            sampling["structured_outputs"] = tool_plan.structured_outputs
+            sampling["skip_special_tokens"] = tool_plan.skip_special_tokens
+        sampling["prompt_logprobs"] = request.prompt_logprobs
+        prompt_ids = self.render(
+            messages, request.add_generation_prompt, tool_plan.tool_dicts if tool_plan else None
+        )
         use_completion_tokens = request.max_completion_tokens is not None
         jobs = core.make_jobs(
             [prompt_ids],
@@ -48,33 +70,17 @@ class OpenAIServingChat:
             max_tokens_param="max_completion_tokens" if use_completion_tokens else "max_tokens",
             prompt_param="messages",
             seed=request.seed,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
-            repetition_penalty=request.repetition_penalty,
-            stop=stop,
-            min_tokens=request.min_tokens,
-            ignore_eos=request.ignore_eos,
-            logprobs=num_top,
+            sampling=sampling,
+            ticket=ticket,
         )
         response_id, created = new_response_id("chatcmpl"), int(time.time())
         if request.stream:
-            return core.sse_stream(
-                self._stream(request, plan, jobs, [prompt_ids], response_id, created)
+            events = self._stream(
+                request, plan, tool_plan, jobs, deadline, prompt_ids, response_id, created
             )
-        states = await core.collect_choices(jobs, plan)
-        choices = [
-            ChatCompletionChoice(
-                finish_reason=state.finish_reason,
-                index=state.index,
-                logprobs=self._logprobs(num_top, state.token_ids, state.logprobs),
-                message=ChatResponseMessage(content=state.text),
-                mixture=core.mixture_report(state, plan),
-            )
-            for state in states
-        ]
+            return core.sse_stream(events)
+        states = await core.collect_choices(jobs, plan, deadline)
+        choices = [self._choice(state, plan, num_top, tool_plan) for state in states]
         return ChatCompletionResponse(
             id=response_id,
             choices=choices,
@@ -82,6 +88,24 @@ class OpenAIServingChat:
             model=plan.model,
             usage=core.usage([prompt_ids], states),
             mixture=choices[0].mixture,
+            prompt_logprobs=prompt_logprobs(
+                prompt_ids, states[0].prompt_logprobs, request.prompt_logprobs
+            ),
+        )
+
+    def _choice(
+        self, state: ChoiceState, plan: GatePlan, num_top: int | None, tool_plan: ToolPlan | None
+    ) -> ChatCompletionChoice:
+        content, tool_calls = state.text, []
+        if tool_plan is not None:
+            parser = self.tools.parser(tool_plan)
+            content, tool_calls = parse_choice(parser, tool_plan, state.text, state.token_ids)
+        return ChatCompletionChoice(
+            finish_reason=finish_reason(tool_plan, bool(tool_calls), state.finish_reason),
+            index=state.index,
+            logprobs=self._logprobs(num_top, state.token_ids, state.logprobs),
+            message=ChatResponseMessage(content=content, tool_calls=tool_calls),
+            mixture=self.core.mixture_report(state, plan),
         )
 
     def _logprobs(self, num_top: int | None, token_ids: list[int], positions: list[dict] | None):
@@ -93,8 +117,10 @@ class OpenAIServingChat:
         self,
         request: ChatCompletionRequest,
         plan: GatePlan,
+        tool_plan: ToolPlan | None,
         jobs,
-        prompts: list[list[int]],
+        deadline: Deadline,
+        prompt_ids: list[int],
         response_id: str,
         created: int,
     ) -> AsyncIterator[str]:
@@ -114,14 +140,26 @@ class OpenAIServingChat:
                     )
                 ]
             )
+        parsers = {job.index: self.tools.parser(tool_plan) for job in jobs} if tool_plan else {}
+        called: set[int] = set()
         states: dict[int, ChoiceState] = {}
-        async for delta, state in self.core.run_choices(jobs, plan):
+        async for delta, state in self.core.run_choices(jobs, plan, deadline):
             states[state.index] = state
             if not (delta.token_ids or delta.finish_reason):
                 continue
+            content, calls = delta.text, None
+            if tool_plan is not None:
+                content, calls = parse_delta(
+                    parsers[state.index], tool_plan, delta.text, delta.token_ids, prompt_ids,
+                    finished=delta.finish_reason is not None,
+                )
+                if calls:
+                    called.add(state.index)
             choice = ChatCompletionStreamChoice(
-                delta=ChatDelta(content=delta.text),
-                finish_reason=delta.finish_reason,
+                delta=ChatDelta(content=content, tool_calls=calls or None),
+                finish_reason=finish_reason(
+                    tool_plan, state.index in called, delta.finish_reason
+                ),
                 index=state.index,
                 logprobs=self._logprobs(num_top, delta.token_ids, delta.logprobs),
                 mixture=self.core.mixture_report(state, plan, delta),
@@ -129,4 +167,4 @@ class OpenAIServingChat:
             yield chunk([choice])
         if request.stream_options and request.stream_options.include_usage:
             ordered = [states[job.index] for job in jobs if job.index in states]
-            yield chunk([], usage=self.core.usage(prompts, ordered))
+            yield chunk([], usage=self.core.usage([prompt_ids], ordered))

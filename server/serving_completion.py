@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 
 from gatemix.server.choices import ChoiceDelta, ChoiceState
 from gatemix.server.errors import bad_request
-from gatemix.server.logprobs import completion_logprobs
+from gatemix.server.limits import Deadline, Ticket
+from gatemix.server.logprobs import completion_logprobs, prompt_logprobs
 from gatemix.server.protocol import (
     CompletionChoice,
     CompletionLogProbs,
@@ -23,14 +24,18 @@ class OpenAIServingCompletion:
         self.core = core
 
     async def create_completion(
-        self, request: CompletionRequest
+        self, request: CompletionRequest, ticket: Ticket
     ) -> CompletionResponse | AsyncIterator[str]:
         """Validate and plan eagerly (errors become HTTP errors); stream or collect after."""
         core = self.core
+        deadline = core.deadline()
         plan = core.models.plan(request.model, request.mixture)
-        stop = core.check_request_limits(n=request.n, stop=request.stop, logprobs=request.logprobs)
-        prompts, prompt_texts = self._tokenize(request.prompt)
-        echo_logprobs = request.echo and request.logprobs is not None
+        sampling = core.check_request(request, chat=False, logprobs=request.logprobs)
+        prompts, prompt_texts = self._tokenize(request.prompt, request.add_special_tokens)
+        # The echoed prompt's logprobs and the requested prompt_logprobs come from one pass.
+        echo_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
+        wanted = [k for k in (echo_logprobs, request.prompt_logprobs) if k is not None]
+        sampling["prompt_logprobs"] = max(wanted) if wanted else None
         jobs = core.make_jobs(
             prompts,
             n=request.n,
@@ -38,24 +43,17 @@ class OpenAIServingCompletion:
             max_tokens_param="max_tokens",
             prompt_param="prompt",
             seed=request.seed,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
-            repetition_penalty=request.repetition_penalty,
-            stop=stop,
-            min_tokens=request.min_tokens,
-            ignore_eos=request.ignore_eos,
-            logprobs=request.logprobs,
-            prompt_logprobs=request.logprobs if echo_logprobs else None,
+            sampling=sampling,
+            ticket=ticket,
         )
         echo_texts = [prompt_texts[job.index // request.n] if request.echo else "" for job in jobs]
         response_id, created = new_response_id("cmpl"), int(time.time())
         if request.stream:
-            events = self._stream(request, plan, jobs, prompts, echo_texts, response_id, created)
+            events = self._stream(
+                request, plan, jobs, deadline, prompts, echo_texts, response_id, created
+            )
             return core.sse_stream(events)
-        states = await core.collect_choices(jobs, plan)
+        states = await core.collect_choices(jobs, plan, deadline)
         choices = [
             self._choice(request, plan, state, None, echo_texts[i], first_part=True)
             for i, state in enumerate(states)
@@ -69,23 +67,24 @@ class OpenAIServingCompletion:
             mixture=choices[0].mixture,
         )
 
-    def _tokenize(self, prompt) -> tuple[list[list[int]], list[str]]:
+    def _tokenize(self, prompt, add_special_tokens: bool) -> tuple[list[list[int]], list[str]]:
         """Token ids and text of each prompt (text: as given, or decoded ids)."""
         tokenizer = self.core.tokenizer
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
-            texts = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompts = [tokenizer(text).input_ids for text in texts]
-        else:
-            prompts = (
-                [prompt] if not prompt or isinstance(prompt[0], int) else [list(p) for p in prompt]
-            )
-            for ids in prompts:
-                self.core.check_token_ids(ids, "prompt")
-            texts = [tokenizer.decode(ids) for ids in prompts]
+        is_text = isinstance(prompt, str) or isinstance(prompt[0], str)
+        single = isinstance(prompt, str) or isinstance(prompt[0], int)
+        items = [prompt] if single else list(prompt)
         limit = self.core.settings.max_prompts
-        if len(prompts) > limit:
-            raise bad_request(f"{len(prompts)} prompts; the limit is {limit}", "prompt")
-        return prompts, texts
+        if len(items) > limit:  # before any tokenizing
+            raise bad_request(f"{len(items)} prompts; the limit is {limit}", "prompt")
+        if is_text:
+            prompts = [
+                tokenizer(text, add_special_tokens=add_special_tokens).input_ids for text in items
+            ]
+            return prompts, items
+        prompts = [list(ids) for ids in items]
+        for ids in prompts:
+            self.core.check_token_ids(ids, "prompt")
+        return prompts, [tokenizer.decode(ids) for ids in prompts]
 
     def _choice(
         self,
@@ -125,6 +124,11 @@ class OpenAIServingCompletion:
             logprobs=logprobs,
             text=(echo_text if first_part else "") + text,
             mixture=self.core.mixture_report(state, plan, delta),
+            prompt_logprobs=prompt_logprobs(
+                state.prompt_ids, state.prompt_logprobs, request.prompt_logprobs
+            )
+            if delta is None
+            else None,
             prompt_token_ids=state.prompt_ids if request.return_token_ids and first_part else None,
             token_ids=list(token_ids) if request.return_token_ids else None,
         )
@@ -134,13 +138,14 @@ class OpenAIServingCompletion:
         request: CompletionRequest,
         plan: GatePlan,
         jobs,
+        deadline: Deadline,
         prompts: list[list[int]],
         echo_texts: list[str],
         response_id: str,
         created: int,
     ) -> AsyncIterator[str]:
         states: dict[int, ChoiceState] = {}
-        async for delta, state in self.core.run_choices(jobs, plan):
+        async for delta, state in self.core.run_choices(jobs, plan, deadline):
             first = state.index not in states
             states[state.index] = state
             if not (delta.token_ids or delta.finish_reason or first):

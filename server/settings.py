@@ -12,9 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from gatemix.engine.engine_config import EngineSettings
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from gatemix.engine.engine_config import EngineSettings
 
 ENV_PREFIX = "GATEMIX_"
 ENV_NESTED_DELIMITER = "__"  # GATEMIX_ENGINE__MAX_MODEL_LEN
@@ -83,6 +84,63 @@ class Settings(BaseSettings):
         gt=0,
         description="seconds to wait for a token's gate weights before reporting them missing",
     )
+    max_output_tokens: int = Field(
+        65536,
+        ge=1,
+        description="most tokens one request may ask to generate: prompts x n x max_tokens "
+        "(max_tokens as the engine will run it: the rest of the context when omitted)",
+    )
+
+    # Load and time limits (answered 413, 429 and 504 as OpenAI error bodies).
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        description="largest request body in bytes; a larger one is refused with 413 before "
+        "it is read to the end or parsed",
+    )
+    max_queued_requests: int = Field(
+        256,
+        ge=0,
+        description="most engine requests (choices) admitted beyond the engine's max_num_seqs "
+        "slots; a request that would queue past it is refused with 429 and Retry-After",
+    )
+    retry_after_s: int = Field(
+        1, ge=0, description="the Retry-After header (seconds) of a 429 answer"
+    )
+    request_timeout_s: float | None = Field(
+        600.0,
+        gt=0,
+        description="seconds a generation request may take, queueing included; past it its "
+        "engine requests are aborted and it is answered 504 (a stream: an error event)",
+    )
+
+    # Process lifetime.
+    shutdown_timeout_s: float = Field(
+        20.0,
+        ge=0,
+        description="on SIGTERM or SIGINT: seconds in-flight requests may take to finish "
+        "before they are cancelled and the process exits",
+    )
+    engine_check_interval_s: float = Field(
+        0.5,
+        gt=0,
+        le=5,
+        description="how often the server checks that the engine core is alive; a dead engine "
+        "ends the process with exit status 4, for a supervisor to restart it",
+    )
+
+    # Chat templates and tools.
+    chat_template: Path | None = Field(
+        None,
+        description="Jinja chat template file to use instead of the model folder's (or "
+        "gatemix's fallback)",
+    )
+    tool_call_parser: str | None = Field(
+        None,
+        description="vLLM tool parser (e.g. hermes) that turns generated text into tool calls; "
+        "`tools` are accepted only with one, and with a chat template that renders `tools`",
+    )
+
     log_level: str = Field("info", description="uvicorn log level")
     timeout_keep_alive: int = Field(
         65,
@@ -105,4 +163,13 @@ class Settings(BaseSettings):
         if self.max_logprobs > 20:
             # vLLM's engine refuses more than its max_logprobs (20 by default).
             raise ValueError("max_logprobs above 20 is not supported by the engine")
+        if self.chat_template is not None and not self.chat_template.is_file():
+            raise ValueError(f"chat_template {self.chat_template} is not a file")
+        if self.tool_call_parser is not None:
+            from vllm.tool_parsers import ToolParserManager
+
+            try:
+                ToolParserManager.get_tool_parser(self.tool_call_parser)
+            except KeyError:
+                raise ValueError(f"unknown tool_call_parser {self.tool_call_parser!r}") from None
         return self

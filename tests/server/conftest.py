@@ -4,17 +4,22 @@ The server serves the tiny demo's project file (``gatemix serve --project``, the
 user's path: the project's composite is packed from its experts), or the folder
 named by ``GATEMIX_TEST_COMPOSITE``. It runs with API
 keys, so every client here sends one; the auth tests leave it out on purpose.
+
+A second server (``routed_server``, started only by the tests that ask for it)
+serves a composite with a random router, whose per-token weights vary with the
+context, with small limits and tool calling.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from server_harness import ENSEMBLE, running_server  # noqa: F401  (tests import ENSEMBLE from here)
+from server_harness import ENSEMBLE, serving
 
 API_KEY = "test-key-1"
 SECOND_API_KEY = "test-key-2"
@@ -28,6 +33,7 @@ class Server:
     experts: list[str]
     model_dir: Path
     log_path: Path
+    pid: int  # the API server process (the engine core is its child)
     api_keys: tuple[str, ...] = (API_KEY, SECOND_API_KEY)
     max_n: int = MAX_N
 
@@ -59,10 +65,11 @@ def server_model_dir(served_project) -> Path:
 def server(served_project, server_model_dir, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("gatemix-serve")
     keys = ("--max-n", str(MAX_N), "--api-key", API_KEY, "--api-key", SECOND_API_KEY)
-    with running_server(server_model_dir, log_dir, *keys, project=served_project) as (url, log_path):
+    with serving(server_model_dir, log_dir, *keys, project=served_project) as process:
+        url = process.url
         models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
         experts = [card["id"] for card in models["data"] if card["id"] != ENSEMBLE]
-        yield Server(url, ENSEMBLE, experts, Path(server_model_dir), log_path)
+        yield Server(url, ENSEMBLE, experts, Path(server_model_dir), process.log_path, process.proc.pid)
 
 
 @pytest.fixture(scope="session")
@@ -88,3 +95,84 @@ def tokenizer(server):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(server.model_dir))
+
+
+# ---------------------------------------------------------------- the routed server
+
+TOOLS_TEMPLATE = Path(__file__).with_name("tools_chat_template.jinja")
+ROUTED_MAX_NUM_SEQS = 2
+ROUTED_MAX_QUEUED = 2
+ROUTED_MAX_OUTPUT_TOKENS = 1000
+
+
+@pytest.fixture(scope="session")
+def routed_composite(demo_paths, tmp_path_factory) -> Path:
+    """The demo experts packed with a random (not fitted) router: per-token weights that vary
+    sharply with the context, so a trace misaligned by one token shows (as in
+    tests/engine/test_learned_router.py)."""
+    import torch
+
+    from gatemix.engine.composite_folder import pack_composite
+    from gatemix.expert_folder import expert_hash
+    from gatemix.gate.artifact import RouterArtifact
+    from gatemix.gate.router import HiddenStateRouter, RouterForm
+
+    names = list(demo_paths.expert_dirs)
+    torch.manual_seed(0)
+    expert_config = json.loads((demo_paths.expert_dirs[names[0]] / "config.json").read_text())
+    router = HiddenStateRouter(RouterForm(len(names), expert_config["hidden_size"], 16, None))
+    with torch.no_grad():
+        for param in router.parameters():
+            param.mul_(4.0)  # sharp, context-dependent weights
+    artifact = RouterArtifact(
+        router=router,
+        expert_names=names,
+        expert_hashes={n: expert_hash(p) for n, p in demo_paths.expert_dirs.items()},
+        method="random-test",
+    )
+    out = tmp_path_factory.mktemp("routed") / "composite"
+    pack_composite(list(demo_paths.expert_dirs.values()), out, gate=artifact)
+    return out
+
+
+@dataclass(frozen=True)
+class RoutedServer:
+    base_url: str
+    model_dir: Path
+    experts: list[str]
+    log_path: Path
+
+
+@pytest.fixture(scope="session")
+def routed_server(routed_composite, tmp_path_factory):
+    """A second server, on the random-router composite, with small limits (2 engine slots,
+    2 queued, 1000 output tokens a request) and tool calling (a Hermes template and parser)."""
+    flags = (
+        "--max-num-seqs", str(ROUTED_MAX_NUM_SEQS),
+        "--max-queued-requests", str(ROUTED_MAX_QUEUED),
+        "--max-output-tokens", str(ROUTED_MAX_OUTPUT_TOKENS),
+        "--chat-template", str(TOOLS_TEMPLATE),
+        "--tool-call-parser", "hermes",
+    )
+    log_dir = tmp_path_factory.mktemp("gatemix-serve-routed")
+    with serving(routed_composite, log_dir, *flags) as process:
+        models = httpx.get(f"{process.url}/v1/models").json()
+        experts = [card["id"] for card in models["data"] if card["id"] != ENSEMBLE]
+        yield RoutedServer(process.url, routed_composite, experts, process.log_path)
+
+
+@pytest.fixture(scope="session")
+def routed_client(routed_server):
+    import openai
+
+    return openai.OpenAI(
+        base_url=f"{routed_server.base_url}/v1", api_key="none", max_retries=0, timeout=120
+    )
+
+
+@pytest.fixture(scope="session")
+def offline_router(routed_server, demo_paths):
+    """The random router run offline, outside vLLM: the reference for the engine's per-token weights."""
+    from gatemix.distill.teacher import EnsembleTeacher
+
+    return EnsembleTeacher.load(routed_server.model_dir, list(demo_paths.expert_dirs.values()))

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -38,12 +39,35 @@ def _wait_until_healthy(proc: subprocess.Popen, url: str, log_path: Path) -> Non
     raise RuntimeError(f"gatemix serve not healthy after {STARTUP_TIMEOUT_S}s; log in {log_path}")
 
 
-@contextlib.contextmanager
-def running_server(
+@dataclass
+class ServerProcess:
+    """A started ``gatemix serve`` process: its base URL, its log, the process itself."""
+
+    url: str
+    log_path: Path
+    proc: subprocess.Popen
+
+    def wait_until_healthy(self) -> None:
+        _wait_until_healthy(self.proc, self.url, self.log_path)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_server(
     model_dir: Path | None, log_dir: Path, *extra_args: str, env: dict | None = None,
     project: Path | None = None,
-):
-    """Start ``gatemix serve`` of a folder or a project on a free loopback port; yield its base URL; stop it."""
+) -> ServerProcess:
+    """Launch ``gatemix serve`` of a folder or a project on a free loopback port (no wait)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = log_dir / "server.log"
@@ -65,13 +89,28 @@ def running_server(
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", **(env or {}))
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return ServerProcess(url, log_path, proc)
+
+
+@contextlib.contextmanager
+def running_server(
+    model_dir: Path | None, log_dir: Path, *extra_args: str, env: dict | None = None,
+    project: Path | None = None,
+):
+    """Start ``gatemix serve`` of a folder or a project on a free loopback port; yield its base URL; stop it."""
+    with serving(model_dir, log_dir, *extra_args, env=env, project=project) as server:
+        yield server.url, server.log_path
+
+
+@contextlib.contextmanager
+def serving(
+    model_dir: Path | None, log_dir: Path, *extra_args: str, env: dict | None = None,
+    project: Path | None = None,
+):
+    """``running_server``, yielding the ``ServerProcess`` (for tests that need its pid)."""
+    server = start_server(model_dir, log_dir, *extra_args, env=env, project=project)
     try:
-        _wait_until_healthy(proc, url, log_path)
-        yield url, log_path
+        server.wait_until_healthy()
+        yield server
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
+from conftest import ENSEMBLE
 
 pytestmark = pytest.mark.slow
 
@@ -202,18 +204,37 @@ def mean_weights(choice_or_response) -> dict[str, float]:
     return choice_or_response.model_extra["mixture"]["mean_weights"]
 
 
-def test_mixture_report_sums_to_one_and_covers_every_token(client, server):
-    response = client.completions.create(
-        model=server.ensemble,
+def offline_weights(offline_router, prompt_ids: list[int], token_ids: list[int]) -> torch.Tensor:
+    """``(len(token_ids), K)``: the offline router's weights for each generated token."""
+    _mixture, log_weights = offline_router(torch.tensor([prompt_ids + token_ids]))
+    start = len(prompt_ids) - 1  # position p decides token p + 1
+    return log_weights[0, start : start + len(token_ids)].exp().double()
+
+
+def test_mixture_report_covers_every_token_with_the_router_s_own_weights(
+    routed_client, routed_server, offline_router
+):
+    """On a random router every token's weights differ, so one token's shift would show."""
+    response = routed_client.completions.create(
+        model=ENSEMBLE,
         prompt=PROMPT,
         max_tokens=7,
-        extra_body={**LONG, "mixture": {"per_token": True}},
+        temperature=0.0,
+        extra_body={**LONG, "mixture": {"per_token": True}, "return_token_ids": True},
     )
-    report = response.choices[0].model_extra["mixture"]
-    assert report["experts"] == server.experts
-    assert sum(report["mean_weights"].values()) == pytest.approx(1.0, abs=1e-5)
-    assert len(report["per_token"]) == 7
-    assert all(sum(weights) == pytest.approx(1.0, abs=1e-5) for weights in report["per_token"])
+    choice = response.choices[0]
+    report = choice.model_extra["mixture"]
+    assert report["experts"] == routed_server.experts
+    per_token = torch.tensor(report["per_token"], dtype=torch.float64)  # (7, K)
+    assert per_token.shape == (7, len(routed_server.experts))
+    torch.testing.assert_close(per_token.sum(-1), torch.ones(7, dtype=torch.float64), atol=1e-5, rtol=0)
+    expected = offline_weights(
+        offline_router, choice.model_extra["prompt_token_ids"], choice.model_extra["token_ids"]
+    )
+    assert expected.std(0).max() > 0.01, "the random router should vary from token to token"
+    torch.testing.assert_close(per_token, expected, atol=1e-4, rtol=0)
+    for k, name in enumerate(report["experts"]):
+        assert report["mean_weights"][name] == pytest.approx(expected[:, k].mean().item(), abs=1e-4)
     assert response.model_extra["mixture"] == report  # the top level repeats choice 0
 
 
@@ -261,28 +282,42 @@ def test_expert_model_equals_the_ensemble_pinned_to_that_expert(client, server):
         assert mean_weights(restricted)[expert] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_stream_chunks_carry_the_running_mixture(client, server):
-    body = {**LONG, "mixture": {"per_token": True}}
+def test_stream_chunks_carry_each_token_s_weights_and_the_running_mean(
+    routed_client, routed_server, offline_router
+):
+    body = {**LONG, "mixture": {"per_token": True}, "return_token_ids": True}
     common = {
-        "model": server.ensemble,
+        "model": ENSEMBLE,
         "prompt": PROMPT,
         "max_tokens": 6,
         "temperature": 1.0,
         "seed": 9,
         "extra_body": body,
     }
-    whole = client.completions.create(**common).choices[0].model_extra["mixture"]
-    per_token, last = [], None
-    for chunk in client.completions.create(stream=True, **common):
+    whole = routed_client.completions.create(**common).choices[0]
+    per_token, token_ids, prompt_ids, last = [], [], None, None
+    for chunk in routed_client.completions.create(stream=True, **common):
         for choice in chunk.choices:
             report = choice.model_extra["mixture"]
+            assert len(report["per_token"]) == len(choice.model_extra["token_ids"])
             per_token += report["per_token"]
+            token_ids += choice.model_extra["token_ids"]
+            prompt_ids = prompt_ids or choice.model_extra.get("prompt_token_ids")
             last = report
-    assert len(per_token) == len(whole["per_token"]) == 6
-    for streamed, collected in zip(per_token, whole["per_token"]):
-        assert streamed == pytest.approx(collected, abs=1e-6)
-    for name, weight in whole["mean_weights"].items():
-        assert last["mean_weights"][name] == pytest.approx(weight, abs=1e-6)
+            # The running mean covers every token so far, this chunk's included.
+            so_far = torch.tensor(per_token, dtype=torch.float64).mean(0)
+            for k, name in enumerate(report["experts"]):
+                assert report["mean_weights"][name] == pytest.approx(so_far[k].item(), abs=1e-6)
+    assert token_ids == whole.model_extra["token_ids"] and len(token_ids) == 6
+    streamed = torch.tensor(per_token, dtype=torch.float64)
+    torch.testing.assert_close(
+        streamed, torch.tensor(whole.model_extra["mixture"]["per_token"], dtype=torch.float64),
+        atol=1e-6, rtol=0,
+    )
+    torch.testing.assert_close(
+        streamed, offline_weights(offline_router, prompt_ids, token_ids), atol=1e-4, rtol=0
+    )
+    assert last["mean_weights"] == pytest.approx(whole.model_extra["mixture"]["mean_weights"], abs=1e-6)
 
 
 def test_several_prompts_get_choices_in_prompt_order(client, server):
@@ -293,6 +328,24 @@ def test_several_prompts_get_choices_in_prompt_order(client, server):
     assert response.usage.completion_tokens == 12
 
 
-def test_metrics_count_finished_requests(http):
-    body = http.get("/metrics").text
-    assert "gatemix_requests_total" in body
+def _requests_total(http, model: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        if family.name == "gatemix_requests":
+            for sample in family.samples:
+                if sample.name == "gatemix_requests_total" and sample.labels.get("model") == model:
+                    return sample.value
+    return 0.0
+
+
+def test_metrics_count_finished_requests(client, server, http):
+    """The counter moves by the choices finished (n of them), not just shows its HELP line."""
+    before = _requests_total(http, server.ensemble)
+    client.completions.create(model=server.ensemble, prompt=PROMPT, max_tokens=2, n=3)
+    assert _requests_total(http, server.ensemble) == before + 3
+    expert = server.experts[0]
+    expert_before = _requests_total(http, expert)
+    client.completions.create(model=expert, prompt=PROMPT, max_tokens=2)
+    assert _requests_total(http, expert) == expert_before + 1
+    assert _requests_total(http, server.ensemble) == before + 3

@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
-from prometheus_harness import dashboard_exprs, prometheus_binary, query, run_prometheus, targets_up  # noqa: E402
-from render_dashboard import DASHBOARD  # noqa: E402
-
-from server_harness import ENSEMBLE, running_server  # noqa: E402
+from prometheus_harness import dashboard_exprs, prometheus_binary, query, run_prometheus, targets_up
+from render_dashboard import DASHBOARD
+from server_harness import ENSEMBLE, running_server
 
 pytestmark = pytest.mark.skipif(prometheus_binary() is None, reason="needs Debian's prometheus (make prometheus)")
 
@@ -31,8 +30,10 @@ def scraped(server_model_dir, tmp_path_factory):
     import openai
 
     tmp = tmp_path_factory.mktemp("prometheus-e2e")
-    with running_server(server_model_dir, tmp) as (url, _log):
-        with run_prometheus(url.removeprefix("http://"), tmp / "prometheus") as prometheus_url:
+    with (
+        running_server(server_model_dir, tmp) as (url, _log),
+        run_prometheus(url.removeprefix("http://"), tmp / "prometheus") as prometheus_url,
+    ):
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
             experts = [m.id for m in client.models.list().data if m.id != ENSEMBLE]
             deadline = time.time() + 60
@@ -87,7 +88,7 @@ def test_every_dashboard_expression_returns_data(scraped):
 
 
 def test_weight_series_agree_with_the_mixture_objects(scraped):
-    prometheus_url, observed, experts, _ = scraped
+    prometheus_url, observed, _experts, _ = scraped
     for model, by_expert in observed["weight_sums"].items():
         for expert, expected in by_expert.items():
             result = query(prometheus_url, f'gatemix_gate_weight_sum{{model="{model}",expert="{expert}"}}')

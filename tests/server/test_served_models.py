@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from gatemix.server.choices import ChoiceDelta, ChoiceState
 from gatemix.server.errors import APIError
 from gatemix.server.protocol import MixtureRequest

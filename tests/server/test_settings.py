@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from gatemix.server.cli import add_serve_parser, settings_from_args
+
 from gatemix.engine.engine_config import EngineSettings
+from gatemix.server.cli import add_serve_parser, settings_from_args
 from gatemix.server.settings import Settings
 
 
