@@ -25,12 +25,14 @@ from gatemix.gate.router import HiddenStateRouter
 
 logger = logging.getLogger(__name__)
 
+RETAINED = 3  # earlier heads kept for requests that name them (each is a few K x H floats)
+
 
 class GateVersions:
     """Version -> router head; the first is the one vLLM loaded with the composite's weights."""
 
     def __init__(self, router: HiddenStateRouter, version: str) -> None:
-        self.heads: dict[str, HiddenStateRouter] = {version: router}
+        self.heads: dict[str, HiddenStateRouter] = {version: router}  # in the order loaded
         self.current = version
 
     @property
@@ -52,10 +54,16 @@ class GateVersions:
         self.current = artifact.version
 
     def retire(self, versions_in_use: set[str | None]) -> None:
-        """Drop the heads no row uses and that are not current."""
-        for version in [v for v in self.heads if v != self.current and v not in versions_in_use]:
-            del self.heads[version]
-            logger.info("gatemix gate %s retired: no request uses it any more", version)
+        """Drop the heads no row uses, beyond the last ``RETAINED`` loaded before the current one.
+
+        Those stay for requests still waiting in the scheduler's queue, which
+        name the gate the server reported when they arrived.
+        """
+        older = [v for v in self.heads if v != self.current]
+        for version in older[: max(0, len(older) - RETAINED)]:
+            if version not in versions_in_use:
+                del self.heads[version]
+                logger.info("gatemix gate %s retired: no request uses it any more", version)
 
 
 def check_swappable(

@@ -66,8 +66,13 @@ class PrefixStates:
 
         process_dict_updates(
             self.rows, batch_update,
-            lambda _params, _prompt, _output: PrefixState(gate_version=self.current_gate_version),
+            lambda params, _prompt, _output: PrefixState(gate_version=self._version_asked(params)),
         )
+
+    def _version_asked(self, params) -> str | None:
+        """The version the request names (the server's at its arrival), else the current one."""
+        args = ((params.extra_args if params is not None else None) or {}).get("gatemix") or {}
+        return args.get("gate_version") or self.current_gate_version
 
     def version_of(self, row: int) -> str | None:
         state = self.rows.get(row)

@@ -38,9 +38,16 @@ def gate_request_args(
     expert_mask: Sequence[bool] | None = None,
     trace_id: str | None = None,
     trace_to: str | None = None,
+    gate_version: str | None = None,
 ) -> dict:
-    """``SamplingParams.extra_args`` for one request. Weights are in expert order."""
+    """``SamplingParams.extra_args`` for one request. Weights are in expert order.
+
+    ``gate_version``: the gate the server reported when the request arrived;
+    the worker serves it with that gate while it is loaded (``gate_versions``).
+    """
     args: dict = {}
+    if gate_version is not None:
+        args["gate_version"] = gate_version
     if pinned_weights is not None:
         args["weights"] = [float(w) for w in pinned_weights]
     if expert_mask is not None:

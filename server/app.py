@@ -10,16 +10,21 @@ middleware (``limits.py``) sits outside everything else.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 from fastapi import FastAPI
 
 from gatemix.errors import UserError
 from gatemix.server.chat_template import ChatRenderer
+from gatemix.engine.composite_folder import GATE_SUBDIR
 from gatemix.server.errors import install_error_handlers
+from gatemix.server.gate_admin import GateAdmin, gate_report
 from gatemix.server.lifecycle import Lifecycle, watch_engine
 from gatemix.server.limits import Admission, LimitsMiddleware
 from gatemix.server.openapi import openapi_document
@@ -60,7 +65,23 @@ def resolve_settings(settings: Settings) -> Settings:
     info = ensure_composite(project)
     logger.info("project %s: serving %s with gate %s (%s)", project.path, info.path, info.gate_version, info.gate_method)
     name = settings.served_model_name or project.name
-    return settings.model_copy(update={"model_dir": info.path, "project": None, "served_model_name": name})
+    update = {"model_dir": info.path, "project": None, "served_model_name": name}
+    if settings.gate_artifact is None:  # SIGHUP re-reads what fit-gate rewrites
+        update["gate_artifact"] = project.gate_dir
+    return settings.model_copy(update=update)
+
+
+def _with_gate_report(models: ServedModels, artifact_dir: Path) -> ServedModels:
+    """The fit's report, when the configured artifact is the gate the composite holds."""
+    from gatemix.gate.artifact import METADATA_FILE
+
+    try:
+        version = json.loads((Path(artifact_dir) / METADATA_FILE).read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        return models
+    if version != models.gate_version:
+        return models
+    return dataclasses.replace(models, gate_report=gate_report(artifact_dir))
 
 
 def _install_serving(app: FastAPI, settings: Settings, *, engine, tokenizer, models, receiver):
@@ -95,6 +116,10 @@ def _install_serving(app: FastAPI, settings: Settings, *, engine, tokenizer, mod
     app.state.serving_completion = OpenAIServingCompletion(core=core)
     app.state.serving_chat = chat
     app.state.serving_tokenization = OpenAIServingTokenization(core=core, chat=chat)
+    app.state.gate_admin = GateAdmin(
+        app.state, engine=engine, composite_dir=settings.model_dir,
+        configured=settings.gate_artifact or settings.model_dir / GATE_SUBDIR,
+    ) if models.is_composite else None
 
 
 @asynccontextmanager
@@ -108,6 +133,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = await asyncio.to_thread(resolve_settings, app.state.settings)
     model_dir = settings.model_dir
     models = ServedModels.from_folder(model_dir, settings.served_model_name)
+    if models.is_composite:
+        models = _with_gate_report(models, settings.gate_artifact or model_dir / GATE_SUBDIR)
+        logger.info("gate %s (%s) serves %s; report: %s", models.gate_version, models.gate_method,
+                    models.ensemble_name, models.gate_report or "none found")
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(model_dir))
     logger.info(
         "serving %s from %s: experts %s", models.ensemble_name, model_dir, models.expert_names
@@ -130,10 +159,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # As vLLM's own server does: the startup heap (torch, transformers, vLLM) is static,
         # and every full collection would walk it again (passes of 50-450 ms at start-up).
         freeze_gc_heap()
+        if app.state.gate_admin is not None:
+            app.state.gate_admin.install_sighup()
         yield
     finally:
         if watchdog is not None:
             watchdog.cancel()
+        if getattr(app.state, "gate_admin", None) is not None:
+            app.state.gate_admin.remove_sighup()
         engine.shutdown()
         if receiver is not None:
             await receiver.close()

@@ -15,7 +15,7 @@ from gatemix.server.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, Settings
 NESTED_ENGINE = "engine"  # the Settings field holding EngineSettings
 
 # Fields whose flag is not simply --field-name.
-_FLAG_NAMES = {"api_keys": "--api-key"}
+_FLAG_NAMES = {"api_keys": "--api-key", "admin_keys": "--admin-key"}
 
 
 def _flag_type(annotation) -> str:

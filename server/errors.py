@@ -97,6 +97,13 @@ def engine_dead() -> APIError:
     )
 
 
+def admin_api_off() -> APIError:
+    return APIError(
+        HTTPStatus.FORBIDDEN, "The admin API is off: start the server with --admin-key.",
+        code="admin_api_off", error_type="permission_error",
+    )
+
+
 def invalid_api_key(provided: bool) -> APIError:
     message = (
         "Incorrect API key provided."

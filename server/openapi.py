@@ -33,6 +33,8 @@ def openapi_document(app: FastAPI) -> dict:
     for method, operation in document["paths"]["/ping"].items():
         operation["operationId"] = f"ping_{method}"
     settings = app.state.settings
+    if not settings.admin_keys:  # the admin API is off: it answers 403 to everyone
+        document["paths"].pop("/admin/gate", None)
     core = getattr(app.state, "serving_core", None)
     _document_body_limit(document, settings.max_body_bytes)
     if settings.api_keys:

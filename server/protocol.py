@@ -144,6 +144,15 @@ class MixtureReport(BaseModel):
 # ---------------------------------------------------------------- /v1/models
 
 
+class GateCard(BaseModel):
+    """gatemix extension: the gate the ensemble's name serves now."""
+
+    version: str
+    method: str  # how it was fitted: robust, constant, ...
+    loaded_at: float  # unix time it started serving new requests
+    report: str | None = None  # the fit's report, where the server can see it
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -152,6 +161,7 @@ class ModelCard(BaseModel):
     # gatemix extension
     root: str | None = None  # the model folder
     experts: list[str] | None = None  # what the name serves: all experts, or one
+    gate: GateCard | None = None  # on the ensemble's card
 
 
 class ModelList(BaseModel):

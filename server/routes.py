@@ -19,7 +19,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
 
-from gatemix.server.errors import engine_dead, invalid_api_key
+from gatemix.server.errors import admin_api_off, engine_dead, invalid_api_key
+from gatemix.server.gate_admin import GateReloadRequest, GateReloadResponse
 from gatemix.server.limits import Ticket
 from gatemix.server.protocol import (
     ChatCompletionRequest,
@@ -68,8 +69,19 @@ GENERATES = {
 async def require_api_key(request: Request) -> None:
     """With keys configured, ``Authorization: Bearer <key>`` must carry one of them."""
     keys = request.app.state.settings.api_keys
+    if keys:
+        _check_bearer(request, keys)
+
+
+async def require_admin_key(request: Request) -> None:
+    """The admin API takes its own keys (``--admin-key``) and is off without one."""
+    keys = request.app.state.settings.admin_keys
     if not keys:
-        return
+        raise admin_api_off()
+    _check_bearer(request, keys)
+
+
+def _check_bearer(request: Request, keys: list[str]) -> None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
@@ -229,5 +241,18 @@ async def metrics(raw_request: Request) -> Response:
     return Response(content=body, media_type=content_type)
 
 
+admin = APIRouter(
+    prefix="/admin", dependencies=[Depends(require_admin_key)],
+    responses=_errors(S.UNAUTHORIZED, S.FORBIDDEN, S.BAD_REQUEST, S.INTERNAL_SERVER_ERROR),
+)
+
+
+@admin.post("/gate", response_model=GateReloadResponse)
+async def reload_gate(request: GateReloadRequest, raw_request: Request) -> GateReloadResponse:
+    """Serve another gate from now on, without restarting the experts (``server/gate_admin.py``)."""
+    return await raw_request.app.state.gate_admin.reload(request.path)
+
+
 router.include_router(v1)
 router.include_router(tokenizer)
+router.include_router(admin)

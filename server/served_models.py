@@ -7,13 +7,14 @@ A plain single-model folder serves one name, reported as a one-expert mixture.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from gatemix.server.errors import bad_request, model_not_found
-from gatemix.server.protocol import MixtureRequest, ModelCard, ModelList
+from gatemix.server.protocol import GateCard, MixtureRequest, ModelCard, ModelList
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class GatePlan:
     pinned_weights: list[float] | None  # (K,) expert order, or None: the gate decides
     expert_mask: list[bool] | None  # (K,) or None: all experts
     per_token: bool
+    gate_version: str | None = None  # the gate served when the request arrived: its report says so
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class ServedModels:
     gate_loaded_at: float
     is_composite: bool
     root: str
+    gate_method: str | None = None
+    gate_report: str | None = None  # the fit's report.md, when the served artifact has one
 
     @classmethod
     def from_folder(
@@ -49,10 +53,29 @@ class ServedModels:
         info = CompositeInfo.read(model_dir)
         if name in info.expert_names:
             raise ValueError(f"served model name {name!r} clashes with an expert's name")
-        return cls(name, info.expert_names, info.gate_version, time.time(), True, str(model_dir))
+        return cls(
+            name, info.expert_names, info.gate_version, time.time(), True, str(model_dir),
+            gate_method=info.gate_method,
+        )
+
+    def with_gate(self, version: str, method: str, report: str | None) -> ServedModels:
+        """The same names, serving another gate from now on (a hot reload)."""
+        return dataclasses.replace(
+            self, gate_version=version, gate_method=method, gate_report=report, gate_loaded_at=time.time()
+        )
+
+    def gate_card(self) -> GateCard | None:
+        if self.gate_version is None:
+            return None
+        return GateCard(
+            version=self.gate_version, method=self.gate_method or "unknown",
+            loaded_at=self.gate_loaded_at, report=self.gate_report,
+        )
 
     def model_list(self) -> ModelList:
-        cards = [ModelCard(id=self.ensemble_name, root=self.root, experts=list(self.expert_names))]
+        cards = [
+            ModelCard(id=self.ensemble_name, root=self.root, experts=list(self.expert_names), gate=self.gate_card())
+        ]
         if self.is_composite:
             cards += [
                 ModelCard(id=name, root=self.root, experts=[name]) for name in self.expert_names
@@ -84,7 +107,7 @@ class ServedModels:
                 )
             if not self.is_composite:  # one model: nothing to pin or restrict
                 pinned = mask = None
-            return GatePlan(model, pinned, mask, per_token)
+            return GatePlan(model, pinned, mask, per_token, self.gate_version)
         if self.is_composite and model in self.expert_names:
             if mixture and (mixture.weights is not None or mixture.experts is not None):
                 raise bad_request(
@@ -93,7 +116,7 @@ class ServedModels:
                     "mixture",
                 )
             one_hot = [1.0 if name == model else 0.0 for name in self.expert_names]
-            return GatePlan(model, one_hot, None, per_token)
+            return GatePlan(model, one_hot, None, per_token, self.gate_version)
         raise model_not_found(model)
 
     def _pinned_weights(self, weights: dict[str, float]) -> list[float]:

@@ -250,6 +250,7 @@ class ServingEngine:
                 expert_mask=plan.expert_mask,
                 trace_id=trace_id,
                 trace_to=self.receiver.address,
+                gate_version=plan.gate_version,
             )
         timing = ChoiceTiming(arrival=time.monotonic())
         finished, started = False, False
@@ -320,7 +321,7 @@ class ServingEngine:
         return MixtureReport(
             experts=list(experts),
             mean_weights=state.mean_weights(experts),
-            gate_version=self.models.gate_version,
+            gate_version=plan.gate_version,
             per_token=per_token,
         )
 

@@ -152,7 +152,19 @@ class Settings(BaseSettings):
         ),
     )
 
-    @field_validator("api_keys", mode="before")
+    # Swapping the gate while serving.
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="keys for the admin API (POST /admin/gate), apart from --api-key (env: a "
+        "comma-separated list); without one the admin API is off",
+    )
+    gate_artifact: Path | None = Field(
+        None,
+        description="the router artifact SIGHUP re-reads and POST /admin/gate loads when given no "
+        "path (default: the project's <work_dir>/gate; with --model-dir, the composite's own gate/)",
+    )
+
+    @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, value):
         items = [value] if isinstance(value, str) else list(value or [])

@@ -135,30 +135,39 @@ def routed_composite(demo_paths, tmp_path_factory) -> Path:
     return out
 
 
+ADMIN_KEY = "test-admin-key"
+
+
 @dataclass(frozen=True)
 class RoutedServer:
     base_url: str
     model_dir: Path
     experts: list[str]
     log_path: Path
+    pid: int
+    gate_artifact: Path  # what SIGHUP re-reads (empty until a test writes an artifact there)
 
 
 @pytest.fixture(scope="session")
 def routed_server(routed_composite, tmp_path_factory):
     """A second server, on the random-router composite, with small limits (2 engine slots,
-    2 queued, 1000 output tokens a request) and tool calling (a Hermes template and parser)."""
+    2 queued, 1000 output tokens a request), tool calling (a Hermes template and parser) and
+    the admin API (gate reloads; the test that swaps its gate swaps the original back)."""
+    gate_artifact = tmp_path_factory.mktemp("sighup-gate")
     flags = (
         "--max-num-seqs", str(ROUTED_MAX_NUM_SEQS),
         "--max-queued-requests", str(ROUTED_MAX_QUEUED),
         "--max-output-tokens", str(ROUTED_MAX_OUTPUT_TOKENS),
         "--chat-template", str(TOOLS_TEMPLATE),
         "--tool-call-parser", "hermes",
+        "--admin-key", ADMIN_KEY,
+        "--gate-artifact", str(gate_artifact),
     )
     log_dir = tmp_path_factory.mktemp("gatemix-serve-routed")
     with serving(routed_composite, log_dir, *flags) as process:
         models = httpx.get(f"{process.url}/v1/models").json()
         experts = [card["id"] for card in models["data"] if card["id"] != ENSEMBLE]
-        yield RoutedServer(process.url, routed_composite, experts, process.log_path)
+        yield RoutedServer(process.url, routed_composite, experts, process.log_path, process.proc.pid, gate_artifact)
 
 
 @pytest.fixture(scope="session")

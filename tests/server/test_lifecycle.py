@@ -154,9 +154,11 @@ def test_the_process_exits_non_zero_within_10_s_of_its_engine_s_death(servers):
     assert not reader.is_alive(), "the in-flight stream hung"
     assert returncode == EXIT_ENGINE_DEAD, server.log_tail()
     assert elapsed < 10, elapsed
-    # The stream in flight ended with the engine's error, or with the connection.
+    # The stream in flight ended with the engine's error, or with the connection; on a loaded
+    # machine server B's own 0.5 s deadline can end it first, with its timeout error.
     last = in_flight[-1]
-    assert last == "data: [DONE]" and "the engine has stopped" in in_flight[-2] or last.startswith(
-        "transport error"
-    ), in_flight[-3:]
+    ended_by_an_error = last == "data: [DONE]" and (
+        "the engine has stopped" in in_flight[-2] or '"code":"timeout"' in in_flight[-2]
+    )
+    assert ended_by_an_error or last.startswith("transport error"), in_flight[-3:]
     print(f"engine death: exited {returncode} after {elapsed:.1f} s; stream ended {in_flight[-1][:80]!r}")
