@@ -10,7 +10,7 @@ VLLM_VERSION := 0.32.0
 DEMO_DIR ?= artifacts/demo
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: install serve test bench demo prometheus gpu-check clean
+.PHONY: install serve test bench demo prometheus gpu-check clean fuzz soak
 
 install: $(STAMP)
 
@@ -44,10 +44,22 @@ serve: $(STAMP)
 test: $(STAMP) prometheus
 	$(PY) -m pytest tests -q
 
-# Every system of the serving benchmark, the distilled student included; the demo and
-# the student are built first where missing (reruns reuse them).
+# Schemathesis with every check on a large budget (`make test` runs a small one); a
+# different seed each time unless GATEMIX_FUZZ_SEED is set.
+fuzz: $(STAMP)
+	GATEMIX_FUZZ_EXAMPLES=$${GATEMIX_FUZZ_EXAMPLES:-400} GATEMIX_FUZZ_SEED=$${GATEMIX_FUZZ_SEED:-$$RANDOM} \
+		$(PY) -m pytest tests/server/test_openapi.py -q -s -k schemathesis
+
+# The full soak: 64 streams for 2 minutes (`make test` runs 16 for 20 s); prints its figures.
+soak: $(STAMP)
+	GATEMIX_SOAK_STREAMS=$${GATEMIX_SOAK_STREAMS:-64} GATEMIX_SOAK_S=$${GATEMIX_SOAK_S:-120} \
+		$(PY) -m pytest tests/server/test_soak.py -q -s
+
+# Every system of the serving benchmark, the distilled student included; the demo (with
+# its monolithic baselines, and the gate's full report: the two-stage route too) and the
+# student are built first where missing (reruns reuse them).
 bench: $(STAMP)
-	$(VENV)/bin/gatemix build-demo --out $(DEMO_DIR)
+	$(VENV)/bin/gatemix build-demo --out $(DEMO_DIR) --with-baselines --gate-two-stage
 	test -f $(DEMO_DIR)/student/config.json || $(VENV)/bin/gatemix distill --project $(DEMO_DIR)
 	$(VENV)/bin/gatemix bench serve --project $(DEMO_DIR) --student $(DEMO_DIR)/student
 

@@ -1,14 +1,16 @@
-"""build-demo: real text -> tokenizer -> base -> one expert per domain (+ monolithic).
+"""build-demo: real text -> tokenizer -> base -> one expert per domain -> the robust gate.
 
 The experts are Branch-Train-Merge style: a base Llama is trained on the pooled
 train split, and each expert starts from it and trains on its own domain only.
-The monolithic baseline is one denser model with about the experts' total
-parameters, trained on the pooled data for as many tokens as base and experts
-saw together. Every model folder is an ordinary Hugging Face folder (weights,
-config, generation config and the shared tokenizer) that vLLM loads by itself.
+The last stage fits the robust gate (``gatemix fit-gate`` on the demo's own
+project file) into ``<out>/gate``, which ``gatemix serve`` packs and serves.
+The two monolithic baselines (``baselines.py``) are built only when asked
+(``with_baselines``: the report and the benchmarks), and reused once built.
+Every model folder is an ordinary Hugging Face folder (weights, config,
+generation config and the shared tokenizer) that vLLM loads by itself.
 
 Each stage is reused when its key matches (see ``stages``), so a rerun with the
-same config only rewrites ``manifest.json``.
+same config only rewrites ``manifest.json`` and the project file.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from gatemix.demo import corpus, stages, tokenizer, train
+from gatemix.demo import baselines, corpus, sources, stages, tokenizer, train
+from gatemix.demo.baselines import BASELINES, Baseline
 from gatemix.demo.config import DemoConfig
 from gatemix.demo.errors import DemoBuildError
 from gatemix.demo.train import LlamaShape, TrainSettings
@@ -35,12 +38,17 @@ WEIGHTS_FILE = "model.safetensors"
 MODEL_FILES = ("config.json", WEIGHTS_FILE, "generation_config.json", *tokenizer.TOKENIZER_FILES)
 EVAL_FILE = "eval_loss.json"
 PROJECT_FILE = "gatemix.toml"
+GATE_FILES = ("router.json", "router.safetensors")
 DEMO_PROJECT_NAME = "gatemix-demo"  # the ensemble's served name
 
 
 @dataclass(frozen=True)
 class DemoPaths:
-    """Where a built demo lives. ``expert_dirs`` is ordered like ``config.domains``."""
+    """Where a built demo lives. ``expert_dirs`` is ordered like ``config.domains``.
+
+    ``baseline_dirs`` holds the baselines that are built (and current), by name;
+    ``monolithic_dir`` is the parameter-matched one's folder, or None.
+    """
 
     root: Path
     manifest: Path
@@ -51,10 +59,17 @@ class DemoPaths:
     monolithic_dir: Path | None
     eval_dir: Path
     project_file: Path
+    ood_dir: Path
+    gate_dir: Path
+    baseline_dirs: dict[str, Path]
 
     @classmethod
-    def for_config(cls, config: DemoConfig) -> DemoPaths:
+    def for_config(cls, config: DemoConfig, built_baselines: tuple[str, ...] | None = None) -> DemoPaths:
+        """The paths; ``built_baselines`` names the baselines there (default: those asked for)."""
         root = Path(config.out_dir).expanduser().resolve()
+        if built_baselines is None:
+            built_baselines = config.baselines if config.with_baselines else ()
+        baseline_dirs = {b.name: root / b.folder for b in BASELINES if b.name in built_baselines}
         return cls(
             root=root,
             manifest=root / corpus.MANIFEST_FILE,
@@ -62,27 +77,26 @@ class DemoPaths:
             tokenizer_dir=root / "tokenizer",
             base_dir=root / "base",
             expert_dirs={domain: root / "experts" / domain for domain in config.domains},
-            monolithic_dir=root / "monolithic" if config.build_monolithic else None,
+            monolithic_dir=baseline_dirs.get("monolithic"),
             eval_dir=root / "eval",
             project_file=root / PROJECT_FILE,
+            ood_dir=root / corpus.OOD_DIR,
+            gate_dir=root / "gate",
+            baseline_dirs=baseline_dirs,
         )
 
     def model_dirs(self) -> dict[str, Path]:
-        """Every model by its eval-table name: base, the domains, monolithic."""
-        dirs = {"base": self.base_dir, **self.expert_dirs}
-        if self.monolithic_dir is not None:
-            dirs["monolithic"] = self.monolithic_dir
-        return dirs
+        """Every model by its eval-table name: base, the domains, the baselines built."""
+        return {"base": self.base_dir, **self.expert_dirs, **self.baseline_dirs}
 
 
 def build_demo(config: DemoConfig) -> DemoPaths:
     """Build (or reuse) every stage of the demo under ``config.out_dir``."""
-    paths = DemoPaths.for_config(config)
-    _prepare_root(paths.root)
+    _prepare_root(DemoPaths.for_config(config).root)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.num_threads)
     try:
-        stamps = _run_stages(config, paths)
+        stamps, paths = _run_stages(config)
     finally:
         torch.set_num_threads(previous_threads)
     stages.write_json_atomic(paths.manifest, _manifest(config, paths, stamps))
@@ -96,6 +110,7 @@ def write_demo_project(paths: DemoPaths) -> Path:
 
     Its work folder is the demo folder itself, so the gate, the composite and
     the student land beside the experts (``gate/``, ``composite/``, ``student/``).
+    It names the baselines that are built and the out-of-domain text.
     """
     from gatemix.project import write_project_file
 
@@ -103,10 +118,12 @@ def write_demo_project(paths: DemoPaths) -> Path:
         domain: {split: [paths.data_dir / domain / f"{split}.jsonl"] for split in corpus.SPLITS}
         for domain in paths.expert_dirs
     }
-    baselines = {"monolithic": paths.monolithic_dir} if paths.monolithic_dir is not None else None
+    ood_file = paths.ood_dir / corpus.OOD_FILE
+    has_ood = ood_file.is_file() and ood_file.read_text(encoding="utf-8").strip()
     return write_project_file(
         paths.project_file, name=DEMO_PROJECT_NAME, experts=paths.expert_dirs, data=data,
-        baselines=baselines, work_dir=paths.root,
+        baselines=paths.baseline_dirs or None, work_dir=paths.root,
+        out_of_domain=[ood_file] if has_ood else None,
     )
 
 
@@ -119,8 +136,9 @@ def _prepare_root(root: Path) -> None:
         raise DemoBuildError(f"cannot create demo out_dir {root}: {error}") from None
 
 
-def _run_stages(config: DemoConfig, paths: DemoPaths) -> dict[str, dict]:
-    """Run the stages in dependency order; return each stage's stamp by name."""
+def _run_stages(config: DemoConfig) -> tuple[dict[str, dict], DemoPaths]:
+    """Run the stages in dependency order; return each stage's stamp by name, and the paths."""
+    paths = DemoPaths.for_config(config)
     stamps: dict[str, dict] = {}
     streams = _TokenStreams(config, paths)
     stamps["corpus"] = stages.run_stage(
@@ -142,18 +160,48 @@ def _run_stages(config: DemoConfig, paths: DemoPaths) -> dict[str, dict]:
             f"expert {domain}", expert_dir, key, MODEL_FILES,
             lambda out, domain=domain, index=index: _build_expert(
                 config, paths, streams, domain, index, out))
-    if paths.monolithic_dir is not None:
-        key = stages.stage_key(config.stage_settings("training", "monolithic"),
-                               config.monolithic_steps, stamps["tokenizer"]["build_id"])
-        stamps["monolithic"] = stages.run_stage(
-            "monolithic", paths.monolithic_dir, key, MODEL_FILES,
-            lambda out: _build_monolithic(config, paths, streams, out))
+    stamps.update(_baseline_stages(config, paths, streams, stamps))
+    paths = DemoPaths.for_config(config, tuple(b.name for b in BASELINES if b.name in stamps))
     model_build_ids = {name: stamps[name]["build_id"] for name in paths.model_dirs()}
     stamps["eval"] = stages.run_stage(
         "eval", paths.eval_dir,
         stages.stage_key(config.stage_settings("eval", "training"), model_build_ids),
         [EVAL_FILE], lambda out: _build_eval(config, paths, streams, out))
-    return stamps
+    stamps["out_of_domain"] = stages.run_stage(
+        "out-of-domain text", paths.ood_dir,
+        stages.stage_key(config.stage_settings("ood"), config.seed, config.max_chars_per_doc,
+                         config.min_chars_per_doc),
+        [corpus.OOD_FILE], lambda out: {"documents": corpus.write_out_of_domain(
+            out, sources.collect_out_of_domain(config))})
+    if config.fit_gate:
+        write_demo_project(paths)  # the fit reads the demo through its project file
+        gate_key = stages.stage_key(
+            config.stage_settings("gate"),
+            {name: stamps[name]["build_id"] for name in ("corpus", "out_of_domain", *paths.model_dirs())})
+        stamps["gate"] = stages.run_stage(
+            "robust gate", paths.gate_dir, gate_key, GATE_FILES,
+            lambda out: _build_gate(config, paths, out))
+    return stamps, paths
+
+
+def _baseline_stages(config: DemoConfig, paths: DemoPaths, streams: _TokenStreams,
+                     stamps: dict[str, dict]) -> dict[str, dict]:
+    """Each baseline built when asked for; else its folder reused where it is built and current."""
+    built = {}
+    for baseline in BASELINES:
+        folder = paths.root / baseline.folder
+        key = stages.stage_key(config.stage_settings("training", "monolithic"), baseline.name,
+                               baseline.steps(config), stamps["tokenizer"]["build_id"],
+                               stamps["base"]["build_id"] if baseline.matched == "compute" else None)
+        files = (*MODEL_FILES, baselines.BASELINE_FILE)
+        if config.with_baselines and baseline.name in config.baselines:
+            built[baseline.name] = stages.run_stage(
+                baseline.name, folder, key, files,
+                lambda out, baseline=baseline: _build_baseline(
+                    config, paths, streams, baseline, stamps, out))
+        elif (stamp := stages.find_done(folder, key, files)) is not None:
+            built[baseline.name] = stamp
+    return built
 
 
 class _TokenStreams:
@@ -244,15 +292,45 @@ def _build_expert(config: DemoConfig, paths: DemoPaths, streams: _TokenStreams, 
     return {"domain": domain, **info}
 
 
-def _build_monolithic(config: DemoConfig, paths: DemoPaths, streams: _TokenStreams,
-                      out: Path) -> dict:
-    shape = LlamaShape(config.mono_hidden_size, config.mono_num_layers, config.mono_num_heads,
-                       config.mono_num_kv_heads, config.mono_intermediate_size)
-    model = train.new_model(_model_config(config, paths, shape), config.seed + 100)
-    settings = _settings(config, config.monolithic_steps, config.mono_learning_rate,
-                         config.seed + 100)
-    return _train_and_save(model, streams.get("*", "train"), settings, "monolithic", config,
+def _build_baseline(config: DemoConfig, paths: DemoPaths, streams: _TokenStreams,
+                    baseline: Baseline, stamps: dict[str, dict], out: Path) -> dict:
+    model_config = _model_config(config, paths, baselines.monolithic_shape(config))
+    model = baselines.new_baseline_model(baseline, config, paths.base_dir, model_config)
+    settings = _settings(config, baseline.steps(config), baselines.learning_rate(baseline, config),
+                         config.seed + baseline.seed_offset)
+    info = _train_and_save(model, streams.get("*", "train"), settings, baseline.name, config,
                            paths, out)
+    base = stamps["base"]["info"]
+    experts_flops = baselines.experts_training_flops(
+        base["parameters"], base["trained_tokens"],
+        [stamps[domain]["info"]["trained_tokens"] for domain in paths.expert_dirs])
+    record = baselines.write_baseline_file(out, baseline, info, experts_flops,
+                                           base["trained_tokens"])
+    return {**info, "matched": baseline.matched, "train_flops": record["train_flops"],
+            "compute_vs_experts": record["compute_vs_experts"]}
+
+
+def _build_gate(config: DemoConfig, paths: DemoPaths, out: Path) -> dict:
+    """The robust gate fitted on the demo's project, the artifact ``gatemix serve`` packs."""
+    from gatemix.gate.config import FitGateConfig
+    from gatemix.gate.fit import fit_gate
+
+    fit_config = FitGateConfig(
+        project=str(paths.project_file), out_dir=str(out), steps=config.gate_steps,
+        two_stage=config.gate_two_stage, max_sequences=config.gate_max_sequences,
+        seed=config.seed, torch_threads=config.num_threads, progress=config.progress,
+    )
+    artifact = fit_gate(fit_config)
+    details = artifact.details
+    evaluation = details.get("evaluation", {})
+    served = evaluation.get("robust_router", {})
+    return {
+        "version": artifact.version,
+        "served_router": details["served_router"],
+        "worst_excess": served.get("worst_excess"),
+        "switching": served.get("switching"),
+        "out_of_domain": served.get("out_of_domain"),
+    }
 
 
 def _build_eval(config: DemoConfig, paths: DemoPaths, streams: _TokenStreams, out: Path) -> dict:
@@ -300,7 +378,8 @@ def _manifest(config: DemoConfig, paths: DemoPaths, stamps: dict[str, dict]) -> 
     splits = json.loads((paths.data_dir / corpus.SPLITS_FILE).read_text(encoding="utf-8"))
     models = {}
     for name, model_dir in paths.model_dirs().items():
-        role = "base" if name == "base" else "monolithic" if name == "monolithic" else "expert"
+        role = ("base" if name == "base" else "baseline" if name in paths.baseline_dirs
+                else "expert")
         models[name] = {"role": role, "path": str(model_dir.relative_to(paths.root)),
                         **stamps[name]["info"]}
     eval_loss = stamps["eval"]["info"]["eval_loss"]
@@ -319,6 +398,8 @@ def _manifest(config: DemoConfig, paths: DemoPaths, stamps: dict[str, dict]) -> 
         "eval_loss": eval_loss,
         "eval_tokens": stamps["eval"]["info"]["eval_tokens"],
         "best_expert": best_expert,  # per domain, the expert with the lowest eval loss
+        "out_of_domain_documents": len(stamps["out_of_domain"]["info"]["documents"]),
+        "gate": stamps["gate"]["info"] if "gate" in stamps else None,  # what serve serves
         "stages": {name: {"key": stamp["key"], "build_id": stamp["build_id"],
                           "build_seconds": stamp["build_seconds"]}
                    for name, stamp in stamps.items()},

@@ -12,11 +12,13 @@ from gatemix.demo.config import PRESETS, DemoConfig
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "build-demo",
-        help="build the embedded demo: tokenizer, base model, one expert per domain, project file",
+        help="build the embedded demo: tokenizer, base model, one expert per domain, the robust gate",
         description="Collect code, legal and technical text from this machine, split it by document, "
-        "train a shared tokenizer, a base Llama and one expert per domain, and write the project "
-        "file <out>/gatemix.toml that every later job reads (fit-gate, pack, serve, distill, bench). "
-        "Reruns reuse what is already built.",
+        "train a shared tokenizer, a base Llama and one expert per domain, write the project "
+        "file <out>/gatemix.toml that every later job reads (fit-gate, pack, serve, distill, bench), "
+        "and fit the robust gate into <out>/gate (what `gatemix serve` serves). --with-baselines "
+        "also trains the parameter- and compute-matched monolithic baselines for the report and "
+        "the benchmarks. Reruns reuse what is already built.",
     )
     parser.add_argument("--out", default="artifacts/demo", help="output folder (default: artifacts/demo)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
@@ -27,7 +29,7 @@ def add_parser(subparsers) -> None:
 
 
 def ensure_demo(out: Path, preset: str = "full", **overrides) -> Path:
-    """Build (or reuse) the demo; returns its project file."""
+    """Build (or reuse) the demo, its fitted gate included; returns its project file."""
     from gatemix.demo.build import build_demo
 
     return build_demo(DemoConfig.preset(preset, out_dir=out, **overrides)).project_file

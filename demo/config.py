@@ -18,7 +18,9 @@ from typing import Any
 from gatemix.demo.errors import DemoBuildError
 
 KNOWN_DOMAINS = ("code", "legal", "docs")
-STAGES = ("corpus", "tokenizer", "model", "training", "base", "experts", "monolithic", "eval")
+BASELINE_NAMES = ("monolithic", "monolithic_compute")  # demo/baselines.py
+STAGES = ("corpus", "tokenizer", "model", "training", "base", "experts", "monolithic", "eval",
+          "ood", "gate")
 # 256 byte symbols and the special tokens leave no room for merges below this.
 MIN_VOCAB_SIZE = 300
 # Head sizes every vLLM attention backend we run on accepts (the CPU backend's
@@ -129,11 +131,17 @@ class DemoConfig:
     expert_learning_rate: float = field(
         default=2e-3, metadata={"help": "Peak learning rate of the experts.",
                                 "stage": "experts"})
-    # --- monolithic baseline ---
-    build_monolithic: bool = field(
-        default=True,
-        metadata={"help": "Also train one dense model the size of all experts together.",
-                  "stage": "monolithic"})
+    # --- monolithic baselines (built only with with_baselines) ---
+    with_baselines: bool = field(
+        default=False,
+        metadata={"help": "Also train the two monolithic baselines, a parameter-matched and a "
+                          "compute-matched one, for the gate report and the benchmarks (serving "
+                          "needs neither; they are kept and reused once built).",
+                  "stage": "runtime"})
+    baselines: tuple[str, ...] = field(
+        default=("monolithic", "monolithic_compute"),
+        metadata={"help": "Which baselines with_baselines builds: monolithic (parameter-matched), "
+                          "monolithic_compute (compute-matched).", "stage": "runtime"})
     mono_hidden_size: int = field(
         default=256, metadata={"help": "Hidden size of the monolithic model.",
                                "stage": "monolithic"})
@@ -156,6 +164,32 @@ class DemoConfig:
     mono_learning_rate: float = field(
         default=2e-3, metadata={"help": "Peak learning rate of the monolithic model.",
                                 "stage": "monolithic"})
+    # --- out-of-domain text (no expert trains on it) ---
+    ood_docs_dir: str = field(
+        default="/usr/share/doc",
+        metadata={"help": "Package docs whose changelogs (no domain collects them) are the "
+                          "out-of-domain text of the report; missing or empty: none.",
+                  "stage": "ood"})
+    ood_max_docs: int = field(
+        default=120, metadata={"help": "Most out-of-domain documents kept (0: none).",
+                               "stage": "ood"})
+    # --- the robust gate (what make serve serves) ---
+    fit_gate: bool = field(
+        default=True,
+        metadata={"help": "Fit the robust gate as the build's last stage (into <out>/gate, what "
+                          "`gatemix serve` serves); off: the demo serves the uniform gate.",
+                  "stage": "gate"})
+    gate_steps: int = field(
+        default=600, metadata={"help": "Primal-dual steps of each game of the gate fit.",
+                               "stage": "gate"})
+    gate_two_stage: bool = field(
+        default=False,
+        metadata={"help": "Also fit the paper's two-stage route (a sequence gate distilled into "
+                          "a router; minutes on 2 cores), a candidate and a report row.",
+                  "stage": "gate"})
+    gate_max_sequences: int = field(
+        default=0, metadata={"help": "Cap on the gate fit's sequences per domain and split "
+                                     "(0: all).", "stage": "gate"})
     # --- eval ---
     eval_max_tokens: int = field(
         default=65536,
@@ -172,6 +206,9 @@ class DemoConfig:
         self.domains = tuple(self.domains)
         _check(bool(self.domains) and len(set(self.domains)) == len(self.domains),
                f"domains must be distinct and non-empty, got {self.domains}")
+        self.baselines = tuple(self.baselines)
+        _check(set(self.baselines) <= set(BASELINE_NAMES),
+               f"baselines must be among {BASELINE_NAMES}, got {self.baselines}")
         unknown = [d for d in self.domains if d not in KNOWN_DOMAINS]
         _check(not unknown, f"unknown domains {unknown}; known: {KNOWN_DOMAINS}")
         _check(0 < self.gate_fraction < 0.5 and 0 < self.eval_fraction < 0.5
@@ -189,10 +226,11 @@ class DemoConfig:
                                  self.mono_num_heads, self.mono_num_kv_heads,
                                  self.mono_intermediate_size)
         for name in ("batch_size", "base_steps", "expert_steps", "eval_max_tokens",
-                     "num_threads"):
+                     "num_threads", "gate_steps"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1")
-        _check(self.warmup_steps >= 0 and self.mono_steps >= 0,
-               "warmup_steps and mono_steps must be >= 0")
+        _check(min(self.warmup_steps, self.mono_steps, self.ood_max_docs,
+                   self.gate_max_sequences) >= 0,
+               "warmup_steps, mono_steps, ood_max_docs and gate_max_sequences must be >= 0")
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
         _check(self.weight_decay >= 0 and self.grad_clip >= 0,
                "weight_decay and grad_clip must be >= 0")
@@ -213,6 +251,11 @@ class DemoConfig:
     def monolithic_steps(self) -> int:
         """Steps that give the monolithic model the tokens base and experts saw together."""
         return self.mono_steps or self.base_steps + len(self.domains) * self.expert_steps
+
+    @property
+    def compute_matched_steps(self) -> int:
+        """Steps of the compute-matched baseline after the base: the K experts' steps together."""
+        return len(self.domains) * self.expert_steps
 
     def stage_settings(self, *stages: str) -> dict[str, Any]:
         """The fields that feed the given stages, for hashing into a reuse key."""
@@ -243,7 +286,9 @@ def _check(condition: bool, message: str) -> None:
 
 
 # The dataclass defaults are the full preset. The test preset keeps the experts'
-# head size at 32 (2 heads of 32) so vLLM's CPU attention accepts it.
+# head size at 32 (2 heads of 32) so vLLM's CPU attention accepts it. Its gate fit
+# has the full preset's steps (the posterior's forgetting factor needs them to
+# move) on the test demo's few, small features: about a minute on 2 cores.
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
     "test": {
@@ -267,5 +312,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mono_num_kv_heads": 2,
         "mono_intermediate_size": 256,
         "eval_max_tokens": 16384,
+        "ood_max_docs": 40,
     },
 }

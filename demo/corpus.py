@@ -4,6 +4,7 @@ Layout under the demo folder::
 
     data/<domain>/<split>.jsonl   one {"id": ..., "text": ...} per line
     data/splits.json              per domain, per split: [{"id", "sha256"}, ...]
+    out_of_domain/eval.jsonl      text of no domain (no expert trains on it), for the report
     manifest.json                 the splits, the config, the tokenizer hash,
                                   the models and eval_loss[model][domain]
 
@@ -13,7 +14,6 @@ files again, so the data a gate was fitted on cannot drift.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -30,6 +30,8 @@ SPLITS = ("train", "gate", "eval")
 DATA_DIR = "data"
 SPLITS_FILE = "splits.json"
 MANIFEST_FILE = "manifest.json"
+OOD_DIR = "out_of_domain"
+OOD_FILE = "eval.jsonl"
 
 
 text_sha256 = data_sources.text_sha256
@@ -84,6 +86,15 @@ def write_domain(domain_dir: Path, documents: list[Document],
         listing[split] = [{"id": doc_id, "sha256": text_sha256(text_by_id[doc_id])}
                           for doc_id in splits[split]]
     return listing
+
+
+def write_out_of_domain(folder: Path, documents: list[Document]) -> list[dict]:
+    """The out-of-domain documents as one jsonl file; returns their ids and text hashes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"id": doc_id, "text": text}, ensure_ascii=False)
+             for doc_id, text in documents]
+    (folder / OOD_FILE).write_text("\n".join(lines) + "\n" if lines else "", encoding="utf-8")
+    return [{"id": doc_id, "sha256": text_sha256(text)} for doc_id, text in documents]
 
 
 def load_split_documents(demo_dir: str | Path, domain: str, split: str) -> list[Document]:

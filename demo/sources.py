@@ -5,6 +5,11 @@
 - ``docs``: the pydoc topics shipped with Python (``pydoc_data.topics``), then
   man pages if any are installed (optional; their troff is stripped to prose).
 
+Out-of-domain text, which no expert trains on and no domain collects, is the
+report's test of text from none of the domains: the packages' changelogs
+(``/usr/share/doc/*/changelog*.gz``), then, where a system ships none, the
+package descriptions of the Python installation (``*.dist-info/METADATA``).
+
 Each collector lists candidates in a seeded order and reads them lazily, so a
 cap of a few hundred documents never reads all 20k man pages. Texts are
 normalized and cut before deduplication, so no two kept documents are equal.
@@ -207,6 +212,31 @@ def _resolve_escapes(text: str) -> str:
     for pattern, replacement in _TROFF_INLINE:
         text = pattern.sub(replacement, text)
     return text.replace("\\-", "-").replace("\\e", "\\").replace("\\ ", " ").replace("\\~", " ")
+
+
+def _read_gzip_text(path: Path) -> str:
+    with gzip.open(path, "rb") as handle:
+        return handle.read().decode("utf-8")
+
+
+def collect_out_of_domain(config: DemoConfig) -> list[Document]:
+    """Up to ``ood_max_docs`` distinct documents of no domain: changelogs, then package metadata."""
+    if config.ood_max_docs == 0:
+        return []
+    docs_dir = Path(config.ood_docs_dir)
+    changelogs = ([path for path in docs_dir.glob("*/changelog*.gz") if path.is_file()]
+                  if config.ood_docs_dir and docs_dir.is_dir() else [])
+    site_packages = Path(sysconfig.get_paths()["purelib"])
+    metadata = [path for path in site_packages.glob("*.dist-info/METADATA") if path.is_file()]
+    candidates: list[Candidate] = [
+        (str(path), lambda path=path: _read_gzip_text(path))
+        for path in _shuffled(changelogs, config.seed, "out_of_domain")
+    ] + _file_candidates(_shuffled(metadata, config.seed, "out_of_domain/metadata"))
+    documents = iter_documents(candidates, max_docs=config.ood_max_docs,
+                               max_chars=config.max_chars_per_doc,
+                               min_chars=config.min_chars_per_doc)
+    return list(tqdm(documents, desc="collect out-of-domain text", unit="doc",
+                     total=config.ood_max_docs, disable=not config.progress))
 
 
 COLLECTORS: dict[str, Callable[[DemoConfig], list[Candidate]]] = {

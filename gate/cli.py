@@ -45,7 +45,18 @@ def add_distill_parser(subparsers) -> None:
 
 def _report(artifact, config: FitGateConfig) -> int:
     if artifact is not None:  # None: a scoring rank of a sharded launch
-        print(f"router {artifact.version} ({artifact.method}) for {artifact.expert_names} written")
+        details = artifact.details
+        served = details.get("served_router")
+        print(f"router {artifact.version} ({artifact.method}, serving {served}) for "
+              f"{artifact.expert_names} written")
+        games = dict(details.get("family") or {})
+        if details.get("sequence_gate"):
+            games["sequence gate"] = details["sequence_gate"]
+        for name, game in games.items():
+            gap = game.get("gap") or {}
+            if "total" in gap:
+                print(f"  {name}: final duality gap {gap['total']:.4f} nats/token "
+                      f"(lambda side {gap['lambda_side']:.4f})")
     return 0
 
 

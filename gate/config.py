@@ -21,7 +21,19 @@ class PrimalDualConfig:
     learning_rate: float = field(default=1e-3, **_help("AdamW learning rate for the gate (theta)"))
     weight_decay: float = field(default=0.01, **_help("AdamW weight decay for the gate"))
     lambda_step: float = field(
-        default=1.0, **_help("exponentiated-gradient step size for lambda, per nat/token of loss")
+        default=0.2,
+        **_help(
+            "exponentiated-gradient step size for lambda, per nat/token of loss (with batch losses "
+            "this noisy, larger steps chase the noise: the bound's best step is sqrt(log D / T) / G)"
+        ),
+    )
+    lambda_warmup: float = field(
+        default=0.1,
+        **_help(
+            "share of the first steps that hold lambda at its start while theta moves: an early "
+            "transient loss would otherwise crush a domain that the exponentiated gradient, which "
+            "never forgets, can only win back slowly"
+        ),
     )
     lambda_smoothing: float = field(
         default=0.0,
@@ -36,7 +48,16 @@ class PrimalDualConfig:
     fixed_lambda: tuple[float, ...] | None = field(
         default=None, **_help("freeze lambda at these weights (ERM with data proportions); no EG")
     )
-    mu_step: float = field(default=0.5, **_help("dual-ascent step size for mu on Z_g - 1"))
+    mu_step: float = field(
+        default=0.2, **_help("dual-ascent step size for mu on Z_g - 1 (the integral term)")
+    )
+    mu_proportional: float = field(
+        default=2.0,
+        **_help(
+            "proportional gain on Z_ema - 1 added to mu in the Lagrangian (a PI controller: mu is "
+            "the integral term); damps the oscillation of mu and Z that dual ascent alone shows"
+        ),
+    )
     mu_nonnegative: bool = field(
         default=False, **_help("treat the constraint as Z_g <= 1 (mu >= 0) instead of Z_g = 1")
     )
@@ -50,7 +71,39 @@ class PrimalDualConfig:
         ),
     )
     average_from: float = field(
-        default=0.5, **_help("fraction of the steps after which lambda, mu and Z are averaged")
+        default=0.5,
+        **_help("fraction of the steps after which lambda, mu, Z and the parameters are averaged"),
+    )
+    step_schedule: str = field(
+        default="inverse_sqrt",
+        **_help(
+            "step sizes of theta, lambda and mu over the steps: 'constant', or 'inverse_sqrt' "
+            "(each times 1/sqrt(1 + t / (schedule_scale * steps)), the saddle-point rate)"
+        ),
+    )
+    schedule_scale: float = field(
+        default=0.05, **_help("share of the steps after which the inverse-sqrt decay sets in")
+    )
+    average_parameters: bool = field(
+        default=True,
+        **_help("return the average of theta's iterates after average_from (not the last one)"),
+    )
+    gap_every: int = field(
+        default=100, **_help("steps between duality-gap checks of the averaged iterates (0: end only)")
+    )
+    gap_batch_per_domain: int = field(
+        default=512,
+        **_help(
+            "sequences per domain (at most: a domain's all) the gap is measured on; the max over "
+            "domains of a small sample's noisy means biases the gap up"
+        ),
+    )
+    best_response_fraction: float = field(
+        default=0.25,
+        **_help(
+            "the final check's best response to the averaged lambda: this share of the steps "
+            "of a fit with lambda and mu frozen (0: the lambda side of the gap only)"
+        ),
     )
     checkpoint_every: int = field(default=100, **_help("steps between checkpoints (0: never)"))
     seed: int = field(default=0, **_help("seed for the gate's init and the minibatch sampling"))
@@ -61,8 +114,10 @@ class PrimalDualConfig:
             raise ValueError("steps and batch_per_domain must be positive")
         if self.learning_rate <= 0 or self.weight_decay < 0:
             raise ValueError("learning_rate must be positive and weight_decay non-negative")
-        if self.lambda_step < 0 or self.mu_step < 0:
-            raise ValueError("lambda_step and mu_step must be non-negative")
+        if min(self.lambda_step, self.mu_step, self.mu_proportional) < 0:
+            raise ValueError("lambda_step, mu_step and mu_proportional must be non-negative")
+        if not 0 <= self.lambda_warmup < 1:
+            raise ValueError(f"lambda_warmup must be in [0, 1), got {self.lambda_warmup}")
         if not 0 <= self.lambda_smoothing <= 1:
             raise ValueError(f"lambda_smoothing must be in [0, 1], got {self.lambda_smoothing}")
         if not 0 <= self.z_ema_decay < 1:
@@ -71,6 +126,14 @@ class PrimalDualConfig:
             raise ValueError(f"average_from must be in [0, 1), got {self.average_from}")
         if self.loss not in ("excess", "cross_entropy"):
             raise ValueError(f"loss must be 'excess' or 'cross_entropy', got {self.loss!r}")
+        if self.step_schedule not in ("constant", "inverse_sqrt"):
+            raise ValueError(
+                f"step_schedule must be 'constant' or 'inverse_sqrt', got {self.step_schedule!r}"
+            )
+        if self.schedule_scale <= 0 or not 0 <= self.best_response_fraction <= 1:
+            raise ValueError("schedule_scale must be positive and best_response_fraction in [0, 1]")
+        if self.gap_every < 0 or self.gap_batch_per_domain < 1:
+            raise ValueError("gap_every must be >= 0 and gap_batch_per_domain positive")
         if self.checkpoint_every < 0 or self.torch_threads < 1:
             raise ValueError("checkpoint_every must be >= 0 and torch_threads >= 1")
         if self.lambda_lower is not None and sum(self.lambda_lower) > 1:
@@ -150,20 +213,50 @@ class FitGateConfig(PrimalDualConfig):
     distill_holdout: float = field(
         default=0.1, **_help("share of the router's sequences held out to pick its best step")
     )
+    family: tuple[str, ...] = field(
+        default=("minimax_constant", "learned_posterior", "hidden_state_router", "posterior_router"),
+        **_help(
+            "members of the gate family (gate/registry.py GATE_FAMILY) fitted by the game "
+            "directly on their per-token mixture loss; each is a candidate to serve"
+        ),
+    )
+    router_learning_rate: float = field(
+        default=3e-3,
+        **_help(
+            "AdamW learning rate of the family members' heads (and the ERM router); "
+            "learning_rate is the sequence gate's"
+        ),
+    )
+    posterior_learning_rate: float = field(
+        default=0.05, **_help("AdamW learning rate of a posterior member's prior and forgetting factor")
+    )
+    two_stage: bool = field(
+        default=True,
+        **_help(
+            "also take the paper's two-stage route: the sequence gate by the game, distilled into "
+            "the head router (a candidate too); off: no sequence gate, no q pool"
+        ),
+    )
     direct_router: bool = field(
-        default=False, **_help("also fit the ablation: the router trained directly by primal-dual")
+        default=True,
+        **_help("fit the family by the game directly (off: the two-stage router is the only candidate)"),
     )
     served_router: str = field(
         default="best",
         **_help(
-            "the router the artifact serves: 'two_stage' (the paper's route), 'direct', or "
-            "'best' of the two by worst-domain excess on the held-out selection share"
+            "the router the artifact serves: 'best' of the candidates by worst-domain excess on "
+            "the held-out selection share, or one by name ('two_stage' or a family member)"
         ),
     )
     selection_fraction: float = field(
         default=0.2,
         **_help("share of each domain's gate sequences held out of every fit, to pick the router"),
     )
+    switching_sequences: int = field(
+        default=64,
+        **_help("report: sequences built from eval-split chunks of 2-3 domains (0: none)"),
+    )
+    progress: bool = field(default=True, **_help("show progress bars"))
     evaluate: bool = field(
         default=True, **_help("evaluate against the baselines on the eval split")
     )
@@ -192,14 +285,16 @@ class FitGateConfig(PrimalDualConfig):
             raise ValueError(
                 f"distill_source must be 'samples', 'data' or 'both', got {self.distill_source!r}"
             )
-        if self.served_router not in ("two_stage", "direct", "best"):
-            raise ValueError(
-                f"served_router must be 'two_stage', 'direct' or 'best', got {self.served_router!r}"
-            )
         if not 0 <= self.selection_fraction < 1:
             raise ValueError(f"selection_fraction must be in [0, 1), got {self.selection_fraction}")
         if self.served_router == "best" and self.selection_fraction == 0:
             raise ValueError("served_router 'best' needs a selection_fraction above 0")
+        if not (self.two_stage or (self.direct_router and self.family)):
+            raise ValueError("nothing to fit: enable two_stage or the family (direct_router)")
+        if min(self.posterior_learning_rate, self.router_learning_rate) <= 0:
+            raise ValueError("posterior_learning_rate and router_learning_rate must be positive")
+        if self.switching_sequences < 0:
+            raise ValueError(f"switching_sequences must be >= 0, got {self.switching_sequences}")
         if not 0 <= self.distill_holdout < 1:
             raise ValueError(f"distill_holdout must be in [0, 1), got {self.distill_holdout}")
         if min(self.distill_samples, self.sample_length, self.sir_oversample, self.q_samples) < 1:

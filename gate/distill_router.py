@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch import nn
+
 from gatemix.gate.losses import importance_log_ratios
 from gatemix.gate.mixing import mix_logprobs, mix_sequence_logprobs
 from gatemix.gate.router import HiddenStateRouter, RouterForm
-from torch import nn
 
 logger = logging.getLogger(__name__)
 

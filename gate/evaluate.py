@@ -7,6 +7,11 @@ A method is its per-token log-probs on each domain's eval sequences. From them:
 - the worst domain;
 - a robustness curve over 200 Dirichlet(1) mixtures lambda: the loss of the
   mixture ``sum_d lambda_d excess_d``, reported as its worst value and 90th percentile.
+
+Other text sets (documents that switch domain, text from none of the domains)
+are scored by ``score_text_set``: one cross-entropy per method over the whole
+set, and an excess where the set has a reference (a switching document's
+per-segment oracle: every token scored by its own segment's expert).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from gatemix.gate.distill_router import TokenFeatures
 from gatemix.gate.registry import TokenGate, gated_token_logprobs
 
@@ -31,16 +37,28 @@ class MethodScore:
 
 
 @dataclass
+class TextSetScore:
+    cross_entropy: float  # nats/token over the whole set
+    excess: float | None = None  # minus the set's reference, where it has one
+
+
+@dataclass
 class EvaluationReport:
     domains: list[str]
     methods: dict[str, MethodScore] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # set name ("switching", "out_of_domain") -> method -> its score on that set
+    text_sets: dict[str, dict[str, TextSetScore]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             "domains": self.domains,
             "notes": self.notes,
             "methods": {name: vars(score) for name, score in self.methods.items()},
+            "text_sets": {
+                name: {method: vars(score) for method, score in scores.items()}
+                for name, scores in self.text_sets.items()
+            },
         }
 
 
@@ -110,6 +128,40 @@ def evaluate_methods(
     return report
 
 
+def score_text_set(
+    features: TokenFeatures,
+    gates: dict[str, TokenGate],
+    extra_token_logprobs: dict[str, torch.Tensor] | None = None,
+    reference_logprobs: torch.Tensor | None = None,
+    expert_names: list[str] | None = None,
+) -> dict[str, TextSetScore]:
+    """Every expert, gate and extra model on one set of sequences; ``(N, T-1)`` log-probs in.
+
+    ``reference_logprobs`` (aligned with the features) gives each method's
+    excess over it; the experts are named ``expert:<name>``.
+    """
+    mask = features.token_mask
+    count = float(mask.sum())
+
+    def cross_entropy(logprobs: torch.Tensor) -> float:
+        return float(-(logprobs * mask).sum()) / count
+
+    methods = {
+        f"expert:{name}": features.next_logprobs[..., index]
+        for index, name in enumerate(expert_names or [])
+    }
+    methods.update({name: gated_token_logprobs(gate, features) for name, gate in gates.items()})
+    methods.update(extra_token_logprobs or {})
+    reference = None if reference_logprobs is None else cross_entropy(reference_logprobs)
+    return {
+        name: TextSetScore(
+            cross_entropy(logprobs),
+            None if reference is None else cross_entropy(logprobs) - reference,
+        )
+        for name, logprobs in methods.items()
+    }
+
+
 def why_baseline_wins(report: EvaluationReport, method: str, baseline: str, attribute: str) -> str:
     """The reason a baseline wins, where the figures show one; empty otherwise."""
     theirs, ours = report.methods[baseline], report.methods[method]
@@ -153,13 +205,49 @@ def compare_to_baselines(
     return notes
 
 
+TEXT_SET_TITLES = {
+    "switching": "switching documents (CE; excess over the per-segment oracle)",
+    "out_of_domain": "out-of-domain text (CE)",
+}
+
+
+def text_set_table(report: EvaluationReport, labels: dict[str, str] | None = None) -> list[str]:
+    """Markdown rows: every method's score on each text set, one column per set."""
+    if not report.text_sets:
+        return []
+    labels = labels or {}
+    sets = list(report.text_sets)
+    names = list(dict.fromkeys(name for scores in report.text_sets.values() for name in scores))
+    header = "| method | " + " | ".join(TEXT_SET_TITLES.get(s, s) for s in sets) + " |"
+    lines = [header, "|" + "---|" * (len(sets) + 1)]
+    for name in names:
+        cells = []
+        for set_name in sets:
+            score = report.text_sets[set_name].get(name)
+            if score is None:
+                cells.append("")
+            elif score.excess is None:
+                cells.append(f"{score.cross_entropy:.4f}")
+            else:
+                cells.append(f"{score.cross_entropy:.4f} ({score.excess:+.4f})")
+        lines.append(f"| {labels.get(name, name)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(
     report: EvaluationReport,
     out_dir: str | Path,
     title: str = "Gate evaluation",
     plots: dict[str, str] | None = None,
+    sections: list[str] | None = None,
+    labels: dict[str, str] | None = None,
 ) -> Path:
-    """A markdown table of every method plus a PNG of the per-domain excess losses."""
+    """Markdown tables of every method (each eval set), a PNG of the per-domain excess, ``sections``.
+
+    ``labels`` renames methods in the tables (a baseline's kind); ``sections``
+    are markdown lines put after the tables (targets, convergence).
+    """
+    labels = labels or {}
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,15 +277,19 @@ def write_report(
         + " | ".join(f"excess {d}" for d in report.domains)
         + " | worst domain | mean CE | Dirichlet worst | Dirichlet p90 |"
     )
-    lines = [f"# {title}", "", header, "|" + "---|" * (2 * len(report.domains) + 5)]
+    lines = [f"# {title}", "", "## Single-domain documents (the eval split)", "", header,
+             "|" + "---|" * (2 * len(report.domains) + 5)]
     for name, score in report.methods.items():
         cells = [f"{v:.4f}" for v in score.cross_entropy] + [f"{v:+.4f}" for v in score.excess]
         lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {score.worst_domain} "
+            f"| {labels.get(name, name)} | " + " | ".join(cells) + f" | {score.worst_domain} "
             f"({score.worst_excess:+.4f}) | {score.mean_cross_entropy:.4f} | "
             f"{score.dirichlet_worst:+.4f} | {score.dirichlet_p90:+.4f} |"
         )
     lines += ["", "![per-domain excess](excess.png)", ""]
+    if report.text_sets:
+        lines += ["## Other kinds of text", "", *text_set_table(report, labels), ""]
+    lines += list(sections or [])
     for caption, file in (plots or {}).items():
         lines += [f"![{caption}]({file})", ""]
     if report.notes:

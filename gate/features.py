@@ -82,6 +82,18 @@ class HFExpertBank:
                     windows.append(window)
         return windows
 
+    def token_stream(self, texts: list[str]) -> list[int]:
+        """The texts' tokens joined into one stream, each document followed by EOS (when there is one)."""
+        encoded = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        stream: list[int] = []
+        for ids in encoded:
+            stream += ids if eos is None else [*ids, int(eos)]
+        return stream
+
+    def start_token(self) -> int:
+        return self._start_token()
+
     def _start_token(self) -> int:
         for token in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, 0):
             if token is not None:
@@ -204,7 +216,7 @@ class Shard:
     @classmethod
     def from_env(cls) -> Shard:
         """The launcher's ``RANK`` and ``WORLD_SIZE`` (``torchrun`` sets both), else one shard."""
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
     @property
     def is_main(self) -> bool:
@@ -302,3 +314,25 @@ def cached_proposals(
     pool = draw_from_q(bank, count, length, generator, batch_size)
     _save(pool, path)
     return pool
+
+
+def cached_token_features(
+    bank: HFExpertBank,
+    token_lists: list[list[int]],
+    *,
+    cache_dir: str | Path,
+    with_hidden: bool,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> TokenFeatures:
+    """Expert features of sequences given as token ids (built, not read: switching documents)."""
+    key = _cache_key("tokens", *bank.hashes, data_hash([str(ids) for ids in token_lists]),
+                     with_hidden, bank.dtype)
+    path = Path(cache_dir) / f"t-{key}.safetensors"
+    if path.is_file():
+        logger.info("expert features from cache %s", path)
+        return _load(path)
+    bank.with_hidden = with_hidden
+    features = score_sequences(bank, token_lists, batch_size=batch_size, progress=progress)
+    _save(features, path)
+    return features

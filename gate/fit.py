@@ -2,13 +2,13 @@
 
 0. ``fit_inputs``: the experts' features on each domain's gate (and eval) text,
    cached on disk and sharded across processes under ``torchrun``; the pool of
-   draws from ``q``; the held-out selection share.
-1. ``fit_sequence_gate``: the sequence-level gate, fitted by the primal-dual
-   game against the worst mixture of domains (checkpointed, resumable). Its
-   end state is saved (``sequence_gate.pt``, ``game.json``), so
+   draws from ``q`` (two-stage route only); the held-out selection share.
+1. ``fit_sequence_gate`` (the two-stage route): the sequence-level gate, fitted
+   by the primal-dual game against the worst mixture of domains (checkpointed,
+   resumable). Its end state is saved (``sequence_gate.pt``, ``game.json``), so
    ``load_sequence_gate`` can hand it to the next stage without replaying it.
-2. ``distill_routers``: structural distillation into the causal
-   ``HiddenStateRouter`` (and the direct robust router, the paper's ablation).
+2. ``fit_candidates``: the gate family (``gate/family.py``), every member
+   fitted by the game directly, and the two-stage router distilled from stage 1.
 3. ``choose_router``: the candidate with the lowest held-out worst-domain excess.
 4. ``write_artifact``: the evaluation against every baseline (optional) and
    the versioned router artifact ``gatemix pack`` accepts.
@@ -30,10 +30,13 @@ from gatemix.device import resolve_device, resolve_dtype
 from gatemix.errors import UserError
 from gatemix.gate.artifact import RouterArtifact, save_router
 from gatemix.gate.config import FitGateConfig, PrimalDualConfig
-from gatemix.gate.distill_router import TokenFeatures, distill_router, routed_sequence_logprobs
+from gatemix.gate.distill_router import TokenFeatures, distill_router
+from gatemix.gate.family import fit_family
 from gatemix.gate.features import HFExpertBank, Shard, cached_features, cached_proposals, data_hash
 from gatemix.gate.primal_dual import GateFitData, plot_history, run_primal_dual
-from gatemix.gate.router import HiddenStateRouter, RouterForm, context_config_like
+from gatemix.gate.registry import GATE_FAMILY
+from gatemix.gate.router import HiddenStateRouter, context_config_like
+from gatemix.gate.selection import select_router, split_for_selection
 from gatemix.gate.sequence_gate import SequenceGate, SequenceGateForm
 from gatemix.project import Project, load_project
 
@@ -55,7 +58,7 @@ class FitInputs:
     bank: HFExpertBank
     fit_features: dict[str, TokenFeatures]  # domain -> gate-split features, selection share removed
     selection_features: dict[str, TokenFeatures] | None
-    q_pool: TokenFeatures
+    q_pool: TokenFeatures | None  # draws from q, for the two-stage route's Z and SIR
     data: GateFitData
 
     @property
@@ -72,6 +75,7 @@ class SequenceGateFit:
     mu_avg: float
     z_avg: float
     domain_losses_avg: list[float]
+    gap: dict | None = None  # the final duality-gap check of the averaged iterates
 
 
 def fit_work_dir(config: FitGateConfig, project: Project) -> Path:
@@ -105,7 +109,7 @@ def load_split_features(
             with_hidden=True,
             batch_size=config.feature_batch_size,
             shard=shard,
-            progress=True,
+            progress=config.progress,
         )
         for domain in project.domains
     }
@@ -144,25 +148,6 @@ def fit_data(
     )
 
 
-def split_for_selection(
-    features: dict[str, TokenFeatures], fraction: float, seed: int
-) -> tuple[dict[str, TokenFeatures], dict[str, TokenFeatures] | None]:
-    """Hold ``fraction`` of each domain's sequences out of every fit (seeded), to pick the router."""
-    if fraction == 0:
-        return features, None
-    generator = torch.Generator().manual_seed(seed)
-    fit_part, selection_part = {}, {}
-    for domain, part in features.items():
-        count = part.input_ids.shape[0]
-        if count < 2:
-            raise FitGateError(f"domain {domain!r} has {count} gate sequence(s); selection needs 2")
-        order = torch.randperm(count, generator=generator)
-        held = min(count - 1, max(1, round(fraction * count)))
-        selection_part[domain] = part.select(order[:held])
-        fit_part[domain] = part.select(order[held:])
-    return fit_part, selection_part
-
-
 def load_bank(config: FitGateConfig, project: Project, shard: Shard) -> HFExpertBank:
     """The experts in transformers, on this process's device (``cuda:<local rank>`` when sharded)."""
     device = resolve_device(config.device)
@@ -175,15 +160,40 @@ def load_bank(config: FitGateConfig, project: Project, shard: Shard) -> HFExpert
     return HFExpertBank(list(project.experts.values()), device=device, dtype=dtype)
 
 
+def check_names(config: FitGateConfig) -> None:
+    """Refuse unknown family members or a served router that no fit makes, before any work."""
+    unknown = [name for name in config.family if name not in GATE_FAMILY]
+    if unknown:
+        raise FitGateError(f"unknown gate family member(s) {unknown}; known: {list(GATE_FAMILY)}")
+    if served_name(config) not in ("best", *candidate_names(config)):
+        raise FitGateError(
+            f"served_router {config.served_router!r} is not fitted; candidates: {candidate_names(config)}"
+        )
+
+
+def candidate_names(config: FitGateConfig) -> list[str]:
+    """The routers this fit makes, in order: the family members, then the two-stage router."""
+    names = list(config.family) if config.direct_router else []
+    return names + (["two_stage"] if config.two_stage else [])
+
+
+def served_name(config: FitGateConfig) -> str:
+    """``served_router`` with the old name of the direct head router mapped to its member."""
+    return "hidden_state_router" if config.served_router == "direct" else config.served_router
+
+
 def fit_inputs(config: FitGateConfig, shard: Shard | None = None) -> FitInputs | None:
     """Stage 0. Under a sharded launch every process scores its part; only rank 0 gets inputs."""
     shard = shard or Shard.from_env()
     project = load_project(config.project) if config.project else None
     if project is None:
         raise FitGateError("fit-gate needs a project: --project <gatemix.toml or its folder>")
+    check_names(config)
     for domain in project.domains:  # every source read and checked before any work is done
         for split in ("gate", "eval") if config.evaluate else ("gate",):
             project_texts(project, domain, split, config)
+    if config.evaluate and project.out_of_domain is not None:
+        project.out_of_domain_texts()
     torch.set_num_threads(config.torch_threads)
     bank = load_bank(config, project, shard)
     gate_features = load_split_features(bank, config, project, "gate", shard)
@@ -191,20 +201,22 @@ def fit_inputs(config: FitGateConfig, shard: Shard | None = None) -> FitInputs |
         load_split_features(bank, config, project, "eval", shard)
     if not shard.is_main:
         return None
-    q_pool = cached_proposals(
-        bank,
-        count=config.q_samples,
-        length=config.sample_length,
-        seed=config.seed,
-        cache_dir=features_cache_dir(config, project),
-    )
+    q_pool = None
+    if config.two_stage:
+        q_pool = cached_proposals(
+            bank,
+            count=config.q_samples,
+            length=config.sample_length,
+            seed=config.seed,
+            cache_dir=features_cache_dir(config, project),
+        )
     fit_features, selection_features = split_for_selection(
         gate_features, config.selection_fraction, config.seed
     )
     fingerprint = data_hash(
         bank.hashes
         + [str(f.input_ids.tolist()) for f in fit_features.values()]
-        + [str(q_pool.input_ids.tolist())]
+        + ([str(q_pool.input_ids.tolist())] if q_pool is not None else [])
     )
     data = fit_data(fit_features, fingerprint, proposal=q_pool)
     project.write_split_record(fit_work_dir(config, project) / "splits.json")
@@ -216,20 +228,29 @@ def primal_dual_part(config: FitGateConfig) -> PrimalDualConfig:
     return PrimalDualConfig(**{k: v for k, v in config.to_dict().items() if k in names})
 
 
+def router_game_part(config: FitGateConfig) -> PrimalDualConfig:
+    """The games of the routers: the loop's settings with the routers' own learning rate."""
+    return dataclasses.replace(primal_dual_part(config), learning_rate=config.router_learning_rate)
+
+
 def fit_sequence_gate(config: FitGateConfig, inputs: FitInputs, work_dir: Path) -> SequenceGateFit:
     """Stage 1: the primal-dual game; its end state is saved for ``load_sequence_gate``."""
     torch.manual_seed(config.seed)
     gate = SequenceGate(sequence_gate_form(config, inputs))
     result = run_primal_dual(
-        gate, inputs.data, primal_dual_part(config), work_dir=work_dir / "gate", progress=True
+        gate, inputs.data, primal_dual_part(config), work_dir=work_dir / "gate",
+        progress=config.progress,
     )
-    plot_history(result.history, work_dir / "primal_dual.png", inputs.domains)
-    logger.info("lambda_avg %s, Z_avg %.4f, mu_avg %.4f", result.lambda_avg, result.z_avg, result.mu_avg)
+    plot_history(result.history, work_dir / "primal_dual.png", inputs.domains,
+                 config.average_from, result.gap)
+    logger.info("lambda_avg %s, Z_avg %.4f, mu_avg %.4f; %s", result.lambda_avg, result.z_avg,
+                result.mu_avg, result.gap.summary())
     fitted = SequenceGateFit(
-        gate, result.lambda_avg, result.mu_avg, result.z_avg, result.domain_losses_avg
+        gate, result.lambda_avg, result.mu_avg, result.z_avg, result.domain_losses_avg,
+        result.gap.to_dict(),
     )
     torch.save(gate.state_dict(), work_dir / SEQUENCE_GATE_FILE)
-    game = {name: getattr(fitted, name) for name in ("lambda_avg", "mu_avg", "z_avg", "domain_losses_avg")}
+    game = {name: getattr(fitted, name) for name in ("lambda_avg", "mu_avg", "z_avg", "domain_losses_avg", "gap")}
     game.update(steps=config.steps, data_hash=inputs.data.fingerprint)
     (work_dir / GAME_FILE).write_text(json.dumps(game, indent=2))
     return fitted
@@ -257,7 +278,8 @@ def load_sequence_gate(config: FitGateConfig, inputs: FitInputs, work_dir: Path)
         raise FitGateError(f"the fit in {work_dir} was made on other experts or data: run `gatemix fit-gate` again")
     gate = SequenceGate(sequence_gate_form(config, inputs))
     gate.load_state_dict(torch.load(gate_path, weights_only=True))
-    return SequenceGateFit(gate, game["lambda_avg"], game["mu_avg"], game["z_avg"], game["domain_losses_avg"])
+    return SequenceGateFit(gate, game["lambda_avg"], game["mu_avg"], game["z_avg"],
+                           game["domain_losses_avg"], game.get("gap"))
 
 
 def router_context_config(config: FitGateConfig, bank: HFExpertBank) -> dict | None:
@@ -271,29 +293,12 @@ def router_context_config(config: FitGateConfig, bank: HFExpertBank) -> dict | N
     )
 
 
-def fit_router_directly(
-    data: GateFitData, form: RouterForm, config: PrimalDualConfig, work_dir: Path | None = None
-) -> tuple[HiddenStateRouter, dict]:
-    """The causal router trained by the primal-dual loop itself (ERM when lambda is fixed)."""
-    torch.manual_seed(config.seed)
-    router = HiddenStateRouter(form).set_constant(torch.ones(form.num_experts))
-    result = run_primal_dual(
-        router,
-        data,
-        config,
-        sequence_logprob_fn=routed_sequence_logprobs,
-        normalized=True,
-        work_dir=work_dir,
-    )
-    return router, {"lambda_avg": result.lambda_avg, "domain_losses_avg": result.domain_losses_avg}
-
-
-def distill_routers(
+def distill_two_stage(
     config: FitGateConfig, inputs: FitInputs, fitted: SequenceGateFit
-) -> tuple[dict[str, HiddenStateRouter], dict]:
-    """Stage 2: the two-stage router (and the direct one when it may be served or is asked for)."""
+) -> tuple[HiddenStateRouter, dict]:
+    """The paper's route: the sequence gate structurally distilled into the head router."""
     inputs.bank.with_hidden = True
-    two_stage, stats = distill_router(
+    return distill_router(
         inputs.bank,
         fitted.gate,
         router_hidden=config.router_hidden,
@@ -312,75 +317,91 @@ def distill_routers(
         proposals=inputs.q_pool,
         context_config=router_context_config(config, inputs.bank),
     )
-    routers = {"two_stage": two_stage}
-    if config.direct_router or config.served_router != "two_stage":
-        base = dataclasses.replace(primal_dual_part(config), checkpoint_every=0)
-        routers["direct"], direct_stats = fit_router_directly(inputs.data, two_stage.form, base)
-        logger.info("direct robust router: lambda_avg %s", direct_stats["lambda_avg"])
+
+
+def member_plot_file(name: str) -> str:
+    return f"primal_dual_{name}.png"
+
+
+def fit_candidates(
+    config: FitGateConfig, inputs: FitInputs, fitted: SequenceGateFit | None, work_dir: Path
+) -> tuple[dict[str, HiddenStateRouter], dict]:
+    """Stage 2: every family member by the game (direct route), and the two-stage router.
+
+    Each member's game is plotted to ``primal_dual_<member>.png`` beside stage 1's plot.
+    """
+    routers, stats = {}, {}
+    if config.direct_router and config.family:
+        inputs.bank.with_hidden = True
+        routers, stats["family"], results = fit_family(
+            inputs.data,
+            inputs.bank.hidden_sizes,
+            router_game_part(config),
+            members=tuple(config.family),
+            router_hidden=config.router_hidden,
+            context_config=router_context_config(config, inputs.bank),
+            posterior_learning_rate=config.posterior_learning_rate,
+            progress=config.progress,
+        )
+        for name, result in results.items():
+            plot_history(result.history, work_dir / member_plot_file(name), inputs.domains,
+                         config.average_from, result.gap)
+    if fitted is not None:
+        routers["two_stage"], stats["distillation"] = distill_two_stage(config, inputs, fitted)
     return routers, stats
-
-
-def select_router(
-    candidates: dict[str, HiddenStateRouter], selection: dict[str, TokenFeatures]
-) -> tuple[str, dict]:
-    """The candidate with the lowest worst-domain excess on the held-out sequences (ties: first)."""
-    from gatemix.gate.evaluate import evaluate_methods
-    from gatemix.gate.registry import GATES
-
-    report = evaluate_methods(
-        selection, {name: GATES["learned"](router) for name, router in candidates.items()}
-    )
-    figures = {
-        name: {
-            "worst_excess": report.methods[name].worst_excess,
-            "excess": dict(zip(report.domains, report.methods[name].excess)),
-        }
-        for name in candidates
-    }
-    chosen = min(candidates, key=lambda name: figures[name]["worst_excess"])
-    return chosen, figures
 
 
 def choose_router(
     config: FitGateConfig, inputs: FitInputs, routers: dict[str, HiddenStateRouter]
 ) -> tuple[str, dict | None]:
     """Stage 3: the router to serve, and the held-out figures that chose it."""
-    if config.served_router != "best":
-        return config.served_router, None
+    if served_name(config) != "best":
+        return served_name(config), None
     served, selection = select_router(routers, inputs.selection_features)
-    logger.info("serving the %s router (held-out worst-domain excess %s)", served, selection)
+    logger.info("serving %s (held-out worst-domain excess %.4f)", served,
+                selection[served]["worst_excess"])
     return served, selection
 
 
 def write_artifact(
     config: FitGateConfig,
     inputs: FitInputs,
-    fitted: SequenceGateFit,
+    fitted: SequenceGateFit | None,
     routers: dict[str, HiddenStateRouter],
     served: str,
     selection: dict | None,
-    distill_stats: dict,
+    stats: dict,
     work_dir: Path,
 ) -> RouterArtifact:
     """Stage 4: evaluate (optionally) and write the router artifact for ``gatemix pack``."""
     domains = inputs.domains
+    served_stats = stats.get("family", {}).get(served, {})
     details = {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.to_dict().items()},
         "project": str(inputs.project.path),
-        "lambda_avg": fitted.lambda_avg,
-        "mu_avg": fitted.mu_avg,
-        "z_avg": fitted.z_avg,
-        "gate_domain_excess": dict(zip(domains, fitted.domain_losses_avg)),
+        # The served router's game (for the two-stage router: the sequence gate's).
+        "lambda_avg": served_stats.get("lambda_avg") or (fitted.lambda_avg if fitted else None),
         "data_hash": inputs.data.fingerprint,
-        "distillation": distill_stats,
+        "family": stats.get("family", {}),
+        "distillation": stats.get("distillation"),
         "served_router": served,
         "selection": selection,
-        "gate_parameters": fitted.gate.num_parameters(),
     }
+    if fitted is not None:
+        details["sequence_gate"] = {
+            "lambda_avg": fitted.lambda_avg, "mu_avg": fitted.mu_avg, "z_avg": fitted.z_avg,
+            "domain_excess": dict(zip(domains, fitted.domain_losses_avg)), "gap": fitted.gap,
+            "parameters": fitted.gate.num_parameters(),
+        }
     if config.evaluate:
         from gatemix.gate.report import evaluate_fit
 
-        details["evaluation"] = evaluate_fit(config, inputs, routers, served, fitted.gate, work_dir)
+        if fitted is not None:
+            stats = {**stats, "sequence_gate": details["sequence_gate"]}
+
+        details["evaluation"] = evaluate_fit(
+            config, inputs, routers, served, fitted.gate if fitted else None, stats, work_dir
+        )
     artifact = RouterArtifact(
         router=routers[served],
         expert_names=domains,
@@ -401,12 +422,14 @@ def fit_gate(config: FitGateConfig) -> RouterArtifact | None:
     if inputs is None:
         return None
     work_dir = fit_work_dir(config, inputs.project)
-    fitted = fit_sequence_gate(config, inputs, work_dir)
+    fitted = fit_sequence_gate(config, inputs, work_dir) if config.two_stage else None
     return _second_stage(config, inputs, fitted, work_dir)
 
 
 def distill_gate(config: FitGateConfig) -> RouterArtifact | None:
     """Stages 2-4 over a finished stage 1 (``gatemix distill-gate``): the game is not replayed."""
+    if not config.two_stage:
+        raise FitGateError("distill-gate redoes the two-stage route: it needs two_stage on")
     inputs = fit_inputs(config)
     if inputs is None:
         return None
@@ -416,27 +439,8 @@ def distill_gate(config: FitGateConfig) -> RouterArtifact | None:
 
 
 def _second_stage(
-    config: FitGateConfig, inputs: FitInputs, fitted: SequenceGateFit, work_dir: Path
+    config: FitGateConfig, inputs: FitInputs, fitted: SequenceGateFit | None, work_dir: Path
 ) -> RouterArtifact:
-    routers, stats = distill_routers(config, inputs, fitted)
+    routers, stats = fit_candidates(config, inputs, fitted, work_dir)
     served, selection = choose_router(config, inputs, routers)
     return write_artifact(config, inputs, fitted, routers, served, selection, stats, work_dir)
-
-
-def proportions(data: GateFitData) -> tuple[float, ...]:
-    """Token proportions of the domains in the fit data (ERM's lambda)."""
-    tokens = torch.zeros(data.num_domains, dtype=torch.float64).index_add(
-        0, data.tensors["domain"], data.tensors["num_tokens"].double()
-    )
-    weights = tokens / tokens.sum()
-    return tuple(float(w) for w in weights[:-1]) + (1.0 - float(weights[:-1].sum()),)
-
-
-def in_domain_cross_entropy(features: dict[str, TokenFeatures]) -> list[float]:
-    """Each expert's cross-entropy on its own domain: ``eps_k`` up to a shared constant."""
-    values = []
-    for index, part in enumerate(features.values()):
-        values.append(
-            float(-(part.next_logprobs[..., index] * part.token_mask).sum() / part.token_mask.sum())
-        )
-    return values

@@ -17,12 +17,13 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+
 from gatemix.gate.config import PrimalDualConfig
 from gatemix.gate.distill_router import TokenFeatures, distill_router, routed_token_logprobs
 from gatemix.gate.mixing import mix_sequence_logprobs
 from gatemix.gate.primal_dual import GateFitData, run_primal_dual
 from gatemix.gate.sequence_gate import SequenceGate, SequenceGateForm
-from torch import nn
 
 VOCAB = 100
 DIRECTIONS = (1, -1)  # domain A, domain B
@@ -195,6 +196,7 @@ class SyntheticResult:
     parameters: dict[str, int]
     distill: dict
     history: dict
+    gap: dict  # the game's final duality-gap check (convergence.DualityGap.to_dict())
 
 
 def _fit_features(
@@ -329,4 +331,5 @@ def run_synthetic_experiment(config: SyntheticConfig | None = None) -> Synthetic
         },
         distill=distill_stats,
         history=fit.history,
+        gap=fit.gap.to_dict(),
     )

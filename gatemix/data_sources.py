@@ -164,6 +164,23 @@ def parse_domain(name: str, table: Mapping, defaults: Mapping, root: Path) -> Do
                       eval_fraction=float(settings["eval_fraction"]))
 
 
+OUT_OF_DOMAIN_KEYS = ("eval", "text_field")
+
+
+def parse_out_of_domain(table: object, defaults: Mapping, root: Path) -> tuple[DataSource, ...]:
+    """``[out_of_domain]``: text from none of the domains, read only by reports (``eval = [...]``)."""
+    where = "[out_of_domain]"
+    table = expect_type(table, dict, where)
+    reject_unknown_keys(table, OUT_OF_DOMAIN_KEYS, f"in {where}")
+    if "eval" not in table:
+        raise TableError(f"{where} declares no text; give eval = [\"<file or folder>\", ...]")
+    text_field = expect_type(table.get("text_field", defaults["text_field"]), str,
+                             f"{where} text_field")
+    if not text_field:
+        raise TableError(f"{where} text_field must not be empty")
+    return _source_list(table["eval"], f"{where} eval", root, text_field)
+
+
 def _source_list(value: object, where: str, root: Path, text_field: str) -> tuple[DataSource, ...]:
     if isinstance(value, (str, dict)):
         value = [value]

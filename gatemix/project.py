@@ -11,6 +11,8 @@ documents are the gate's and which are held out::
     [baselines]                 # optional: models a report compares against, never served
     [data]                      # defaults: text_field, seed, gate_fraction, eval_fraction
     [data.code]                 # train/gate/eval lists, or one pool `files` split with the seed
+    [out_of_domain]             # optional: eval = [sources] of text from none of the domains,
+                                # read only by reports (how the gate does on what no expert knows)
 
 Paths are relative to the project file's folder (``~`` expanded, absolute allowed);
 ``gatemix.data_sources`` says what a source is. YAML holds the same schema.
@@ -36,6 +38,7 @@ from gatemix.data_sources import (
     DATA_DEFAULTS,
     POOL,
     SPLITS,
+    DataSource,
     DataSourceError,
     Document,
     DomainData,
@@ -45,6 +48,7 @@ from gatemix.data_sources import (
     expect_type,
     kind_name,
     parse_domain,
+    parse_out_of_domain,
     path_label,
     read_sources,
     reject_unknown_keys,
@@ -70,7 +74,8 @@ except ModuleNotFoundError:  # Python 3.10
 logger = logging.getLogger(__name__)
 
 PROJECT_FILE_NAMES = ("gatemix.toml", "gatemix.yaml", "gatemix.yml")
-TOP_LEVEL_KEYS = ("name", "work_dir", "experts", "baselines", "data")
+TOP_LEVEL_KEYS = ("name", "work_dir", "experts", "baselines", "data", "out_of_domain")
+OUT_OF_DOMAIN = "out_of_domain"  # the report's name for the [out_of_domain] text
 DEFAULT_WORK_DIR = "gatemix-work"
 SPLIT_RECORD_FILE = "splits.json"
 
@@ -93,6 +98,7 @@ class Project:
     experts: dict[str, Path]
     baselines: dict[str, Path]
     data: dict[str, DomainData]
+    out_of_domain: tuple[DataSource, ...] | None = None  # [out_of_domain] eval sources, if any
     _documents: dict[tuple[str, str], list[Document]] = field(
         default_factory=dict, init=False, repr=False)
     _expert_folders: list[ExpertFolder] = field(default_factory=list, init=False, repr=False)
@@ -142,6 +148,21 @@ class Project:
 
     def texts(self, domain: str, split: str) -> list[str]:
         return [text for _, text in self.documents(domain, split)]
+
+    def out_of_domain_documents(self) -> list[Document]:
+        """The ``[out_of_domain]`` documents (none declared: an empty list), read once."""
+        if self.out_of_domain is None:
+            return []
+        key = (OUT_OF_DOMAIN, "eval")
+        if key not in self._documents:
+            try:
+                self._documents[key] = read_sources(self.out_of_domain, "[out_of_domain] eval")
+            except DataSourceError as exc:
+                raise ProjectError(f"{self.path}: {exc}") from exc
+        return list(self._documents[key])
+
+    def out_of_domain_texts(self) -> list[str]:
+        return [text for _, text in self.out_of_domain_documents()]
 
     def split_listing(self) -> dict[str, dict[str, list[dict]]]:
         """``{domain: {split: [{"id", "sha256"}, ...]}}`` over the splits that exist."""
@@ -200,6 +221,11 @@ class Project:
                     except DataSourceError as exc:
                         raise ProjectError(
                             f"{self.path}: [data.{domain_data.name}] {key}: {exc}") from exc
+        for source in self.out_of_domain or ():
+            try:
+                check_source(source)
+            except DataSourceError as exc:
+                raise ProjectError(f"{self.path}: [out_of_domain] eval: {exc}") from exc
 
     def check_baselines(self) -> None:
         """Refuse a baseline folder that does not exist (its contents are the report's concern)."""
@@ -306,9 +332,15 @@ def _project_from_table(file: Path, table: dict) -> Project:
     experts = _model_table(table, "experts", root)
     if not experts:
         raise TableError('[experts] is missing or empty; name each expert: <name> = "<folder>"')
+    data = _data_tables(table.get("data", {}), list(experts), root)
+    out_of_domain = None
+    if OUT_OF_DOMAIN in table:  # after [data]: its defaults (text_field) are checked by then
+        defaults = {**DATA_DEFAULTS, **{key: value for key, value in table.get("data", {}).items()
+                                        if key in DATA_DEFAULTS}}
+        out_of_domain = parse_out_of_domain(table[OUT_OF_DOMAIN], defaults, root)
     return Project(path=file, name=name, work_dir=resolve_path(work_dir, root), experts=experts,
-                   baselines=_model_table(table, "baselines", root),
-                   data=_data_tables(table.get("data", {}), list(experts), root))
+                   baselines=_model_table(table, "baselines", root), data=data,
+                   out_of_domain=out_of_domain)
 
 
 def _model_table(table: dict, key: str, root: Path) -> dict[str, Path]:
@@ -352,11 +384,13 @@ def write_project_file(path: str | os.PathLike, *, name: str,
                        data: Mapping[str, Mapping[str, object]],
                        baselines: Mapping[str, str | os.PathLike] | None = None,
                        work_dir: str | os.PathLike | None = None,
-                       defaults: Mapping[str, object] | None = None) -> Path:
+                       defaults: Mapping[str, object] | None = None,
+                       out_of_domain: object = None) -> Path:
     """Write a TOML project file: ``path`` is the ``.toml`` file, or a folder for ``gatemix.toml``.
 
     ``data`` is ``{domain: {"train"/"gate"/"eval" or "files": [sources], override: value}}``,
-    a source a path or a source table. Relative paths are the caller's (taken from
+    a source a path or a source table; ``out_of_domain`` is the ``[out_of_domain]`` eval
+    sources (a list, or one source). Relative paths are the caller's (taken from
     the current directory); they are written relative to the file's folder when
     inside it, so the project folder can move as a whole.
     """
@@ -379,6 +413,8 @@ def write_project_file(path: str | os.PathLike, *, name: str,
             key: _relative_sources(value, root) if key in (*SPLITS, POOL) else value
             for key, value in entries.items()
         })
+    if out_of_domain is not None:
+        lines += _toml_table(OUT_OF_DOMAIN, {"eval": _relative_sources(out_of_domain, root)})
     write_atomically(file, "\n".join(lines) + "\n")
     return file
 

@@ -22,6 +22,7 @@ MICRO_OVERRIDES = {
     "warmup_steps": 1, "base_steps": 4, "expert_steps": 2, "mono_hidden_size": 64,
     "mono_num_layers": 1, "mono_num_heads": 2, "mono_num_kv_heads": 1,
     "mono_intermediate_size": 64, "eval_max_tokens": 256, "num_threads": 1, "progress": False,
+    "ood_max_docs": 4, "gate_steps": 20,
 }
 
 

@@ -7,8 +7,14 @@ import json
 import pytest
 
 from gatemix.demo.build import build_demo
-from gatemix.demo.corpus import (SPLITS, load_manifest, load_split, load_split_documents,
-                                 split_documents, text_sha256)
+from gatemix.demo.corpus import (
+    SPLITS,
+    load_manifest,
+    load_split,
+    load_split_documents,
+    split_documents,
+    text_sha256,
+)
 from gatemix.demo.errors import DemoBuildError
 from gatemix.demo.sources import cap_man_families, iter_documents, normalize_text, strip_troff
 

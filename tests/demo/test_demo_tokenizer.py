@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from gatemix.demo.tokenizer import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, load_tokenizer,
-                                    save_tokenizer, train_tokenizer)
+from gatemix.demo.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    load_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
+)
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n" * 3,

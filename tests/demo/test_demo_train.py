@@ -8,8 +8,16 @@ import math
 import pytest
 import torch
 
-from gatemix.demo.train import (LlamaShape, count_parameters, eval_loss, eval_windows,
-                                llama_config, lr_factor, new_model, sample_windows)
+from gatemix.demo.train import (
+    LlamaShape,
+    count_parameters,
+    eval_loss,
+    eval_windows,
+    llama_config,
+    lr_factor,
+    new_model,
+    sample_windows,
+)
 
 
 def test_lr_warms_up_linearly_then_decays_to_the_floor():

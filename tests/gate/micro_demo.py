@@ -1,4 +1,5 @@
-"""A hand-made micro demo as a project: random tiny Llama experts, a word tokenizer, JSONL splits."""
+"""A hand-made micro demo as a project: random tiny Llama experts, a word tokenizer, JSONL splits
+and a little out-of-domain text."""
 
 from __future__ import annotations
 
@@ -67,6 +68,12 @@ def micro_demo_project(root: Path) -> Path:
                     json.dumps({"id": f"{split}-{row}", "text": " ".join(words[p] for p in picks)})
                 )
             (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    # Text of neither domain: the words of both, shuffled together, for the report's third set.
+    mixed = sorted(w for words in WORDS.values() for w in words)
+    ood = root / "data" / "out_of_domain.jsonl"
+    ood.write_text("".join(
+        json.dumps({"text": " ".join(mixed[p] for p in torch.randint(len(mixed), (10,), generator=generator).tolist())})
+        + "\n" for _ in range(4)))
     from gatemix.project import write_project_file
 
     write_project_file(
@@ -77,5 +84,6 @@ def micro_demo_project(root: Path) -> Path:
             domain: {split: [root / "data" / domain / f"{split}.jsonl"] for split in ("gate", "eval")}
             for domain in WORDS
         },
+        out_of_domain=[ood],
     )
     return root

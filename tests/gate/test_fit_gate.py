@@ -36,23 +36,25 @@ def _micro_config(micro_demo: Path, tmp_path: Path, **overrides):
     """A fit sized for the micro demo: seconds on one thread."""
     from gatemix.gate.config import FitGateConfig
 
-    values = dict(
-        project=str(micro_demo),
-        out_dir=str(tmp_path / "router"),
-        cache_dir=str(tmp_path / "cache"),
-        batch_per_domain=4,
-        max_length=12,
-        gate_width=8,
-        gate_layers=1,
-        gate_heads=2,
-        sample_length=6,
-        torch_threads=1,
-    )
+    values = {
+        "project": str(micro_demo),
+        "out_dir": str(tmp_path / "router"),
+        "cache_dir": str(tmp_path / "cache"),
+        "batch_per_domain": 4,
+        "max_length": 12,
+        "gate_width": 8,
+        "gate_layers": 1,
+        "gate_heads": 2,
+        "sample_length": 6,
+        "torch_threads": 1,
+        "progress": False,
+    }
     return FitGateConfig(**{**values, **overrides})
 
 
 def test_fit_gate_writes_a_loadable_robust_router_and_a_report(micro_demo, tmp_path):
     from gatemix.gate.artifact import load_router
+    from gatemix.gate.config import FitGateConfig
     from gatemix.gate.features import expert_hash
     from gatemix.gate.fit import fit_gate
 
@@ -64,8 +66,8 @@ def test_fit_gate_writes_a_loadable_robust_router_and_a_report(micro_demo, tmp_p
         distill_samples=16,
         distill_steps=10,
         distill_batch_size=8,
-        direct_router=True,
         router_context_layers=1,  # the router's own causal Llama, saved and reloaded with it
+        switching_sequences=6,
     )
     artifact = fit_gate(config)
     loaded = load_router(tmp_path / "router")
@@ -76,10 +78,17 @@ def test_fit_gate_writes_a_loadable_robust_router_and_a_report(micro_demo, tmp_p
     )
     assert abs(sum(loaded.details["lambda_avg"]) - 1) < 1e-9
     assert loaded.router.context is not None and loaded.router.form.context_config["num_hidden_layers"] == 1
-    assert loaded.details["served_router"] in ("two_stage", "direct")
+    assert loaded.details["served_router"] in ("two_stage", *FitGateConfig().family)
     report = (tmp_path / "router" / "fit" / "report.md").read_text()
-    for method in ("robust_router", "erm", "uniform", "posterior", "direct_robust_router"):
+    for method in ("robust_router", "erm", "uniform", "posterior", "robust_constant",
+                   "robust_constant_per_token", "two_stage_router", *FitGateConfig().family):
         assert f"| {method} |" in report
+    for section in ("switching documents", "out-of-domain text", "## Targets for the served router",
+                    "## Convergence of the primal-dual games", "| sequence gate (stage 1) |"):
+        assert section in report
+    evaluation = loaded.details["evaluation"]["robust_router"]
+    assert {"switching", "out_of_domain"} <= set(evaluation)
+    assert loaded.details["sequence_gate"]["gap"]["total"] >= 0
     assert (tmp_path / "router" / "fit" / "primal_dual.png").is_file()
     assert list((tmp_path / "cache").glob("*.safetensors"))  # features were cached
 
@@ -134,5 +143,5 @@ def test_distill_gate_redoes_only_the_second_stage(micro_demo, tmp_path, monkeyp
     assert SequenceGate not in games_played  # stage 1 was read back, not replayed
     second = load_router(tmp_path / "router")
     assert second.details["distillation"]["source"] == "data" != first.details["distillation"]["source"]
-    assert second.details["lambda_avg"] == first.details["lambda_avg"]
+    assert second.details["sequence_gate"]["lambda_avg"] == first.details["sequence_gate"]["lambda_avg"]
     assert second.version != first.version

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from gatemix.gate.losses import (
     domain_means,
     dual_ascent_step,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+
 from gatemix.gate.config import PrimalDualConfig
 from gatemix.gate.primal_dual import (
     GateFitData,
@@ -150,3 +153,60 @@ def test_an_inconsistent_q_pool_is_refused():
             num_domains=2,
             proposal={"expert_sequence_logprobs": torch.zeros(3, 2), "input_ids": torch.zeros(4, 6)},
         )
+
+
+def test_step_sizes_hold_then_decay_like_one_over_sqrt_t():
+    from gatemix.gate.convergence import schedule_factor
+
+    config = _config(steps=100, schedule_scale=0.1)
+    factors = [schedule_factor(step, config) for step in range(100)]
+    assert factors[0] == 1.0 and all(a > b for a, b in itertools.pairwise(factors))
+    assert factors[90] == pytest.approx(1 / (1 + 90 / 10) ** 0.5)
+    assert schedule_factor(90, _config(step_schedule="constant")) == 1.0
+
+
+def test_the_model_ends_at_the_average_of_its_iterates_after_the_burn_in():
+    seen = []
+    gate = _gate()
+
+    def record(step: int, _record: dict) -> None:
+        if step >= 12:  # average_from 0.5 of 24 steps
+            seen.append({k: v.detach().clone() for k, v in gate.state_dict().items()})
+
+    run_primal_dual(gate, _fake_data(), _config(checkpoint_every=0), on_step=record)
+    expected = {k: torch.stack([state[k] for state in seen]).mean(0) for k in seen[0]}
+    for name, value in gate.state_dict().items():
+        torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=0)
+
+
+def test_lambda_is_held_during_its_warmup_then_moves():
+    result = run_primal_dual(_gate(), _fake_data(), _config(checkpoint_every=0, lambda_warmup=0.25))
+    assert all(row == [0.5, 0.5] for row in result.history["lambda"][:5])
+    assert result.history["lambda"][-1] != [0.5, 0.5]
+
+
+def test_the_final_duality_gap_has_a_lambda_side_and_a_best_response_side():
+    result = run_primal_dual(_gate(), _fake_data(), _config(checkpoint_every=0, gap_every=6))
+    gap = result.gap
+    assert result.history["gap_step"] == [18, 24]  # once averaging has begun (step 12)
+    assert gap.lambda_side >= 0 and gap.best_response_steps == 6  # a quarter of the steps
+    assert gap.theta_side is not None and gap.total >= gap.lambda_side
+    assert "duality gap" in gap.summary()
+    assert max(gap.domain_losses) - sum(
+        w * loss for w, loss in zip(result.lambda_avg, gap.domain_losses)) == pytest.approx(
+        gap.lambda_side)
+
+
+def test_the_duality_gap_shrinks_as_the_game_settles():
+    """A constant gate from a skewed start against two domains: a convex game, lambda_bar -> 1/2."""
+    gaps = {}
+    for steps in (40, 160):
+        result = run_primal_dual(
+            _ConstantGate([0.9, 0.1]), _fake_data(),
+            _config(steps=steps, checkpoint_every=0, gap_every=steps // 8, learning_rate=0.05,
+                    lambda_step=0.5),
+        )
+        history = result.history["gap"]
+        assert all(later < earlier for earlier, later in itertools.pairwise(history))
+        gaps[steps] = result.gap.total
+    assert gaps[160] < 0.25 * gaps[40]

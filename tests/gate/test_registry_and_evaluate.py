@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from gatemix.gate.distill_router import TokenFeatures
 from gatemix.gate.evaluate import dirichlet_mixtures, evaluate_methods, write_report
 from gatemix.gate.registry import GATES, gated_token_logprobs
@@ -25,13 +26,18 @@ def _features(own: int, num: int = 3, length: int = 5, hidden: int = 4) -> Token
     )
 
 
-def test_registry_holds_the_baselines_and_the_learned_router():
-    assert {"uniform", "posterior", "robust_constant", "learned"} <= set(GATES)
+def test_registry_holds_the_baselines_the_learned_router_and_the_family():
+    from gatemix.gate.registry import GATE_FAMILY
+
+    assert {"uniform", "posterior", "robust_constant", "robust_constant_per_token",
+            "learned"} <= set(GATES)
+    assert set(GATE_FAMILY) <= set(GATES)
     features = _features(0)
     for gate in (
         GATES["uniform"](2),
         GATES["posterior"](),
         GATES["robust_constant"]([0.3, 0.1]),
+        GATES["robust_constant_per_token"]([0.3, 0.1]),
         GATES["learned"](constant_router([0.2, 0.8], hidden_size=4)),
     ):
         log_weights = gate(features)
@@ -58,6 +64,20 @@ def test_posterior_moves_to_the_expert_that_explains_the_prefix():
 def test_robust_constant_weights_follow_exp_epsilon():
     weights = GATES["robust_constant"]([math.log(3.0), 0.0])(_features(0))[0, 0].exp()
     torch.testing.assert_close(weights, torch.tensor([0.75, 0.25]))
+
+
+def test_the_robust_constant_gate_is_sequence_level_and_the_per_token_one_is_kept_apart():
+    """sigma ∝ exp(eps) as the paper's pi_sigma (the posterior with prior sigma), and the
+    per-token mixture with fixed weights sigma under its own name."""
+    features = _features(1)
+    epsilons = [math.log(3.0), 0.0]
+    sequence_level = GATES["robust_constant"](epsilons)(features)
+    prior = torch.log(torch.tensor([0.75, 0.25]))
+    torch.testing.assert_close(sequence_level, GATES["posterior"](prior)(features))
+    mixed = gated_token_logprobs(GATES["robust_constant"](epsilons), features).sum(1)
+    torch.testing.assert_close(mixed, torch.logsumexp(features.sequence_logprobs() + prior, -1))
+    per_token = GATES["robust_constant_per_token"](epsilons)(features).exp()
+    torch.testing.assert_close(per_token, torch.tensor([0.75, 0.25]).expand(3, 4, 2))
 
 
 def test_evaluation_reports_excess_worst_domain_and_dirichlet_curve(tmp_path):

@@ -67,7 +67,8 @@ def test_fit_gate_under_torchrun_shards_the_scoring_and_merges_it(tmp_path):
         "-m", "gatemix.cli", "fit-gate", "--project", str(root), "--cache-dir", str(sharded_cache), *FIT,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("router ") == 1  # rank 0 alone fits and writes
     project = load_project(root)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
+
 from gatemix.gate.synthetic import SyntheticResult, run_synthetic_experiment
 
 
@@ -25,6 +27,22 @@ def _at(result: SyntheticResult, method: str, lam: float) -> float:
 def test_primal_dual_lambda_converges_to_the_middle_and_z_to_one(result):
     assert all(abs(value - 0.5) < 0.05 for value in result.lambda_avg)
     assert abs(result.z_avg - 1) < 0.05
+
+
+def test_the_duality_gap_shrinks_and_the_averaged_iterates_settle(result):
+    from gatemix.gate.convergence import running_average
+
+    # Checked once averaging has begun, the gap stays near zero (the losses are ~0.1 nats/token);
+    # that it shrinks as the game runs is tests/gate/test_primal_dual.py's convex toy.
+    gaps = result.history["gap"]
+    assert len(gaps) >= 2 and all(0 <= gap < 0.005 for gap in gaps)
+    assert 0 <= result.gap["total"] < 0.005  # nats/token, lambda side plus best-response side
+    first = len(result.history["mu"]) // 2  # where averaging starts
+    last_quarter = slice(int(0.75 * len(result.history["mu"])), None)
+    for name in ("lambda", "mu", "z_ema"):
+        values = torch.tensor(result.history[name], dtype=torch.float64)
+        settled = running_average(values, first)[last_quarter]
+        assert float((settled.max(0).values - settled.min(0).values).max()) < 0.1, name
 
 
 def test_experts_are_good_in_domain_and_useless_out_of_domain(result):

@@ -114,7 +114,8 @@ def test_the_demo_project_names_the_demo_folders(demo_paths, demo_project):
     assert demo_project.domains == list(demo_paths.expert_dirs)
     assert demo_project.experts == {name: path for name, path in demo_paths.expert_dirs.items()}
     assert demo_project.work_dir == demo_paths.root and demo_project.name == "gatemix-demo"
-    assert demo_project.baselines == {"monolithic": demo_paths.monolithic_dir}
+    assert demo_project.baselines == demo_paths.baseline_dirs  # built only with --with-baselines
+    assert demo_project.out_of_domain_texts()  # the demo's text of no domain (changelogs)
     for domain in demo_project.domains:
         stored = [json.loads(line)["text"] for line in
                   (demo_paths.data_dir / domain / "gate.jsonl").read_text().splitlines() if line.strip()]
