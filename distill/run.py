@@ -156,6 +156,8 @@ def prepare_run(config: DistillConfig, dist: Distributed, device: str) -> Distil
 
     torch.set_num_threads(config.threads)
     project = load_project(config.project)
+    for domain in project.domains:  # every train source read and checked before any model loads
+        project.texts(domain, "train")
     first_expert = project.experts[project.domains[0]]
     vocab_size = project.expert_folders()[0].config["vocab_size"]
     folder, model_config = _checked_init(config, project, vocab_size)
