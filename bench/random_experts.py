@@ -22,12 +22,13 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from gatemix.atomic_write import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -313,11 +314,5 @@ def cached_random_experts(
 
 def _write_atomically(target: Path, write) -> None:
     """``write(staging)`` into a sibling folder, then rename it to ``target``."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private
-    try:
+    with atomic_folder(target) as staging:
         write(staging)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)

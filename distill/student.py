@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from gatemix.atomic_write import atomic_folder
 from gatemix.errors import UserError
 from gatemix.expert_folder import TOKENIZER_FILES, ExpertFolderError, tokenizer_fingerprint
 from gatemix.project import Project
@@ -194,20 +193,11 @@ def _save_quietly(model: torch.nn.Module, folder: Path) -> None:
 def save_student(model: torch.nn.Module, first_expert: Path, out: Path, record: dict) -> Path:
     """Write the student folder atomically: weights, config, the experts' tokenizer, the run record."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the folder from a server's user
+    with atomic_folder(out) as staging:
         _save_quietly(model, staging)
         for name in COPIED_FILES:
             source = Path(first_expert) / name
             if source.is_file():
                 shutil.copy2(source, staging / name)
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=1, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return out

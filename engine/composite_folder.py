@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from gatemix.atomic_write import atomic_folder
 from gatemix.errors import UserError
 from gatemix.expert_folder import ExpertFolder, ExpertFolderError, check_compatible, read_expert
 from gatemix.gate.artifact import ArtifactError, RouterArtifact, load_router, save_router
@@ -253,16 +253,8 @@ def pack_composite(
     check_router_fits(artifact, experts)
     if out_dir.exists() and not overwrite:
         raise PackError(f"{out_dir} exists; pass --overwrite to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as staging:
         _write_composite(experts, artifact, staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     logger.info("packed %d experts into %s (gate %s)", len(experts), out_dir, artifact.version)
     return CompositeInfo.read(out_dir)
 

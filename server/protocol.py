@@ -172,7 +172,30 @@ class ModelList(BaseModel):
 # ---------------------------------------------------------------- /v1/completions
 
 
-class CompletionRequest(OpenAIBaseModel):
+class SamplingExtensions(OpenAIBaseModel):
+    """vLLM's sampling extensions and gatemix's ``mixture``, shared by both endpoints.
+
+    A request class lists it first among its bases, so its own OpenAI fields come
+    first in the schema and these after them.
+    """
+
+    top_k: TopK = -1
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    min_tokens: NonNegativeInt = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[TokenId] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    bad_words: BadWords | None = None
+    prompt_logprobs: NonNegativeInt | None = None
+    structured_outputs: StructuredOutputs | None = None
+    mixture: MixtureRequest | None = None
+
+
+class _CompletionFields(OpenAIBaseModel):
     # https://platform.openai.com/docs/api-reference/completions/create
     model: str | None = None
     prompt: Prompt
@@ -197,24 +220,12 @@ class CompletionRequest(OpenAIBaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     user: str | None = None
 
-    # --- gatemix / vLLM extensions
-    top_k: TopK = -1
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    min_tokens: NonNegativeInt = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[TokenId] | None = None
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
-    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
-    bad_words: BadWords | None = None
-    prompt_logprobs: NonNegativeInt | None = None
+
+class CompletionRequest(SamplingExtensions, _CompletionFields):
+    # --- gatemix / vLLM extensions beyond the shared ones
     add_special_tokens: bool = True  # the tokenizer's BOS before a text prompt
     response_format: ResponseFormat | None = None
-    structured_outputs: StructuredOutputs | None = None
     return_token_ids: bool = False
-    mixture: MixtureRequest | None = None
 
 
 class CompletionLogProbs(BaseModel):
@@ -280,7 +291,7 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None  # a tool's answer to one
 
 
-class ChatCompletionRequest(OpenAIBaseModel):
+class _ChatCompletionFields(OpenAIBaseModel):
     # https://platform.openai.com/docs/api-reference/chat/create
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
@@ -306,22 +317,10 @@ class ChatCompletionRequest(OpenAIBaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     user: str | None = None
 
-    # --- gatemix / vLLM extensions
-    top_k: TopK = -1
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    min_tokens: NonNegativeInt = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[TokenId] | None = None
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
-    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
-    bad_words: BadWords | None = None
-    prompt_logprobs: NonNegativeInt | None = None
-    structured_outputs: StructuredOutputs | None = None
+
+class ChatCompletionRequest(SamplingExtensions, _ChatCompletionFields):
+    # --- gatemix / vLLM extensions beyond the shared ones
     add_generation_prompt: bool = True
-    mixture: MixtureRequest | None = None
 
 
 class TopLogprob(BaseModel):
