@@ -39,8 +39,9 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from gatemix.gate.mixing import log_weights_from_probs, mix_logprobs
 from pydantic import BaseModel, ConfigDict, Field
+
+from gatemix.gate.mixing import log_weights_from_probs, mix_logprobs
 
 logger = logging.getLogger(__name__)
 

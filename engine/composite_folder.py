@@ -267,7 +267,7 @@ def _write_composite(experts: list[ExpertFolder], artifact: RouterArtifact, stag
         tensors = {}
         for weights in expert.weight_files:
             with safe_open(str(weights), framework="pt") as handle:
-                for key in handle.keys():
+                for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                     tensors[f"experts.{index}.{key}"] = handle.get_tensor(key)
         save_file(tensors, str(staging / file_name), metadata={"format": "pt"})
         for key, tensor in tensors.items():

@@ -256,8 +256,11 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
             )
         return log_weights
 
-    def load_gate(self, artifact_dir: str) -> dict:
-        """Swap in a new gate between engine steps; requests in flight keep theirs (``gate_versions``)."""
+    def load_gate(self, artifact_dir: str, in_flight: list[str] = ()) -> dict:
+        """Swap in a new gate between engine steps; requests in flight keep theirs (``gate_versions``).
+
+        ``in_flight``: the gate versions the server's unfinished requests name.
+        """
         from gatemix.engine.gate_versions import load_swappable
 
         artifact = load_swappable(
@@ -265,7 +268,7 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
             expert_widths=tuple(self.expert_widths), current=self.gates.router,
             prefix_caching=self.prefix_caching,
         )
-        self.gates.add(artifact, self.router.proj_out.weight.device)
+        self.gates.add(artifact, self.router.proj_out.weight.device, set(in_flight))
         self.gate_table.prefix_states.current_gate_version = artifact.version
         self.gates.retire({s.gate_version for s in self.gate_table.prefix_states.rows.values()})
         logger.info("gatemix gate %s (%s) now serves new requests", artifact.version, artifact.method)
@@ -368,7 +371,7 @@ class MixingStep:
         if self.compiled is not None:
             try:
                 return self.compiled(expert_logits, log_weights)
-            except Exception as exc:  # inductor needs a C++ compiler (CPU) or Triton (GPU)
+            except Exception as exc:  # noqa: BLE001 inductor needs a C++ compiler (CPU) or Triton (GPU)
                 logger.warning("compiled mixing failed (%s); mixing eagerly from now on", exc)
                 self.compiled = None
         return mix_logits_two_pass(expert_logits, log_weights)

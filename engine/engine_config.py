@@ -26,7 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gatemix.engine.gate_reload import WORKER_EXTENSION
 
-
 # No async scheduling: its in-flight placeholder tokens would shift the per-token gate trace.
 # The worker extension lets the server swap the gate while serving (engine/gate_reload.py).
 COMPOSITE_ENGINE_ARGS = {"async_scheduling": False, "worker_extension_cls": WORKER_EXTENSION}
@@ -92,16 +91,16 @@ def engine_kwargs(model_dir: str | Path, settings: EngineSettings) -> dict:
     if on_cpu():
         # The CPU backend sizes its KV cache from this variable, read at engine start.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(settings.kv_cache_gib))
-    kwargs = dict(
-        model=str(model_dir),
-        dtype=settings.dtype,
-        max_num_seqs=settings.max_num_seqs,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-        tensor_parallel_size=settings.tensor_parallel_size,
-        pipeline_parallel_size=settings.pipeline_parallel_size,
-        enforce_eager=settings.resolved_enforce_eager(),
-        seed=settings.seed,
-    )
+    kwargs = {
+        "model": str(model_dir),
+        "dtype": settings.dtype,
+        "max_num_seqs": settings.max_num_seqs,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "pipeline_parallel_size": settings.pipeline_parallel_size,
+        "enforce_eager": settings.resolved_enforce_eager(),
+        "seed": settings.seed,
+    }
     optional = {
         "max_model_len": settings.max_model_len,
         "max_num_batched_tokens": settings.max_num_batched_tokens,

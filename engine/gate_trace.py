@@ -60,7 +60,7 @@ class TraceSender:
 
 
 class _Trace:
-    __slots__ = ("weights", "changed")
+    __slots__ = ("changed", "weights")
 
     def __init__(self) -> None:
         self.weights: dict[int, list[float]] = {}

@@ -219,11 +219,12 @@ class RequestGateProcessor(_LogitsProcessor):
         if args is None:
             return
         if not isinstance(args, dict):
-            raise ValueError(f"extra_args[{GATE_ARGS_KEY!r}] must be an object")
+            raise ValueError(f"extra_args[{GATE_ARGS_KEY!r}] must be an object")  # noqa: TRY004 vLLM's 400
         weights = args.get("weights")
-        if weights is not None:
-            if not all(isinstance(w, (int, float)) and w >= 0 for w in weights) or sum(weights) <= 0:
-                raise ValueError("gate weights must be non-negative numbers with a positive sum")
+        if weights is not None and (
+            not all(isinstance(w, (int, float)) and w >= 0 for w in weights) or sum(weights) <= 0
+        ):
+            raise ValueError("gate weights must be non-negative numbers with a positive sum")
         mask = args.get("experts_mask")
         if mask is not None and not any(mask):
             raise ValueError("the expert subset must name at least one expert")

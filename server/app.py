@@ -20,9 +20,9 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from gatemix.engine.composite_folder import GATE_SUBDIR
 from gatemix.errors import UserError
 from gatemix.server.chat_template import ChatRenderer
-from gatemix.engine.composite_folder import GATE_SUBDIR
 from gatemix.server.errors import install_error_handlers
 from gatemix.server.gate_admin import GateAdmin, gate_report
 from gatemix.server.lifecycle import Lifecycle, watch_engine

@@ -61,9 +61,11 @@ class GateAdmin:
             previous = self.state.models.gate_version
             from gatemix.engine.gate_reload import RELOAD_METHOD
 
+            # Requests arriving until the swap below ends still get ``previous``.
+            in_flight = sorted({*self.state.serving_core.gate_versions_in_flight(), *([previous] if previous else [])})
             try:
-                results = await self.engine.collective_rpc(RELOAD_METHOD, args=(str(artifact_dir),))
-            except Exception as exc:  # the worker re-checks; what it refuses is still bad input
+                results = await self.engine.collective_rpc(RELOAD_METHOD, args=(str(artifact_dir), in_flight))
+            except Exception as exc:  # noqa: BLE001 the worker re-checks; what it refuses is still bad input
                 raise bad_request(f"the engine refused the gate: {exc}", "path") from None
             version = results[0]["version"]
             models = self.state.models.with_gate(version, artifact.method, gate_report(artifact_dir))

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import anyio
@@ -88,6 +89,11 @@ class ServingEngine:
         self.waiting = 0  # engine requests submitted, no token yet
         self.running = 0  # engine requests producing tokens
         self.aborted = 0  # engine requests aborted (client gone, or an error)
+        self.gates_in_flight: Counter[str] = Counter()  # gate version -> unfinished engine requests
+
+    def gate_versions_in_flight(self) -> list[str]:
+        """The gates unfinished requests were promised; a gate swap keeps them loaded."""
+        return sorted(version for version, count in self.gates_in_flight.items() if count > 0)
 
     # ------------------------------------------------------------ validation
 
@@ -255,6 +261,9 @@ class ServingEngine:
         timing = ChoiceTiming(arrival=time.monotonic())
         finished, started = False, False
         self._set_queue(waiting=+1)
+        gate_version = plan.gate_version if trace_id is not None else None
+        if gate_version is not None:
+            self.gates_in_flight[gate_version] += 1
         try:
             outputs = self.engine.generate(
                 {"prompt_token_ids": job.prompt_ids}, params, job.request_id
@@ -280,6 +289,10 @@ class ServingEngine:
                     await self.engine.abort(job.request_id)
             if trace_id is not None:
                 self.receiver.release(trace_id)
+            if gate_version is not None:
+                self.gates_in_flight[gate_version] -= 1
+                if not self.gates_in_flight[gate_version]:
+                    del self.gates_in_flight[gate_version]
 
     async def _delta(
         self, completion, state: ChoiceState, job: ChoiceJob, trace_id: str | None

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from gatemix.bench.lockstep_server import choose_token, complete_top_logprobs, mix_top_logprobs
 from gatemix.gate.mixing import log_weights_from_probs
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from openai import OpenAI
+
 from gatemix.bench.lockstep_server import TOP_LOGPROBS, mix_top_logprobs
 from gatemix.bench.servers import (
     ServerOptions,
@@ -23,7 +25,6 @@ from gatemix.bench.servers import (
     wait_ready,
 )
 from gatemix.gate.mixing import log_weights_from_probs
-from openai import OpenAI
 
 pytestmark = pytest.mark.slow
 

@@ -5,6 +5,7 @@ import sys
 import time
 
 import pytest
+
 from gatemix.bench.servers import ProcessUsage
 
 # Waits 0.5 s (so the first sample is taken before), then burns `seconds` of CPU.

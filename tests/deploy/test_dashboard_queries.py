@@ -20,7 +20,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from gatemix.server.metrics import GateMetrics
 from prometheus_harness import (
     dashboard_exprs,
     dashboard_panels,
@@ -31,6 +30,8 @@ from prometheus_harness import (
     targets_up,
 )
 from render_dashboard import render_dashboard
+
+from gatemix.server.metrics import GateMetrics
 
 pytestmark = pytest.mark.skipif(prometheus_binary() is None,
                                 reason="no prometheus binary (run `make prometheus`)")

@@ -12,9 +12,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from gatemix.server.metrics import GateMetrics
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_harness import dashboard_exprs
+
+from gatemix.server.metrics import GateMetrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy"

