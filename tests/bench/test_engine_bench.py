@@ -21,8 +21,8 @@ TINY_SHAPE = {
 }
 TINY_SHAPE_FLAGS = [item for name, value in TINY_SHAPE.items()
                     for item in ("--" + name.replace("_", "-"), str(value))]
-SYSTEMS = ("fused ensemble", "fused ensemble, compiled mixing", "single expert (vLLM)",
-           "naive transformers ensemble")
+SYSTEMS = ("fused ensemble", "fused ensemble, compiled mixing", "fused ensemble, posterior gate",
+           "single expert (vLLM)", "naive transformers ensemble")
 
 
 def _tiny_random(cache_dir, **overrides) -> RandomExpertsConfig:
@@ -45,10 +45,12 @@ def test_engine_bench_measures_every_system_on_tiny_random_experts(tmp_path, cap
         assert all(tps > 0 for tps in by_concurrency.values()), (system, by_concurrency)
     for ratio in result["ratios"].values():
         assert math.isfinite(ratio["efficiency_E"]) and ratio["efficiency_E"] > 0
+        assert math.isfinite(ratio["posterior_state_throughput"]) and ratio["posterior_state_throughput"] > 0
     assert result["num_experts"] == 2 and min(result["expert_parameters"]) > 0
     report = capsys.readouterr().out
     assert "2 random llama experts" in report and "expert parameters: 2 x" in report
     assert "c=2: E = K*tps(ensemble)/tps(single) = " in report
+    assert "with the posterior state: " in report
     print(report)
 
 
