@@ -112,7 +112,7 @@ def write_demo_project(paths: DemoPaths) -> Path:
     the student land beside the experts (``gate/``, ``composite/``, ``student/``).
     It names the baselines that are built and the out-of-domain text.
     """
-    from gatemix.project import write_project_file
+    from gatemix.project_writer import write_project_file
 
     data = {
         domain: {split: [paths.data_dir / domain / f"{split}.jsonl"] for split in corpus.SPLITS}

@@ -23,7 +23,8 @@ import torch
 
 from gatemix.gate.config import PrimalDualConfig
 from gatemix.gate.distill_router import routed_sequence_logprobs
-from gatemix.gate.primal_dual import GateFitData, PrimalDualResult, run_primal_dual
+from gatemix.gate.game_data import GateFitData
+from gatemix.gate.primal_dual import PrimalDualResult, run_primal_dual
 from gatemix.gate.registry import GATE_FAMILY, POSTERIOR_PARAMETERS, FamilyMember
 from gatemix.gate.router import HiddenStateRouter, RouterForm
 

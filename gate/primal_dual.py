@@ -24,7 +24,8 @@ expert, not 1, and the constraint then fights the objective.
 The loop is agnostic of the model: ``sequence_logprob_fn(model, batch)`` gives
 ``log pi_model(x)``, so the same loop fits the sequence gate and, as the
 ablation, the causal router directly (``normalized=True``: a per-token mixture
-is a distribution by construction, so there is no mu).
+is a distribution by construction, so there is no mu). The data it plays on
+is ``game_data.py``'s, and its checkpoints follow ``fit_checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,75 +40,37 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gatemix.errors import UserError
 from gatemix.gate.config import PrimalDualConfig
-from gatemix.gate.convergence import (  # noqa: F401  (plot_history: the loop's plot, imported from here)
+from gatemix.gate.convergence import (
     DualityGap,
     ParameterAverage,
     averaging_start,
     lambda_side_gap,
-    plot_history,
     schedule_factor,
 )
+from gatemix.gate.fit_checkpoint import (
+    CHECKPOINT_FILE,
+    comparable_config,
+    load_checkpoint,
+    save_checkpoint,
+)
+from gatemix.gate.game_data import (
+    GateFitData,
+    SequenceLogprobFn,
+    gated_sequence_logprobs,
+    per_sequence_loss,
+)
 from gatemix.gate.losses import (
-    cross_entropy_loss,
     domain_means,
     dual_ascent_step,
     eg_lambda_step,
     ema_update,
     estimate_normalizer,
-    excess_loss,
 )
-from gatemix.gate.mixing import mix_sequence_logprobs
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "primal_dual.pt"
 EVALUATION_CHUNK = 128  # sequences per forward pass of a duality-gap check
-# Fields that may change between an interrupted fit and its resumption.
-RESUMABLE_FIELDS = ("steps", "checkpoint_every", "torch_threads")
-
-SequenceLogprobFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-
-
-class ResumeError(UserError):
-    """A checkpoint that belongs to another fit (other data or other hyperparameters)."""
-
-
-@dataclass
-class GateFitData:
-    """Per-sequence tensors, all indexed by sequence along dim 0.
-
-    Always present: ``domain`` (N,) long, ``num_tokens`` (N,) float (scored
-    tokens), ``expert_sequence_logprobs`` (N, K) float. Model inputs come next
-    to them (``input_ids``/``attention_mask`` for the sequence gate,
-    ``hidden``/``next_logprobs``/``token_mask`` for the causal router).
-    """
-
-    tensors: dict[str, torch.Tensor]
-    num_domains: int
-    fingerprint: str = ""  # identifies the data in checkpoints
-    # Samples from q for the Z estimate: the model's inputs and ``expert_sequence_logprobs``.
-    proposal: dict[str, torch.Tensor] | None = None
-
-    def __post_init__(self) -> None:
-        sizes = {name: tensor.shape[0] for name, tensor in self.tensors.items()}
-        if len(set(sizes.values())) != 1:
-            raise ValueError(f"fit tensors disagree on the number of sequences: {sizes}")
-        if self.proposal is not None:
-            proposal_sizes = {name: tensor.shape[0] for name, tensor in self.proposal.items()}
-            if len(set(proposal_sizes.values())) != 1 or "expert_sequence_logprobs" not in self.proposal:
-                raise ValueError(f"proposal tensors are inconsistent: {proposal_sizes}")
-        counts = torch.bincount(self.tensors["domain"], minlength=self.num_domains)
-        if len(counts) != self.num_domains or (counts == 0).any():
-            raise ValueError(f"every domain needs sequences, got counts {counts.tolist()}")
-
-    def select(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: tensor[indices] for name, tensor in self.tensors.items()}
-
-    def domain_indices(self) -> list[torch.Tensor]:
-        domain = self.tensors["domain"]
-        return [torch.nonzero(domain == j).squeeze(1) for j in range(self.num_domains)]
 
 
 @dataclass
@@ -123,41 +85,6 @@ class PrimalDualResult:
     history: dict[str, list] = field(default_factory=dict)
     resumed_from: int = 0
     gap: DualityGap | None = None  # the final check of the averaged iterates
-
-
-def gated_sequence_logprobs(gate: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``log pi_g(x) = logsumexp_k(log g(x,k) + log pi_k(x))`` for the sequence gate. -> (B,)."""
-    log_gate = gate(batch["input_ids"], batch["attention_mask"])  # (B, K)
-    return mix_sequence_logprobs(batch["expert_sequence_logprobs"], log_gate)
-
-
-def reference_logprobs(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The reference log-prob of each sequence. -> (B,).
-
-    The in-domain expert's (expert j is domain j's), unless the data carries its
-    own ``reference_logprobs`` (a sequence whose tokens come from several domains
-    is scored against each token's own domain expert).
-    """
-    if "reference_logprobs" in batch:
-        return batch["reference_logprobs"]
-    return batch["expert_sequence_logprobs"].gather(1, batch["domain"].unsqueeze(1)).squeeze(1)
-
-
-def _per_sequence_loss(kind: str, model_logprobs: torch.Tensor, batch: dict) -> torch.Tensor:
-    if kind == "excess":
-        return excess_loss(model_logprobs, reference_logprobs(batch), batch["num_tokens"])
-    return cross_entropy_loss(model_logprobs, batch["num_tokens"])
-
-
-def _comparable(config: PrimalDualConfig) -> dict:
-    return {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_FIELDS}
-
-
-def _save_checkpoint(path: Path, payload: dict) -> None:
-    # Write then rename, so an interruption mid-write leaves the last good checkpoint.
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -233,7 +160,7 @@ class _Loop:
         batch = self.data.select(indices)
         model_logprobs = self.fn(self.model, batch)  # (B,)
         losses = domain_means(
-            _per_sequence_loss(config.loss, model_logprobs, batch), batch["domain"],
+            per_sequence_loss(config.loss, model_logprobs, batch), batch["domain"],
             self.data.num_domains,
         )  # (D,)
         lagrangian = (game.domain_lambda.to(losses.dtype) * losses).sum()
@@ -278,7 +205,7 @@ class _Loop:
         for rows in self.gap_rows.split(EVALUATION_CHUNK):
             batch = self.data.select(rows)
             model_logprobs = self.fn(model, batch)
-            losses.append(_per_sequence_loss(self.config.loss, model_logprobs, batch))
+            losses.append(per_sequence_loss(self.config.loss, model_logprobs, batch))
             if not self.normalized and self.z_rows is None:
                 z_logprobs.append(model_logprobs)
                 z_experts.append(batch["expert_sequence_logprobs"])
@@ -313,20 +240,16 @@ class _Loop:
     def checkpoint(self, path: Path) -> None:
         game = self.game
         path.parent.mkdir(parents=True, exist_ok=True)
-        _save_checkpoint(path, {
+        save_checkpoint(path, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(), "lambda": game.domain_lambda, "mu": game.mu,
             "z_ema": game.z_ema, "history": game.history, "step": game.step,
-            "average": game.average.state(), "config": _comparable(self.config),
+            "average": game.average.state(), "config": comparable_config(self.config),
             "fingerprint": self.data.fingerprint,
         })
 
     def resume(self, path: Path) -> None:
-        saved = torch.load(path, weights_only=False)
-        if saved["config"] != _comparable(self.config) or saved["fingerprint"] != self.data.fingerprint:
-            raise ResumeError(
-                f"{path} is from a fit with other data or settings; delete it or use another work_dir"
-            )
+        saved = load_checkpoint(path, self.config, self.data.fingerprint)
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.generator.set_state(saved["generator"])

@@ -33,17 +33,15 @@ from gatemix.gate.evaluate import (
 )
 from gatemix.gate.family import fit_router_directly
 from gatemix.gate.features import HFExpertBank, cached_features, cached_token_features
-from gatemix.gate.fit import (
+from gatemix.gate.fit import member_plot_file, router_context_config, router_game_part
+from gatemix.gate.fit_inputs import (
     FitInputs,
     features_cache_dir,
     load_split_features,
-    member_plot_file,
     project_texts,
-    router_context_config,
-    router_game_part,
 )
+from gatemix.gate.game_data import GateFitData
 from gatemix.gate.mixing import mix_sequence_logprobs
-from gatemix.gate.primal_dual import GateFitData
 from gatemix.gate.registry import GATES, TokenGate
 from gatemix.gate.router import HiddenStateRouter, RouterForm
 from gatemix.gate.sequence_gate import SequenceGate

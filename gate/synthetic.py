@@ -21,8 +21,9 @@ from torch import nn
 
 from gatemix.gate.config import PrimalDualConfig
 from gatemix.gate.distill_router import TokenFeatures, distill_router, routed_token_logprobs
+from gatemix.gate.game_data import GateFitData
 from gatemix.gate.mixing import mix_sequence_logprobs
-from gatemix.gate.primal_dual import GateFitData, run_primal_dual
+from gatemix.gate.primal_dual import run_primal_dual
 from gatemix.gate.sequence_gate import SequenceGate, SequenceGateForm
 
 VOCAB = 100

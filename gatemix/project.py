@@ -15,7 +15,8 @@ documents are the gate's and which are held out::
                                 # read only by reports (how the gate does on what no expert knows)
 
 Paths are relative to the project file's folder (``~`` expanded, absolute allowed);
-``gatemix.data_sources`` says what a source is. YAML holds the same schema.
+``gatemix.data_sources`` says what a source is. YAML holds the same schema;
+``gatemix.project_writer`` writes the TOML form.
 The tables and the experts are checked on load; documents are read on first
 use (data can be large) and kept. Every refusal is a ``ProjectError``: one line
 naming the project file, the data file where one is at fault, and the problem.
@@ -27,7 +28,6 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,13 +43,9 @@ from gatemix.data_sources import (
     Document,
     DomainData,
     TableError,
-    check_settings,
     check_source,
     expect_type,
     kind_name,
-    parse_domain,
-    parse_out_of_domain,
-    path_label,
     read_sources,
     reject_unknown_keys,
     resolve_path,
@@ -57,6 +53,7 @@ from gatemix.data_sources import (
     split_pool,
     text_sha256,
 )
+from gatemix.data_tables import check_settings, parse_domain, parse_out_of_domain
 from gatemix.errors import UserError
 from gatemix.expert_folder import (
     EXPERT_NAME_PATTERN,
@@ -375,79 +372,3 @@ def _data_tables(data: object, expert_names: list[str], root: Path) -> dict[str,
             raise TableError(
                 f"expert {expert!r} has no data; add [data.{expert}] with train/gate/eval or {POOL}")
     return {name: parse_domain(name, domain_tables[name], defaults, root) for name in expert_names}
-
-
-# ---- writing ----
-
-def write_project_file(path: str | os.PathLike, *, name: str,
-                       experts: Mapping[str, str | os.PathLike],
-                       data: Mapping[str, Mapping[str, object]],
-                       baselines: Mapping[str, str | os.PathLike] | None = None,
-                       work_dir: str | os.PathLike | None = None,
-                       defaults: Mapping[str, object] | None = None,
-                       out_of_domain: object = None) -> Path:
-    """Write a TOML project file: ``path`` is the ``.toml`` file, or a folder for ``gatemix.toml``.
-
-    ``data`` is ``{domain: {"train"/"gate"/"eval" or "files": [sources], override: value}}``,
-    a source a path or a source table; ``out_of_domain`` is the ``[out_of_domain]`` eval
-    sources (a list, or one source). Relative paths are the caller's (taken from
-    the current directory); they are written relative to the file's folder when
-    inside it, so the project folder can move as a whole.
-    """
-    file = Path(path).expanduser()
-    if file.suffix.lower() != ".toml":
-        file = file / PROJECT_FILE_NAMES[0]
-    file = Path(os.path.abspath(file))
-    root = file.parent
-    lines = ["# gatemix project file: the experts and the data of each domain.",
-             f"name = {_toml_value(name)}"]
-    if work_dir is not None:
-        lines.append(f"work_dir = {_toml_value(_relative(work_dir, root))}")
-    lines += _toml_table("experts", {key: _relative(value, root) for key, value in experts.items()})
-    if baselines:
-        lines += _toml_table("baselines",
-                             {key: _relative(value, root) for key, value in baselines.items()})
-    lines += _toml_table("data", dict(defaults or {}))
-    for domain, entries in data.items():
-        lines += _toml_table(f"data.{_toml_key(domain)}", {
-            key: _relative_sources(value, root) if key in (*SPLITS, POOL) else value
-            for key, value in entries.items()
-        })
-    if out_of_domain is not None:
-        lines += _toml_table(OUT_OF_DOMAIN, {"eval": _relative_sources(out_of_domain, root)})
-    write_atomically(file, "\n".join(lines) + "\n")
-    return file
-
-
-def _relative(value: str | os.PathLike, root: Path) -> str:
-    return path_label(resolve_path(value, Path.cwd()), root)
-
-
-def _relative_sources(value: object, root: Path) -> list:
-    entries = [value] if isinstance(value, (str, os.PathLike, Mapping)) else list(value)
-    return [{**entry, "path": _relative(entry["path"], root)} if isinstance(entry, Mapping)
-            else _relative(entry, root) for entry in entries]
-
-
-def _toml_table(header: str, values: Mapping[str, object]) -> list[str]:
-    return ["", f"[{header}]", *(f"{_toml_key(key)} = {_toml_value(value)}"
-                                 for key, value in values.items())]
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (str, os.PathLike)):
-        # A JSON string is a TOML basic string, except that TOML wants DEL escaped too.
-        return json.dumps(os.fspath(value)).replace("\x7f", "\\u007f")
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {type(value).__name__} to a project file: {value!r}")

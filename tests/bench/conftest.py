@@ -11,7 +11,7 @@ import pytest
 def tiny_project(tmp_path_factory):
     """A project file naming two tiny random experts (llama, qwen2); its data is never read."""
     from gatemix.bench.random_experts import ExpertShape, write_random_experts
-    from gatemix.project import write_project_file
+    from gatemix.project_writer import write_project_file
 
     root = tmp_path_factory.mktemp("tiny-project")
     shape = ExpertShape(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,

@@ -14,7 +14,7 @@ from gatemix.distill.checkpoint import CheckpointError, latest_checkpoint
 from gatemix.distill.data import DistillDataError
 from gatemix.distill.student import StudentError
 from gatemix.distill.train import distill, read_record
-from gatemix.project import write_project_file
+from gatemix.project_writer import write_project_file
 
 
 def test_a_small_run_lowers_the_heldout_kl_against_the_untrained_student(tiny_config):

@@ -41,7 +41,7 @@ TINY_FIT = {
 
 def _project(root: Path, demo_paths, experts: dict[str, tuple[str, dict]]) -> Path:
     """Random experts (name -> (architecture, shape)) and the demo's text of the same domains."""
-    from gatemix.project import write_project_file
+    from gatemix.project_writer import write_project_file
 
     folders = {
         name: make_expert(root / name, architecture, demo_paths.tokenizer_dir, seed=index, **shape)

@@ -74,7 +74,7 @@ def micro_demo_project(root: Path) -> Path:
     ood.write_text("".join(
         json.dumps({"text": " ".join(mixed[p] for p in torch.randint(len(mixed), (10,), generator=generator).tolist())})
         + "\n" for _ in range(4)))
-    from gatemix.project import write_project_file
+    from gatemix.project_writer import write_project_file
 
     write_project_file(
         root,

@@ -10,9 +10,10 @@ import torch
 from gatemix.gate.config import PrimalDualConfig
 from gatemix.gate.distill_router import TokenFeatures, routed_token_logprobs
 from gatemix.gate.family import fit_family, parameter_groups
-from gatemix.gate.fit import fit_data, select_router
+from gatemix.gate.fit_inputs import fit_data
 from gatemix.gate.mixing import mix_sequence_logprobs
 from gatemix.gate.registry import GATE_FAMILY, GATES
+from gatemix.gate.selection import select_router
 
 HIDDEN = 4
 

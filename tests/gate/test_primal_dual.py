@@ -8,12 +8,10 @@ import pytest
 import torch
 
 from gatemix.gate.config import PrimalDualConfig
-from gatemix.gate.primal_dual import (
-    GateFitData,
-    ResumeError,
-    plot_history,
-    run_primal_dual,
-)
+from gatemix.gate.convergence import plot_history
+from gatemix.gate.fit_checkpoint import ResumeError
+from gatemix.gate.game_data import GateFitData
+from gatemix.gate.primal_dual import run_primal_dual
 from gatemix.gate.sequence_gate import SequenceGate, SequenceGateForm
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gatemix.gate.distill_router import TokenFeatures, lambda_weighted_data, train_router
-from gatemix.gate.fit import select_router, split_for_selection
 from gatemix.gate.router import HiddenStateRouter, RouterForm, constant_router
+from gatemix.gate.selection import select_router, split_for_selection
 
 HIDDEN = 4
 

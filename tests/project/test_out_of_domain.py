@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from project_builders import numbered_docs, refused, write_jsonl, write_text
 
-from gatemix.project import load_project, write_project_file
+from gatemix.project import load_project
+from gatemix.project_writer import write_project_file
 
 
 def test_a_project_without_out_of_domain_text_has_none(code_pool):

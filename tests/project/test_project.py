@@ -9,7 +9,8 @@ import pytest
 from project_builders import numbered_docs, write_jsonl, write_text
 
 from gatemix.data_sources import file_sha256, split_documents
-from gatemix.project import SPLITS, ProjectError, load_project, write_project_file
+from gatemix.project import SPLITS, ProjectError, load_project
+from gatemix.project_writer import write_project_file
 
 
 def sha256(text: str) -> str:

@@ -59,7 +59,8 @@ def test_every_data_form_goes_through_fit_gate_to_a_packed_composite(demo_paths,
     from gatemix.gate.artifact import load_router
     from gatemix.gate.config import FitGateConfig
     from gatemix.gate.fit import fit_gate
-    from gatemix.project import load_project, write_project_file
+    from gatemix.project import load_project
+    from gatemix.project_writer import write_project_file
 
     project_file = write_project_file(
         tmp_path / "gatemix.toml", name="user-ensemble", experts=demo_paths.expert_dirs,
