@@ -10,7 +10,9 @@ Ratios, per concurrency and prompt length:
 * API CPU overhead ``cpu(vllm API) / cpu(gatemix API)`` per output token, the
   same orientation (1 = parity, below 1 = gatemix's HTTP process costs more);
   it does not depend on how the cores were shared, which tokens/s does;
-* speed-up over lockstep ``tps(ensemble) / tps(lockstep)``.
+* speed-up over lockstep ``tps(ensemble) / tps(lockstep)``;
+* student speed-up ``tps(student) / tps(ensemble)``: what distilling buys, at
+  best K when the student has one expert's shape and compute dominates.
 
 With repeated rounds (``--repeats``), a ratio is the median over rounds of the
 ratio within each round (the two runs next to each other in time), and its
@@ -69,18 +71,20 @@ def _summary(ratios: list[float], scale: float = 1.0) -> tuple[float | None, lis
 
 
 def compute_ratios(points: list[dict], num_experts: int) -> list[dict]:
-    """Per (prompt_len, concurrency): E, server overheads and speed-up over lockstep (None if missing)."""
+    """Per (prompt_len, concurrency): E, server overheads, speed-ups over lockstep and of the student (None if missing)."""
     by_key = {(p["system"], p["prompt_len"], p["concurrency"]): p for p in points}
     ratios = []
     for prompt_len, concurrency in sorted({(p["prompt_len"], p["concurrency"]) for p in points}):
-        ensemble, single, vllm, lockstep = (by_key.get((s, prompt_len, concurrency))
-                                            for s in ("ensemble", "single", "vllm", "lockstep"))
+        ensemble, single, vllm, lockstep, student = (
+            by_key.get((s, prompt_len, concurrency)) for s in ("ensemble", "single", "vllm", "lockstep", "student")
+        )
         row = {"prompt_len": prompt_len, "concurrency": concurrency}
         for name, values, scale in (
             ("efficiency_E", paired_ratios(ensemble, single), num_experts),
             ("server_overhead", paired_ratios(single, vllm), 1.0),
             ("api_cpu_overhead", paired_ratios(vllm, single, "api_cpu_us_per_token"), 1.0),
             ("speedup_over_lockstep", paired_ratios(ensemble, lockstep), 1.0),
+            ("student_speedup", paired_ratios(student, ensemble), 1.0),
         ):
             row[name], row[f"{name}_range"] = _summary(values, scale)
         ratios.append(row)
@@ -129,14 +133,16 @@ def format_serve_bench(result: dict) -> str:
     lines += [
         "",
         ("| concurrency | prompt len | E = K*tps(ensemble)/tps(single) | overhead = tps(single)/tps(vllm) "
-         "| API CPU overhead = cpu(vllm)/cpu(single) | speed-up = tps(ensemble)/tps(lockstep) |"),
-        "|---:|---:|---:|---:|---:|---:|",
+         "| API CPU overhead = cpu(vllm)/cpu(single) | speed-up = tps(ensemble)/tps(lockstep) "
+         "| student = tps(student)/tps(ensemble) |"),
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["ratios"]:
         lines.append(
             f"| {r['concurrency']} | {r['prompt_len']} | {_ratio_cell(r, 'efficiency_E')} "
             f"| {_ratio_cell(r, 'server_overhead')} | {_ratio_cell(r, 'api_cpu_overhead')} "
-            f"| {_ratio_cell(r, 'speedup_over_lockstep', 1, 'x')} |"
+            f"| {_ratio_cell(r, 'speedup_over_lockstep', 1, 'x')} "
+            f"| {_ratio_cell(r, 'student_speedup', 2, 'x')} |"
         )
     if config["repeats"] > 1:
         lines += ["", "Ratios: median over rounds of each round's ratio, (min-max) over rounds."]

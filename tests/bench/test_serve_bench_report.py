@@ -26,7 +26,7 @@ def _fake_result():
         _point("ensemble", 1, 300.0), _point("single", 1, 700.0), _point("vllm", 1, 750.0),
         _point("lockstep", 1, 10.0),
         _point("ensemble", 16, 900.0), _point("single", 16, 2000.0, api_cpu=150.0), _point("vllm", 16, 2000.0),
-        _point("lockstep", 16, 30.0),
+        _point("lockstep", 16, 30.0), _point("student", 16, 2400.0),
         _point("ensemble", 64, 1000.0), _point("single", 64, 2400.0), _point("vllm", 64, 2500.0),
     ]
     config = ServeBenchConfig(concurrency=(1, 16, 64), prompt_lens=(32,))
@@ -43,15 +43,17 @@ def test_ratios_are_efficiency_overhead_and_speedup_per_point():
     assert ratios[16]["api_cpu_overhead"] == pytest.approx(200.0 / 150.0)  # gatemix's API spends less
     assert ratios[16]["speedup_over_lockstep"] == pytest.approx(30.0)
     assert ratios[64]["speedup_over_lockstep"] is None  # lockstep skipped there
+    assert ratios[16]["student_speedup"] == pytest.approx(2400.0 / 900.0)
+    assert ratios[1]["student_speedup"] is None  # no student point there
 
 
 def test_table_has_one_row_per_point_the_ratios_and_the_notes():
     report = format_serve_bench(_fake_result())
     rows = [line for line in report.splitlines() if line.startswith(("| gatemix", "| vllm", "| lockstep"))]
-    assert len(rows) == 11
+    assert len(rows) == 12
     assert "| gatemix ensemble (K experts) | 16 | 32 | 900.0 | 10.0 | 20.0 | 1.50 | 3.25 | 200 | 2048 |" in report
-    assert "| 16 | 32 | 0.900 | 1.000 | 1.333 | 30.0x |" in report
-    assert "| 64 | 32 | 0.833 | 0.960 | 1.000 | n/a |" in report
+    assert "| 16 | 32 | 0.900 | 1.000 | 1.333 | 30.0x | 2.67x |" in report
+    assert "| 64 | 32 | 0.833 | 0.960 | 1.000 | n/a | n/a |" in report
     assert "skipped (above --lockstep-max-concurrency 16)" in report
 
 
