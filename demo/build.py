@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from gatemix.data_sources import file_sha256
 from gatemix.demo import baselines, corpus, sources, stages, tokenizer, train
 from gatemix.demo.baselines import BASELINES, Baseline
 from gatemix.demo.config import DemoConfig
@@ -260,7 +261,7 @@ def _train_and_save(model: LlamaForCausalLM, stream: torch.Tensor, settings: Tra
         "steps": settings.steps,
         "trained_tokens": settings.steps * settings.batch_size * settings.seq_len,
         "final_train_loss": round(final_loss, 4),
-        "weights_sha256": stages.file_sha256(out / WEIGHTS_FILE),
+        "weights_sha256": file_sha256(out / WEIGHTS_FILE),
     }
 
 

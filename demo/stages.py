@@ -39,14 +39,6 @@ def stage_key(*parts: Any) -> str:
     return hashlib.sha256(encoded.encode()).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_stamp(folder: Path) -> dict | None:
     """The stage stamp in ``folder``; None when the stage was never completed there."""
     if folder.exists() and not folder.is_dir():

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from two_domains import HIDDEN, two_domain_features
 
 from gatemix.gate.config import PrimalDualConfig
 from gatemix.gate.distill_router import TokenFeatures, routed_token_logprobs
@@ -15,22 +16,9 @@ from gatemix.gate.mixing import mix_sequence_logprobs
 from gatemix.gate.registry import GATE_FAMILY, GATES
 from gatemix.gate.selection import select_router
 
-HIDDEN = 4
-
 
 def _domain(index: int, sequences: int, length: int, seed: int) -> TokenFeatures:
-    """Two experts; expert ``index`` is sharp on this domain; the hidden state says the domain."""
-    generator = torch.Generator().manual_seed(seed)
-    good = -1.0 - 0.1 * torch.rand(sequences, length, generator=generator)
-    bad = good - 2.0
-    next_logprobs = torch.stack([good, bad] if index == 0 else [bad, good], -1)
-    hidden = torch.zeros(sequences, length, 2 * HIDDEN)
-    hidden[..., index] = 1.0
-    hidden += 0.05 * torch.randn(hidden.shape, generator=generator)
-    input_ids = torch.ones(sequences, length + 1, dtype=torch.long)
-    return TokenFeatures(
-        input_ids, torch.ones_like(input_ids), next_logprobs, hidden, torch.ones(sequences, length)
-    )
+    return two_domain_features(index, sequences, length, seed, gap=2.0)
 
 
 def _config(**overrides) -> PrimalDualConfig:

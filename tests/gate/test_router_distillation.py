@@ -6,30 +6,15 @@ import math
 
 import pytest
 import torch
+from two_domains import HIDDEN, two_domain_features
 
 from gatemix.gate.distill_router import TokenFeatures, lambda_weighted_data, train_router
 from gatemix.gate.router import HiddenStateRouter, RouterForm, constant_router
 from gatemix.gate.selection import select_router, split_for_selection
 
-HIDDEN = 4
-
 
 def _domain(index: int, sequences: int, length: int, seed: int) -> TokenFeatures:
-    """Two experts; expert ``index`` is sharp on this domain, the other is poor.
-
-    The hidden state says which domain a token is in, so a learned router can route.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    good = -1.0 - 0.1 * torch.rand(sequences, length, generator=generator)
-    bad = good - 3.0
-    next_logprobs = torch.stack([good, bad] if index == 0 else [bad, good], -1)
-    hidden = torch.zeros(sequences, length, 2 * HIDDEN)
-    hidden[..., index] = 1.0
-    hidden += 0.05 * torch.randn(hidden.shape, generator=generator)
-    input_ids = torch.ones(sequences, length + 1, dtype=torch.long)
-    return TokenFeatures(
-        input_ids, torch.ones_like(input_ids), next_logprobs, hidden, torch.ones(sequences, length)
-    )
+    return two_domain_features(index, sequences, length, seed, gap=3.0)
 
 
 def test_lambda_weighted_data_gives_each_domain_its_lambda_share_of_the_loss():
