@@ -17,36 +17,23 @@ import msgspec
 import pytest
 import torch
 import zmq
+from random_router import random_router_artifact
 from vllm import SamplingParams
 
 from gatemix.distill.teacher import EnsembleTeacher
 from gatemix.engine.composite_folder import pack_composite
 from gatemix.engine.engine_config import build_offline_engine
 from gatemix.engine.request_gates import gate_request_args
-from gatemix.expert_folder import expert_hash
-from gatemix.gate.artifact import RouterArtifact
-from gatemix.gate.router import HiddenStateRouter, RouterForm, context_config_like
+from gatemix.gate.router import context_config_like
 
 STEPS = 12
 
 
 @pytest.fixture(scope="module", params=["head", "context"])
 def routed_composite(request, demo_paths, tmp_path_factory):
-    names = list(demo_paths.expert_dirs)
-    torch.manual_seed(0)
-
-    expert_config = json.loads((demo_paths.expert_dirs[names[0]] / "config.json").read_text())
+    expert_config = json.loads((next(iter(demo_paths.expert_dirs.values())) / "config.json").read_text())
     context = context_config_like(expert_config, num_layers=1) if request.param == "context" else None
-    router = HiddenStateRouter(RouterForm(len(names), expert_config["hidden_size"], 16, context))
-    with torch.no_grad():
-        for param in router.parameters():
-            param.mul_(4.0)  # sharp, context-dependent weights
-    artifact = RouterArtifact(
-        router=router,
-        expert_names=names,
-        expert_hashes={n: expert_hash(p) for n, p in demo_paths.expert_dirs.items()},
-        method="random-test",
-    )
+    artifact = random_router_artifact(demo_paths.expert_dirs, context)
     out = tmp_path_factory.mktemp(f"routed-{request.param}") / "composite"
     pack_composite(list(demo_paths.expert_dirs.values()), out, gate=artifact)
     return out

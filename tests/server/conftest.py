@@ -12,7 +12,6 @@ context, with small limits and tool calling.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,26 +109,11 @@ def routed_composite(demo_paths, tmp_path_factory) -> Path:
     """The demo experts packed with a random (not fitted) router: per-token weights that vary
     sharply with the context, so a trace misaligned by one token shows (as in
     tests/engine/test_learned_router.py)."""
-    import torch
+    from random_router import random_router_artifact
 
     from gatemix.engine.composite_folder import pack_composite
-    from gatemix.expert_folder import expert_hash
-    from gatemix.gate.artifact import RouterArtifact
-    from gatemix.gate.router import HiddenStateRouter, RouterForm
 
-    names = list(demo_paths.expert_dirs)
-    torch.manual_seed(0)
-    expert_config = json.loads((demo_paths.expert_dirs[names[0]] / "config.json").read_text())
-    router = HiddenStateRouter(RouterForm(len(names), expert_config["hidden_size"], 16, None))
-    with torch.no_grad():
-        for param in router.parameters():
-            param.mul_(4.0)  # sharp, context-dependent weights
-    artifact = RouterArtifact(
-        router=router,
-        expert_names=names,
-        expert_hashes={n: expert_hash(p) for n, p in demo_paths.expert_dirs.items()},
-        method="random-test",
-    )
+    artifact = random_router_artifact(demo_paths.expert_dirs)
     out = tmp_path_factory.mktemp("routed") / "composite"
     pack_composite(list(demo_paths.expert_dirs.values()), out, gate=artifact)
     return out

@@ -114,3 +114,14 @@ def serving(
         yield server
     finally:
         server.stop()
+
+
+def wait_until_idle(url: str, timeout_s: float) -> dict:
+    """The server's /health once nothing is admitted and nothing is left in the engine."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{url}/health").json()
+        if health["requests_admitted"] == 0 and health["engine_unfinished_requests"] == 0:
+            return health
+        time.sleep(0.05)
+    raise AssertionError(f"the server did not go idle within {timeout_s} s: {health}")

@@ -16,7 +16,7 @@ import time
 import httpx
 import psutil
 import pytest
-from server_harness import ENSEMBLE, start_server
+from server_harness import ENSEMBLE, start_server, wait_until_idle
 
 pytestmark = pytest.mark.slow
 
@@ -50,16 +50,6 @@ def _events(response) -> list[dict]:
             if line.startswith("data: ") and line != "data: [DONE]"]
 
 
-def _wait_until_engine_idle(url: str) -> dict:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        health = httpx.get(f"{url}/health").json()
-        if health["engine_unfinished_requests"] == 0 and health["requests_admitted"] == 0:
-            return health
-        time.sleep(0.05)
-    raise AssertionError(f"requests left in the engine: {health}")
-
-
 def test_a_request_past_its_timeout_is_aborted_and_answered_504(servers):
     _, server = servers
     slow = {"model": ENSEMBLE, "prompt": "abc", "n": 4, "max_tokens": 240, "ignore_eos": True}
@@ -71,14 +61,14 @@ def test_a_request_past_its_timeout_is_aborted_and_answered_504(servers):
         error = response.json()["error"]
         assert error["code"] == "timeout" and error["type"] == "timeout_error"
         assert TIMEOUT_S <= elapsed < TIMEOUT_S + 3
-        aborted = _wait_until_engine_idle(server.url)["requests_aborted"]
+        aborted = wait_until_idle(server.url, 10)["requests_aborted"]
         assert aborted >= 4  # every choice left the engine
         # A stream has sent its 200 already: the timeout is its last event, then [DONE].
         with http.stream("POST", "/v1/completions", json={**slow, "stream": True}) as stream:
             assert stream.status_code == 200
             events = _events(stream)
         assert events[-1]["error"]["code"] == "timeout"
-        assert _wait_until_engine_idle(server.url)["requests_aborted"] >= aborted + 4
+        assert wait_until_idle(server.url, 10)["requests_aborted"] >= aborted + 4
         good = http.post("/v1/completions", json={"model": ENSEMBLE, "prompt": "hi", "max_tokens": 2})
         assert good.status_code == 200
 

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 from conftest import ENSEMBLE, ROUTED_MAX_NUM_SEQS, ROUTED_MAX_OUTPUT_TOKENS, ROUTED_MAX_QUEUED
+from server_harness import wait_until_idle
 
 pytestmark = pytest.mark.slow
 
@@ -76,23 +77,13 @@ def test_the_output_budget_caps_n_times_max_tokens(routed_client):
     _good(routed_client, ENSEMBLE)
 
 
-def _wait_idle(base_url: str) -> dict:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        health = httpx.get(f"{base_url}/health").json()
-        if health["requests_admitted"] == 0 and health["engine_unfinished_requests"] == 0:
-            return health
-        time.sleep(0.05)
-    raise AssertionError(f"the server did not go idle: {health}")
-
-
 def test_past_the_queue_depth_requests_get_429_with_retry_after(routed_server, routed_client):
     capacity = ROUTED_MAX_NUM_SEQS + ROUTED_MAX_QUEUED
     url = routed_server.base_url
     long = {"model": ENSEMBLE, "prompt": "abc", "max_tokens": 240, "ignore_eos": True,
             "stream": True, "n": capacity}
     with httpx.Client(base_url=url, timeout=60) as http:
-        _wait_idle(url)
+        wait_until_idle(url, 30)
         with http.stream("POST", "/v1/completions", json=long) as stream:
             lines = stream.iter_lines()  # kept: a dropped line iterator closes the stream
             assert next(lines).startswith('data: {"id"')  # all its choices admitted, running
@@ -106,6 +97,6 @@ def test_past_the_queue_depth_requests_get_429_with_retry_after(routed_server, r
                 )
             # Tokenizing is not generating: it is never queued.
             assert http.post("/tokenize", json={"prompt": "abc"}).status_code == 200
-        health = _wait_idle(url)  # hanging up released every admitted choice
+        health = wait_until_idle(url, 30)  # hanging up released every admitted choice
         assert health["requests_running"] == 0 and health["requests_waiting"] == 0
     _good(routed_client, ENSEMBLE)
