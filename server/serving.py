@@ -89,11 +89,11 @@ class ServingEngine:
         self.waiting = 0  # engine requests submitted, no token yet
         self.running = 0  # engine requests producing tokens
         self.aborted = 0  # engine requests aborted (client gone, or an error)
-        self.gates_in_flight: Counter[str] = Counter()  # gate version -> unfinished engine requests
+        self.gates_in_flight: Counter[str] = Counter()  # gate version -> unfinished engine requests (> 0)
 
     def gate_versions_in_flight(self) -> list[str]:
         """The gates unfinished requests were promised; a gate swap keeps them loaded."""
-        return sorted(version for version, count in self.gates_in_flight.items() if count > 0)
+        return sorted(self.gates_in_flight)
 
     # ------------------------------------------------------------ validation
 
