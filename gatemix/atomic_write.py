@@ -15,19 +15,30 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def write_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write through a temporary file and a rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path``; when the block ends without error it replaces ``path``.
+
+    For writers that want a path rather than text (``torch.save``, ``json.dump`` to a
+    handle, safetensors): they write the yielded path, and readers see the old file or
+    the whole new one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
+        yield Path(temp_name)
         os.chmod(temp_name, 0o644)
         os.replace(temp_name, path)
-    except BaseException:
+    finally:
         Path(temp_name).unlink(missing_ok=True)
-        raise
+
+
+def write_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` through a temporary file and a rename."""
+    with atomic_file(path) as temp:
+        temp.write_text(text, encoding="utf-8")
 
 
 @contextlib.contextmanager

@@ -23,6 +23,15 @@ from collections.abc import Iterable
 from gatemix.errors import UserError
 
 
+def field_help(text: str, **metadata) -> dict:
+    """``dataclasses.field`` keywords that give a config field its flag help.
+
+    ``field(default=3, **field_help("steps"))``; extra ``metadata`` (``choices``, a
+    ``flag`` name) rides along for ``add_dataclass_flags``.
+    """
+    return {"metadata": {"help": text, **metadata}}
+
+
 def _unwrap_optional(annotation):
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return next(a for a in typing.get_args(annotation) if a is not type(None))
