@@ -1,0 +1,92 @@
+"""How the suite is split across pytest-xdist workers (``make test`` runs ``-n 2``).
+
+A session server or a module's engine is costly to start, so every test that
+shares one runs in the same worker: the tests of one file form one group, and
+every file that uses one of the session servers joins that server's group.
+Groups run longest first (the sum of their files' last measured seconds,
+``durations.json``, rewritten by ``pytest --record-durations``), so the short
+ones fill in at the end instead of one long group starting last.
+
+Tests that build or serve real models are marked ``slow``; ``make test-fast``
+runs the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+DURATIONS_FILE = Path(__file__).with_name("durations.json")
+
+# Session fixtures that start a server: every file using one joins its group.
+SHARED_SERVERS = ("routed_server", "server")
+
+# Fixtures that build, train, pack or serve real models: a test using one is `slow`.
+HEAVY_FIXTURES = frozenset({
+    "demo_paths", "demo_project", "composite_dir", "served_project", "server_model_dir",
+    "server", "routed_server", "micro_demo", "tiny_project", "tiny_student",
+    "lambda_composite",
+})
+
+# A file never measured (a new one) is assumed to cost this many seconds.
+UNMEASURED_FILE_S = 20.0
+
+
+def file_groups(items: list[pytest.Item]) -> dict[str, str]:
+    """Test file -> its xdist group: the first shared server any of its tests uses, else itself."""
+    groups: dict[str, str] = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        server = next((name for name in SHARED_SERVERS if name in item.fixturenames), None)
+        if server is not None:
+            groups[path] = server
+        else:
+            groups.setdefault(path, path)
+    return groups
+
+
+def measured_seconds() -> dict[str, float]:
+    """Test file -> seconds, as last measured (``durations.json``); empty when none was."""
+    if not DURATIONS_FILE.is_file():
+        return {}
+    return json.loads(DURATIONS_FILE.read_text())
+
+
+def group_seconds(groups: dict[str, str], file_seconds: dict[str, float]) -> dict[str, float]:
+    """Group -> the measured seconds of its files, summed."""
+    totals: dict[str, float] = {}
+    for path, group in groups.items():
+        totals[group] = totals.get(group, 0.0) + file_seconds.get(path, UNMEASURED_FILE_S)
+    return totals
+
+
+def record_seconds(file_seconds: dict[str, float]) -> None:
+    """Write what this run measured, per file, for the next run's order."""
+    rounded = {path: round(seconds, 1) for path, seconds in sorted(file_seconds.items())}
+    DURATIONS_FILE.write_text(json.dumps(rounded, indent=1) + "\n")
+
+
+def is_heavy(item: pytest.Item) -> bool:
+    return item.get_closest_marker("slow") is not None or bool(HEAVY_FIXTURES & set(item.fixturenames))
+
+
+def schedule(items: list[pytest.Item]) -> None:
+    """Mark heavy tests slow, group tests by what they share, order groups longest first (in place)."""
+    groups = file_groups(items)
+    seconds = group_seconds(groups, measured_seconds())
+    group_of = {}
+    for item in items:
+        group = groups[item.nodeid.split("::")[0]]
+        group_of[item.nodeid] = group
+        item.add_marker(pytest.mark.xdist_group(group))
+        if is_heavy(item):
+            item.add_marker(pytest.mark.slow)
+    first_seen = {}
+    for index, item in enumerate(items):
+        first_seen.setdefault(group_of[item.nodeid], index)
+    items.sort(key=lambda item: (
+        -seconds[group_of[item.nodeid]],
+        first_seen[group_of[item.nodeid]],
+    ))
