@@ -265,3 +265,24 @@ def constant_router(
 
 def uniform_log_weights(num_experts: int) -> torch.Tensor:
     return torch.full((num_experts,), -math.log(num_experts))
+
+
+def router_log_weights(
+    router: HiddenStateRouter,
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    next_logprobs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The router's weights for predicting token t+1, for every scored position t.
+
+    ``hidden`` ``(N, T-1, K*H)`` is aligned on the predicting position, and
+    ``input_ids`` ``(N, T)`` are the whole sequences, whose first T-1 tokens are
+    what a context model reads; ``next_logprobs`` ``(N, T-1, K)``, aligned like
+    ``hidden``, feed a posterior router's state. -> ``(N, T-1, K)``.
+    """
+    if input_ids is not None:
+        width = hidden.shape[1]
+        input_ids = input_ids[:, :width]
+        attention_mask = None if attention_mask is None else attention_mask[:, :width]
+    return router(hidden.float(), input_ids, attention_mask, next_logprobs)
