@@ -26,8 +26,8 @@ import torch
 
 from gatemix.distill.data import WindowSet
 from gatemix.distill.loss import next_token_logprobs
-from gatemix.gate.token_features import TokenFeatures
 from gatemix.gate.fit.evaluate import EvaluationReport, evaluate_methods
+from gatemix.gate.token_features import TokenFeatures
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from gatemix.gate.mixing import LOG_WEIGHT_FLOOR
+from gatemix.gate.posterior import prefix_state
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,8 @@ class HiddenStateRouter(nn.Module):
             self.proj_out = nn.Linear(in_features, form.num_experts)
         self.context = None
         if form.context_config is not None and build_context:
+            # transformers is deferred: most routers have no context model, and the
+            # engine's workers import this module before they need one.
             from transformers import LlamaConfig, LlamaModel
 
             self.context = LlamaModel(LlamaConfig(**form.context_config))
@@ -189,8 +192,6 @@ class HiddenStateRouter(nn.Module):
         if self.form.posterior:
             if next_logprobs is None:
                 raise ValueError("this router reads the experts' log-probs of the prefix: pass next_logprobs")
-            from gatemix.gate.posterior import prefix_state
-
             state = prefix_state(next_logprobs.float(), self.forgetting)
         return self.gate(expert_hidden, state)
 

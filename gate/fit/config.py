@@ -263,8 +263,8 @@ class FitGateConfig(PrimalDualConfig):
     two_stage: bool = field(
         default=True,
         **field_help(
-            "also take the paper's two-stage route: the sequence gate by the game, distilled into "
-            "the head router (a candidate too); off: no sequence gate, no q pool"
+            "also take the paper's two-stage route: the sequence gate by the game, then the head "
+            "router fitted to it (a candidate too); off: no sequence gate, no q pool"
         ),
     )
     direct_router: bool = field(

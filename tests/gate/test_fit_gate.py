@@ -145,3 +145,17 @@ def test_distill_gate_redoes_only_the_second_stage(micro_demo, tmp_path, monkeyp
     assert second.details["distillation"]["source"] == "data" != first.details["distillation"]["source"]
     assert second.details["sequence_gate"]["lambda_avg"] == first.details["sequence_gate"]["lambda_avg"]
     assert second.version != first.version
+
+
+def test_distill_gate_is_fit_gate_stage_router_and_warns_once(monkeypatch, capsys):
+    from gatemix.cli import main
+    from gatemix.gate.fit import pipeline
+
+    stages = []
+    monkeypatch.setattr(pipeline, "fit_gate", lambda config, stage="all": stages.append(stage))
+    assert main(["distill-gate", "--project", "p"]) == 0
+    assert main(["fit-gate", "--stage", "router", "--project", "p"]) == 0
+    assert main(["fit-gate", "--project", "p"]) == 0
+    assert stages == ["router", "router", "all"]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
+    assert warnings == ["gatemix distill-gate is deprecated; use gatemix fit-gate --stage router"]
