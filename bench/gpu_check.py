@@ -125,7 +125,7 @@ class CheckContext:
 
 def check_features(context: CheckContext) -> dict:
     """(a) ``HFExpertBank.score`` in bf16 on the device against fp32 on the CPU."""
-    from gatemix.gate.features import HFExpertBank, pad_sequences
+    from gatemix.gate.fit.expert_bank import HFExpertBank, pad_sequences
 
     sizes, device = context.sizes, context.device
     device_bank = HFExpertBank(context.expert_dirs, device=device, dtype=torch.bfloat16)

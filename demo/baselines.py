@@ -28,7 +28,7 @@ from gatemix.demo import train
 from gatemix.demo.config import BASELINE_NAMES, DemoConfig
 from gatemix.demo.train import LlamaShape
 
-BASELINE_FILE = "baseline.json"  # read by gate/report.py: the row's label
+BASELINE_FILE = "baseline.json"  # read by gate/fit/report.py: the row's label
 
 
 def training_flops(parameters: int, tokens: int) -> float:

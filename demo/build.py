@@ -313,8 +313,8 @@ def _build_baseline(config: DemoConfig, paths: DemoPaths, streams: _TokenStreams
 
 def _build_gate(config: DemoConfig, paths: DemoPaths, out: Path) -> dict:
     """The robust gate fitted on the demo's project, the artifact ``gatemix serve`` packs."""
-    from gatemix.gate.config import FitGateConfig
-    from gatemix.gate.fit import fit_gate
+    from gatemix.gate.fit.config import FitGateConfig
+    from gatemix.gate.fit.pipeline import fit_gate
 
     fit_config = FitGateConfig(
         project=str(paths.project_file), out_dir=str(out), steps=config.gate_steps,

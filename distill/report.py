@@ -26,8 +26,8 @@ import torch
 
 from gatemix.distill.data import WindowSet
 from gatemix.distill.loss import next_token_logprobs
-from gatemix.gate.distill_router import TokenFeatures
-from gatemix.gate.evaluate import EvaluationReport, evaluate_methods
+from gatemix.gate.fit.evaluate import EvaluationReport, evaluate_methods
+from gatemix.gate.token_features import TokenFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +35,14 @@ logger = logging.getLogger(__name__)
 def window_features(windows: WindowSet, expert_dirs: list[Path], batch_size: int,
                     device: str) -> dict[str, TokenFeatures]:
     """Domain -> every expert's next-token log-probs on its eval windows (the gate report's input)."""
-    from gatemix.gate.features import HFExpertBank
+    from gatemix.gate.fit.expert_bank import HFExpertBank
 
     bank = HFExpertBank(expert_dirs, device=device)
-    bank.with_hidden = False
     features = {}
     for domain in windows.domains:
         rows = windows.windows[domain]
-        parts = [bank.score(rows[s : s + batch_size], torch.ones_like(rows[s : s + batch_size]))
+        parts = [bank.score(rows[s : s + batch_size], torch.ones_like(rows[s : s + batch_size]),
+                        with_hidden=False)
                  for s in range(0, len(rows), batch_size)]
         features[domain] = TokenFeatures.concat(parts)
     return features
@@ -66,7 +66,7 @@ def ensemble_token_logprobs(teacher, windows: WindowSet, batch_size: int) -> dic
 def score_models(features: dict[str, TokenFeatures], ensemble: dict[str, torch.Tensor],
                  models: dict[str, Path]) -> EvaluationReport:
     """The gate report's table over experts, the ensemble and every model folder in ``models``."""
-    from gatemix.gate.report import model_token_logprobs
+    from gatemix.gate.fit.report import model_token_logprobs
 
     extra = {"ensemble": ensemble}
     for name, folder in models.items():

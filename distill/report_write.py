@@ -21,7 +21,7 @@ from gatemix.distill.report import (
     miss_reasons,
     student_vs_ensemble,
 )
-from gatemix.gate.evaluate import EvaluationReport, dirichlet_mixtures, write_report
+from gatemix.gate.fit.evaluate import EvaluationReport, dirichlet_mixtures, write_report
 
 GENERATION_INTRO = ("Greedy continuations of each domain's first eval prompts, scored by the "
                     "ensemble (lower is what the ensemble finds likelier).")

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from gatemix.gate.distill_router import TokenFeatures, router_log_weights
 from gatemix.gate.mixing import mix_logprobs, normalize_log_weights
-from gatemix.gate.router import HiddenStateRouter, RouterForm
+from gatemix.gate.router import HiddenStateRouter, RouterForm, router_log_weights
+from gatemix.gate.token_features import TokenFeatures
 
 TokenGate = Callable[[TokenFeatures], torch.Tensor]
 

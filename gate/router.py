@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from gatemix.gate.mixing import LOG_WEIGHT_FLOOR
+from gatemix.gate.posterior import prefix_state
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,8 @@ class HiddenStateRouter(nn.Module):
             self.proj_out = nn.Linear(in_features, form.num_experts)
         self.context = None
         if form.context_config is not None and build_context:
+            # transformers is deferred: most routers have no context model, and the
+            # engine's workers import this module before they need one.
             from transformers import LlamaConfig, LlamaModel
 
             self.context = LlamaModel(LlamaConfig(**form.context_config))
@@ -189,8 +192,6 @@ class HiddenStateRouter(nn.Module):
         if self.form.posterior:
             if next_logprobs is None:
                 raise ValueError("this router reads the experts' log-probs of the prefix: pass next_logprobs")
-            from gatemix.gate.posterior import prefix_state
-
             state = prefix_state(next_logprobs.float(), self.forgetting)
         return self.gate(expert_hidden, state)
 
@@ -265,3 +266,24 @@ def constant_router(
 
 def uniform_log_weights(num_experts: int) -> torch.Tensor:
     return torch.full((num_experts,), -math.log(num_experts))
+
+
+def router_log_weights(
+    router: HiddenStateRouter,
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    next_logprobs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The router's weights for predicting token t+1, for every scored position t.
+
+    ``hidden`` ``(N, T-1, K*H)`` is aligned on the predicting position, and
+    ``input_ids`` ``(N, T)`` are the whole sequences, whose first T-1 tokens are
+    what a context model reads; ``next_logprobs`` ``(N, T-1, K)``, aligned like
+    ``hidden``, feed a posterior router's state. -> ``(N, T-1, K)``.
+    """
+    if input_ids is not None:
+        width = hidden.shape[1]
+        input_ids = input_ids[:, :width]
+        attention_mask = None if attention_mask is None else attention_mask[:, :width]
+    return router(hidden.float(), input_ids, attention_mask, next_logprobs)

@@ -25,8 +25,8 @@ SUBCOMMANDS = {
     "build-demo": "gatemix.demo.cli",
     "pack": "gatemix.engine.pack_cli",
     "serve": "gatemix.server.cli",
-    "fit-gate": "gatemix.gate.cli",
-    "distill-gate": "gatemix.gate.distill_cli",
+    "fit-gate": "gatemix.gate.fit.cli",
+    "distill-gate": "gatemix.gate.fit.alias_cli",  # deprecated: fit-gate --stage router
     "distill": "gatemix.distill.cli",
     "distill-report": "gatemix.distill.report_cli",
     "bench": "gatemix.bench.cli",

@@ -139,7 +139,7 @@ def test_out_of_domain_text_is_stored_and_named_by_the_project(micro_demo):
 
 def test_a_second_build_reuses_every_stage_and_does_not_refit(micro_demo, make_micro_config,
                                                              caplog, monkeypatch):
-    from gatemix.gate import fit as fit_module
+    from gatemix.gate.fit import pipeline as fit_module
 
     def no_refit(config):
         raise AssertionError("the gate was fitted again")

@@ -55,8 +55,8 @@ def _project(root: Path, demo_paths, experts: dict[str, tuple[str, dict]]) -> Pa
 
 
 def _fit_and_pack(project_file: Path, tmp_path: Path) -> Path:
-    from gatemix.gate.config import FitGateConfig
-    from gatemix.gate.fit import fit_gate
+    from gatemix.gate.fit.config import FitGateConfig
+    from gatemix.gate.fit.pipeline import fit_gate
     from gatemix.project import load_project
 
     fit_gate(FitGateConfig(project=str(project_file), cache_dir=str(tmp_path / "features"), **TINY_FIT))

@@ -8,13 +8,14 @@ import pytest
 import torch
 from two_domains import HIDDEN, two_domain_features
 
-from gatemix.gate.config import PrimalDualConfig
-from gatemix.gate.distill_router import TokenFeatures, routed_token_logprobs
-from gatemix.gate.family import fit_family, parameter_groups
-from gatemix.gate.fit_inputs import fit_data
+from gatemix.gate.fit.config import PrimalDualConfig
+from gatemix.gate.fit.family import fit_family, parameter_groups
+from gatemix.gate.fit.inputs import fit_data
+from gatemix.gate.fit.router_fit import routed_token_logprobs
+from gatemix.gate.fit.selection import select_router
 from gatemix.gate.mixing import mix_sequence_logprobs
 from gatemix.gate.registry import GATE_FAMILY, GATES
-from gatemix.gate.selection import select_router
+from gatemix.gate.token_features import TokenFeatures
 
 
 def _domain(index: int, sequences: int, length: int, seed: int) -> TokenFeatures:

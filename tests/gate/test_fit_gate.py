@@ -34,7 +34,7 @@ def test_expert_hash_changes_with_the_weights_and_only_with_them(micro_demo, tmp
 
 def _micro_config(micro_demo: Path, tmp_path: Path, **overrides):
     """A fit sized for the micro demo: seconds on one thread."""
-    from gatemix.gate.config import FitGateConfig
+    from gatemix.gate.fit.config import FitGateConfig
 
     values = {
         "project": str(micro_demo),
@@ -53,10 +53,10 @@ def _micro_config(micro_demo: Path, tmp_path: Path, **overrides):
 
 
 def test_fit_gate_writes_a_loadable_robust_router_and_a_report(micro_demo, tmp_path):
+    from gatemix.expert_folder import expert_hash
     from gatemix.gate.artifact import load_router
-    from gatemix.gate.config import FitGateConfig
-    from gatemix.gate.features import expert_hash
-    from gatemix.gate.fit import fit_gate
+    from gatemix.gate.fit.config import FitGateConfig
+    from gatemix.gate.fit.pipeline import fit_gate
 
     config = _micro_config(
         micro_demo,
@@ -97,7 +97,7 @@ def _flags(config) -> list[str]:
     """The CLI flags that reproduce ``config`` (its non-default fields)."""
     import dataclasses
 
-    from gatemix.gate.config import FitGateConfig
+    from gatemix.gate.fit.config import FitGateConfig
 
     defaults, flags = FitGateConfig(), []
     for field in dataclasses.fields(config):
@@ -114,10 +114,10 @@ def _flags(config) -> list[str]:
 
 def test_distill_gate_redoes_only_the_second_stage(micro_demo, tmp_path, monkeypatch):
     from gatemix.cli import main
-    from gatemix.gate import fit as fit_module
     from gatemix.gate.artifact import load_router
-    from gatemix.gate.fit import fit_gate
-    from gatemix.gate.sequence_gate import SequenceGate
+    from gatemix.gate.fit import pipeline as fit_module
+    from gatemix.gate.fit.pipeline import fit_gate
+    from gatemix.gate.fit.sequence_gate import SequenceGate
 
     config = _micro_config(
         micro_demo,
@@ -145,3 +145,17 @@ def test_distill_gate_redoes_only_the_second_stage(micro_demo, tmp_path, monkeyp
     assert second.details["distillation"]["source"] == "data" != first.details["distillation"]["source"]
     assert second.details["sequence_gate"]["lambda_avg"] == first.details["sequence_gate"]["lambda_avg"]
     assert second.version != first.version
+
+
+def test_distill_gate_is_fit_gate_stage_router_and_warns_once(monkeypatch, capsys):
+    from gatemix.cli import main
+    from gatemix.gate.fit import pipeline
+
+    stages = []
+    monkeypatch.setattr(pipeline, "fit_gate", lambda config, stage="all": stages.append(stage))
+    assert main(["distill-gate", "--project", "p"]) == 0
+    assert main(["fit-gate", "--stage", "router", "--project", "p"]) == 0
+    assert main(["fit-gate", "--project", "p"]) == 0
+    assert stages == ["router", "router", "all"]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
+    assert warnings == ["gatemix distill-gate is deprecated; use gatemix fit-gate --stage router"]

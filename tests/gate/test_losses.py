@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gatemix.gate.losses import (
+from gatemix.gate.fit.losses import (
     domain_means,
     dual_ascent_step,
     eg_lambda_step,

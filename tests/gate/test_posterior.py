@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gatemix.gate.distill_router import TokenFeatures
 from gatemix.gate.posterior import SCAN_BLOCK, forgetting_scan, prefix_state
 from gatemix.gate.registry import GATES
 from gatemix.gate.router import HiddenStateRouter, RouterForm
+from gatemix.gate.token_features import TokenFeatures
 
 
 def _loop_scan(logprobs: torch.Tensor, forgetting: float, initial: torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,12 @@ import itertools
 import pytest
 import torch
 
-from gatemix.gate.config import PrimalDualConfig
-from gatemix.gate.convergence import plot_history
-from gatemix.gate.fit_checkpoint import ResumeError
-from gatemix.gate.game_data import GateFitData
-from gatemix.gate.primal_dual import run_primal_dual
-from gatemix.gate.sequence_gate import SequenceGate, SequenceGateForm
+from gatemix.gate.fit.checkpoint import ResumeError
+from gatemix.gate.fit.config import PrimalDualConfig
+from gatemix.gate.fit.convergence import plot_history
+from gatemix.gate.fit.game_data import GateFitData
+from gatemix.gate.fit.primal_dual import run_primal_dual
+from gatemix.gate.fit.sequence_gate import SequenceGate, SequenceGateForm
 
 
 def _fake_data(per_domain: int = 24, length: int = 6, vocab: int = 20) -> GateFitData:
@@ -154,7 +154,7 @@ def test_an_inconsistent_q_pool_is_refused():
 
 
 def test_step_sizes_hold_then_decay_like_one_over_sqrt_t():
-    from gatemix.gate.convergence import schedule_factor
+    from gatemix.gate.fit.convergence import schedule_factor
 
     config = _config(steps=100, schedule_scale=0.1)
     factors = [schedule_factor(step, config) for step in range(100)]

@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from gatemix.gate.distill_router import TokenFeatures
-from gatemix.gate.evaluate import dirichlet_mixtures, evaluate_methods, write_report
+from gatemix.gate.fit.evaluate import dirichlet_mixtures, evaluate_methods, write_report
 from gatemix.gate.registry import GATES, gated_token_logprobs
 from gatemix.gate.router import constant_router
+from gatemix.gate.token_features import TokenFeatures
 
 
 def _features(own: int, num: int = 3, length: int = 5, hidden: int = 4) -> TokenFeatures:
@@ -104,7 +104,7 @@ def test_dirichlet_mixtures_are_on_the_simplex_and_seeded():
 
 
 def test_a_baseline_that_beats_the_experts_themselves_is_explained():
-    from gatemix.gate.evaluate import EvaluationReport, MethodScore, compare_to_baselines
+    from gatemix.gate.fit.evaluate import EvaluationReport, MethodScore, compare_to_baselines
 
     def score(excess: list[float]) -> MethodScore:
         worst = max(excess)

@@ -16,8 +16,8 @@ import pytest
 import torch
 from micro_demo import micro_demo_project
 
-from gatemix.gate.distill_router import TokenFeatures
-from gatemix.gate.features import Shard, merge_shards, shard_path
+from gatemix.gate.fit.features import Shard, merge_shards, shard_path
+from gatemix.gate.token_features import TokenFeatures
 
 FIT = [
     "--steps", "6", "--batch-per-domain", "4", "--max-length", "12", "--gate-width", "8",
@@ -56,7 +56,8 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_fit_gate_under_torchrun_shards_the_scoring_and_merges_it(tmp_path):
-    from gatemix.gate.features import HFExpertBank, cached_features
+    from gatemix.gate.fit.expert_bank import HFExpertBank
+    from gatemix.gate.fit.features import cached_features
     from gatemix.project import load_project
 
     root = micro_demo_project(tmp_path / "micro")

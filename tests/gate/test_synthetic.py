@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from gatemix.gate.synthetic import SyntheticResult, run_synthetic_experiment
+from gatemix.gate.fit.synthetic import SyntheticResult, run_synthetic_experiment
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_primal_dual_lambda_converges_to_the_middle_and_z_to_one(result):
 
 
 def test_the_duality_gap_shrinks_and_the_averaged_iterates_settle(result):
-    from gatemix.gate.convergence import running_average
+    from gatemix.gate.fit.convergence import running_average
 
     # Checked once averaging has begun, the gap stays near zero (the losses are ~0.1 nats/token);
     # that it shrinks as the game runs is tests/gate/test_primal_dual.py's convex toy.
@@ -69,7 +69,7 @@ def test_the_router_reads_context_where_static_per_token_weights_cannot(result):
 
 def test_distillation_samples_the_robust_model_at_the_expected_rate(result):
     # pi_g / (K q) averages 1/K = 0.5 when the gate is close to constant.
-    assert abs(result.distill["sampling"]["acceptance"] - 0.5) < 0.05
+    assert abs(result.router_fit["sampling"]["acceptance"] - 0.5) < 0.05
 
 
 @pytest.mark.xfail(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from gatemix.gate.distill_router import TokenFeatures
-from gatemix.gate.text_sets import segment_oracle_logprobs, switching_sequences
+from gatemix.gate.fit.text_sets import segment_oracle_logprobs, switching_sequences
+from gatemix.gate.token_features import TokenFeatures
 
 STREAMS = [list(range(300)), list(range(1000, 1300)), list(range(2000, 2300))]
 

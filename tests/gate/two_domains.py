@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gatemix.gate.distill_router import TokenFeatures
+from gatemix.gate.token_features import TokenFeatures
 
 HIDDEN = 4  # each expert's hidden width
 

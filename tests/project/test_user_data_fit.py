@@ -57,8 +57,8 @@ def _user_data(root: Path, demo_project) -> dict:
 def test_every_data_form_goes_through_fit_gate_to_a_packed_composite(demo_paths, demo_project, tmp_path):
     from gatemix.engine.composite_folder import CompositeInfo
     from gatemix.gate.artifact import load_router
-    from gatemix.gate.config import FitGateConfig
-    from gatemix.gate.fit import fit_gate
+    from gatemix.gate.fit.config import FitGateConfig
+    from gatemix.gate.fit.pipeline import fit_gate
     from gatemix.project import load_project
     from gatemix.project_writer import write_project_file
 

@@ -10,20 +10,22 @@ Three sets, all held out of every fit:
 
 Then the issue's targets for the served router, each met or missed by how
 much, and the convergence of every primal-dual game (its final duality gap).
+
+The report fits nothing: the candidates and the ERM baseline come fitted from
+the pipeline (``family.fit_erm_router``); it scores them and writes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from gatemix.gate.config import FitGateConfig
-from gatemix.gate.distill_router import TokenFeatures
-from gatemix.gate.evaluate import (
+from gatemix.gate.fit.config import FitGateConfig
+from gatemix.gate.fit.convergence import SEQUENCE_GATE_PLOT, member_plot_file
+from gatemix.gate.fit.evaluate import (
     EvaluationReport,
     compare_to_baselines,
     evaluate_methods,
@@ -31,21 +33,21 @@ from gatemix.gate.evaluate import (
     why_baseline_wins,
     write_report,
 )
-from gatemix.gate.family import fit_router_directly
-from gatemix.gate.features import HFExpertBank, cached_features, cached_token_features
-from gatemix.gate.fit import member_plot_file, router_context_config, router_game_part
-from gatemix.gate.fit_inputs import (
+from gatemix.gate.fit.expert_bank import HFExpertBank
+from gatemix.gate.fit.features import cached_features, cached_token_features
+from gatemix.gate.fit.game_data import GateFitData
+from gatemix.gate.fit.inputs import (
     FitInputs,
     features_cache_dir,
     load_split_features,
     project_texts,
 )
-from gatemix.gate.game_data import GateFitData
+from gatemix.gate.fit.sequence_gate import SequenceGate
+from gatemix.gate.fit.text_sets import SwitchingSet, segment_oracle_logprobs, switching_sequences
 from gatemix.gate.mixing import mix_sequence_logprobs
 from gatemix.gate.registry import GATES, TokenGate
-from gatemix.gate.router import HiddenStateRouter, RouterForm
-from gatemix.gate.sequence_gate import SequenceGate
-from gatemix.gate.text_sets import SwitchingSet, segment_oracle_logprobs, switching_sequences
+from gatemix.gate.router import HiddenStateRouter
+from gatemix.gate.token_features import TokenFeatures
 
 SERVED = "robust_router"  # the report's name for the served router
 BASELINE_FILE = "baseline.json"  # a baseline folder's label: what it is matched on, its compute
@@ -65,7 +67,6 @@ class EvaluationSets:
 def evaluation_sets(config: FitGateConfig, inputs: FitInputs) -> EvaluationSets:
     """The three held-out sets, scored by the experts (cached like the fit's features)."""
     bank, project = inputs.bank, inputs.project
-    bank.with_hidden = True
     eval_features = load_split_features(bank, config, project, "eval")
     cache_dir = features_cache_dir(config, project)
     switching = switching_features = None
@@ -114,10 +115,10 @@ def model_token_logprobs(
 ) -> dict[str, torch.Tensor]:
     """One extra model (a monolithic baseline) scored on the same token ids, in batches."""
     bank = HFExpertBank([model_dir])
-    bank.with_hidden = False
     return {
         name: torch.cat([
-            bank.score(part.input_ids[rows], part.attention_mask[rows]).next_logprobs[..., 0]
+            bank.score(part.input_ids[rows], part.attention_mask[rows], with_hidden=False)
+            .next_logprobs[..., 0]
             for rows in torch.arange(part.input_ids.shape[0]).split(batch_size)
         ])
         for name, part in features.items()
@@ -170,23 +171,13 @@ def evaluate_fit(
     gate: SequenceGate | None,
     stats: dict,
     work_dir: Path,
+    *,
+    erm_router: HiddenStateRouter,
 ) -> dict:
-    """Fit the ERM router, score every candidate and baseline on every set, write ``report.md``."""
+    """Score every candidate, the ERM router and every baseline on every set; write ``report.md``."""
     domains, data = inputs.domains, inputs.data
     sets = evaluation_sets(config, inputs)
     epsilons = in_domain_cross_entropy({d: _domain_slice(data, j) for j, d in enumerate(domains)})
-    head_form = RouterForm.for_experts(
-        inputs.bank.hidden_sizes, router_hidden=config.router_hidden,
-        context_config=router_context_config(config, inputs.bank),
-    )
-    erm_router, _ = fit_router_directly(
-        data,
-        head_form,
-        dataclasses.replace(
-            router_game_part(config), fixed_lambda=proportions(data), loss="cross_entropy",
-            checkpoint_every=0,
-        ),
-    )
     gates = baseline_gates(len(domains), epsilons)
     gates["erm"] = GATES["learned"](erm_router)
     for name, router in routers.items():
@@ -202,15 +193,20 @@ def evaluate_fit(
     report.notes = [f"{SERVED} is the served router: {served}, chosen by held-out worst-domain excess"]
     report.notes += compare_to_baselines(report, SERVED, ("uniform", "erm", *inputs.project.baselines))
     sections = target_section(report, SERVED, labels) + convergence_section(stats, inputs, gate)
-    plots = {}
-    if gate is not None:
-        plots["the sequence gate's game: lambda, mu, Z and the duality gap"] = "primal_dual.png"
-    for name in stats.get("family", {}):
-        plots[f"{name}'s game: lambda and the duality gap"] = member_plot_file(name)
-    write_report(report, work_dir, title="Robust gate: evaluation on held-out text", plots=plots,
-                 sections=sections, labels=labels)
+    write_report(report, work_dir, title="Robust gate: evaluation on held-out text",
+                 plots=game_plots(stats, gate), sections=sections, labels=labels)
     (work_dir / "evaluation.json").write_text(json.dumps(report.to_dict(), indent=2))
     return summary(report)
+
+
+def game_plots(stats: dict, gate: SequenceGate | None) -> dict[str, str]:
+    """Caption -> plot file of every primal-dual game the fit played."""
+    plots = {}
+    if gate is not None:
+        plots["the sequence gate's game: lambda, mu, Z and the duality gap"] = SEQUENCE_GATE_PLOT
+    for name in stats.get("family", {}):
+        plots[f"{name}'s game: lambda and the duality gap"] = member_plot_file(name)
+    return plots
 
 
 def _score_text_sets(report, sets: EvaluationSets, gates, extra, domains: list[str]) -> None:
@@ -345,15 +341,6 @@ def _domain_slice(data: GateFitData, domain: int) -> TokenFeatures:
         None,
         tensors["token_mask"][rows],
     )
-
-
-def proportions(data: GateFitData) -> tuple[float, ...]:
-    """Token proportions of the domains in the fit data (ERM's lambda)."""
-    tokens = torch.zeros(data.num_domains, dtype=torch.float64).index_add(
-        0, data.tensors["domain"], data.tensors["num_tokens"].double()
-    )
-    weights = tokens / tokens.sum()
-    return tuple(float(w) for w in weights[:-1]) + (1.0 - float(weights[:-1].sum()),)
 
 
 def in_domain_cross_entropy(features: dict[str, TokenFeatures]) -> list[float]:

@@ -1,6 +1,6 @@
 """``gatemix fit-gate``: the robust gate on a project's experts and data, in named stages.
 
-0. ``fit_inputs`` (``gate/fit_inputs.py``): the experts' features on each
+0. ``fit_inputs`` (``gate/fit/inputs.py``): the experts' features on each
    domain's gate (and eval) text, cached on disk and sharded across processes
    under ``torchrun``; the pool of draws from ``q`` (two-stage route only); the
    held-out selection share.
@@ -8,18 +8,19 @@
    by the primal-dual game against the worst mixture of domains (checkpointed,
    resumable). Its end state is saved (``sequence_gate.pt``, ``game.json``), so
    ``load_sequence_gate`` can hand it to the next stage without replaying it.
-2. ``fit_candidates``: the gate family (``gate/family.py``), every member
-   fitted by the game directly, and the two-stage router distilled from stage 1.
+2. ``fit_candidates``: the gate family (``gate/fit/family.py``), every member
+   fitted by the game directly, and the two-stage router fitted to stage 1's
+   gate (``gate/fit/router_fit.py``).
 3. ``choose_router``: the candidate with the lowest held-out worst-domain excess.
-4. ``write_artifact``: the evaluation against every baseline (optional) and
-   the versioned router artifact ``gatemix pack`` accepts.
+4. ``write_artifact``: the evaluation against every baseline (optional; the ERM
+   baseline is fitted for it) and the versioned router artifact ``gatemix pack`` accepts.
 
-``gatemix distill-gate`` runs 0, then 2-4 over the saved stage 1.
+``gatemix fit-gate --stage router`` runs 0, then 2-4 over the saved stage 1
+(``--stage all``, the default, runs every stage).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -27,29 +28,33 @@ from pathlib import Path
 
 import torch
 
+from gatemix.atomic_write import atomic_file, write_atomically
 from gatemix.gate.artifact import RouterArtifact, save_router
-from gatemix.gate.config import FitGateConfig, PrimalDualConfig
-from gatemix.gate.convergence import plot_history
-from gatemix.gate.distill_router import distill_router
-from gatemix.gate.family import fit_family
-from gatemix.gate.features import HFExpertBank
-from gatemix.gate.fit_inputs import (
+from gatemix.gate.fit.config import FIT_STAGES, FitGateConfig
+from gatemix.gate.fit.convergence import SEQUENCE_GATE_PLOT, member_plot_file, plot_history
+from gatemix.gate.fit.family import fit_erm_router, fit_family
+from gatemix.gate.fit.inputs import (
     FitGateError,
     FitInputs,
     artifact_dir,
     fit_inputs,
     fit_work_dir,
+    router_context_config,
     served_name,
 )
-from gatemix.gate.primal_dual import run_primal_dual
-from gatemix.gate.router import HiddenStateRouter, context_config_like
-from gatemix.gate.selection import select_router
-from gatemix.gate.sequence_gate import SequenceGate, SequenceGateForm
+from gatemix.gate.fit.primal_dual import run_primal_dual
+from gatemix.gate.fit.report import evaluate_fit
+from gatemix.gate.fit.router_fit import fit_router
+from gatemix.gate.fit.selection import select_router
+from gatemix.gate.fit.sequence_gate import SequenceGate, SequenceGateForm
+from gatemix.gate.router import HiddenStateRouter
 
 logger = logging.getLogger(__name__)
 
 SEQUENCE_GATE_FILE = "sequence_gate.pt"
 GAME_FILE = "game.json"  # the game's averaged end state, what stage 2 reads
+# The router stage's statistics keep the key old artifacts and reports use.
+ROUTER_STATS_KEY = "distillation"
 
 
 @dataclass
@@ -64,25 +69,15 @@ class SequenceGateFit:
     gap: dict | None = None  # the final duality-gap check of the averaged iterates
 
 
-def primal_dual_part(config: FitGateConfig) -> PrimalDualConfig:
-    names = {f.name for f in dataclasses.fields(PrimalDualConfig)}
-    return PrimalDualConfig(**{k: v for k, v in config.to_dict().items() if k in names})
-
-
-def router_game_part(config: FitGateConfig) -> PrimalDualConfig:
-    """The games of the routers: the loop's settings with the routers' own learning rate."""
-    return dataclasses.replace(primal_dual_part(config), learning_rate=config.router_learning_rate)
-
-
 def fit_sequence_gate(config: FitGateConfig, inputs: FitInputs, work_dir: Path) -> SequenceGateFit:
     """Stage 1: the primal-dual game; its end state is saved for ``load_sequence_gate``."""
     torch.manual_seed(config.seed)
     gate = SequenceGate(sequence_gate_form(config, inputs))
     result = run_primal_dual(
-        gate, inputs.data, primal_dual_part(config), work_dir=work_dir / "gate",
+        gate, inputs.data, config.primal_dual(), work_dir=work_dir / "gate",
         progress=config.progress,
     )
-    plot_history(result.history, work_dir / "primal_dual.png", inputs.domains,
+    plot_history(result.history, work_dir / SEQUENCE_GATE_PLOT, inputs.domains,
                  config.average_from, result.gap)
     logger.info("lambda_avg %s, Z_avg %.4f, mu_avg %.4f; %s", result.lambda_avg, result.z_avg,
                 result.mu_avg, result.gap.summary())
@@ -90,10 +85,11 @@ def fit_sequence_gate(config: FitGateConfig, inputs: FitInputs, work_dir: Path) 
         gate, result.lambda_avg, result.mu_avg, result.z_avg, result.domain_losses_avg,
         result.gap.to_dict(),
     )
-    torch.save(gate.state_dict(), work_dir / SEQUENCE_GATE_FILE)
+    with atomic_file(work_dir / SEQUENCE_GATE_FILE) as temp:
+        torch.save(gate.state_dict(), temp)
     game = {name: getattr(fitted, name) for name in ("lambda_avg", "mu_avg", "z_avg", "domain_losses_avg", "gap")}
     game.update(steps=config.steps, data_hash=inputs.data.fingerprint)
-    (work_dir / GAME_FILE).write_text(json.dumps(game, indent=2))
+    write_atomically(work_dir / GAME_FILE, json.dumps(game, indent=2))
     return fitted
 
 
@@ -123,45 +119,18 @@ def load_sequence_gate(config: FitGateConfig, inputs: FitInputs, work_dir: Path)
                            game["domain_losses_avg"], game.get("gap"))
 
 
-def router_context_config(config: FitGateConfig, bank: HFExpertBank) -> dict | None:
-    """The router's own causal Llama, shaped like the first expert, or None for a head only."""
-    if not config.router_context_layers:
-        return None
-    return context_config_like(
-        bank.models[0].config.to_dict(),
-        config.router_context_layers,
-        config.router_context_intermediate,
-    )
-
-
-def distill_two_stage(
+def fit_two_stage_router(
     config: FitGateConfig, inputs: FitInputs, fitted: SequenceGateFit
 ) -> tuple[HiddenStateRouter, dict]:
-    """The paper's route: the sequence gate structurally distilled into the head router."""
-    inputs.bank.with_hidden = True
-    return distill_router(
+    """The paper's route: the head router fitted to the sequence gate (samples of it, or data)."""
+    return fit_router(
         inputs.bank,
         fitted.gate,
-        router_hidden=config.router_hidden,
-        num_samples=config.distill_samples,
-        length=config.sample_length,
-        sampler=config.sampler,
-        oversample=config.sir_oversample,
-        steps=config.distill_steps,
-        batch_size=config.distill_batch_size,
-        learning_rate=config.distill_learning_rate,
-        seed=config.seed,
-        source=config.distill_source,
+        config.router_fit(router_context_config(config, inputs.bank)),
         domain_features=list(inputs.fit_features.values()),
         lambdas=fitted.lambda_avg,
-        holdout_fraction=config.distill_holdout,
         proposals=inputs.q_pool,
-        context_config=router_context_config(config, inputs.bank),
     )
-
-
-def member_plot_file(name: str) -> str:
-    return f"primal_dual_{name}.png"
 
 
 def fit_candidates(
@@ -173,11 +142,10 @@ def fit_candidates(
     """
     routers, stats = {}, {}
     if config.direct_router and config.family:
-        inputs.bank.with_hidden = True
         routers, stats["family"], results = fit_family(
             inputs.data,
             inputs.bank.hidden_sizes,
-            router_game_part(config),
+            config.router_game(),
             members=tuple(config.family),
             router_hidden=config.router_hidden,
             context_config=router_context_config(config, inputs.bank),
@@ -188,7 +156,7 @@ def fit_candidates(
             plot_history(result.history, work_dir / member_plot_file(name), inputs.domains,
                          config.average_from, result.gap)
     if fitted is not None:
-        routers["two_stage"], stats["distillation"] = distill_two_stage(config, inputs, fitted)
+        routers["two_stage"], stats[ROUTER_STATS_KEY] = fit_two_stage_router(config, inputs, fitted)
     return routers, stats
 
 
@@ -204,6 +172,55 @@ def choose_router(
     return served, selection
 
 
+def artifact_details(
+    config: FitGateConfig,
+    inputs: FitInputs,
+    fitted: SequenceGateFit | None,
+    served: str,
+    selection: dict | None,
+    stats: dict,
+) -> dict:
+    """What the artifact (and ``fit_summary.json``) says about the fit that made it."""
+    served_stats = stats.get("family", {}).get(served, {})
+    details = {
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.to_dict().items()},
+        "project": str(inputs.project.path),
+        # The served router's game (for the two-stage router: the sequence gate's).
+        "lambda_avg": served_stats.get("lambda_avg") or (fitted.lambda_avg if fitted else None),
+        "data_hash": inputs.data.fingerprint,
+        "family": stats.get("family", {}),
+        ROUTER_STATS_KEY: stats.get(ROUTER_STATS_KEY),
+        "served_router": served,
+        "selection": selection,
+    }
+    if fitted is not None:
+        details["sequence_gate"] = {
+            "lambda_avg": fitted.lambda_avg, "mu_avg": fitted.mu_avg, "z_avg": fitted.z_avg,
+            "domain_excess": dict(zip(inputs.domains, fitted.domain_losses_avg)), "gap": fitted.gap,
+            "parameters": fitted.gate.num_parameters(),
+        }
+    return details
+
+
+def evaluate_candidates(
+    config: FitGateConfig,
+    inputs: FitInputs,
+    fitted: SequenceGateFit | None,
+    routers: dict[str, HiddenStateRouter],
+    served: str,
+    stats: dict,
+    work_dir: Path,
+) -> dict:
+    """The ERM baseline fitted, then every router and baseline scored (``report.md``)."""
+    erm_router = fit_erm_router(
+        inputs.data, inputs.bank.hidden_sizes, config.router_game(),
+        router_hidden=config.router_hidden,
+        context_config=router_context_config(config, inputs.bank),
+    )
+    gate = fitted.gate if fitted is not None else None
+    return evaluate_fit(config, inputs, routers, served, gate, stats, work_dir, erm_router=erm_router)
+
+
 def write_artifact(
     config: FitGateConfig,
     inputs: FitInputs,
@@ -215,38 +232,17 @@ def write_artifact(
     work_dir: Path,
 ) -> RouterArtifact:
     """Stage 4: evaluate (optionally) and write the router artifact for ``gatemix pack``."""
-    domains = inputs.domains
-    served_stats = stats.get("family", {}).get(served, {})
-    details = {
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.to_dict().items()},
-        "project": str(inputs.project.path),
-        # The served router's game (for the two-stage router: the sequence gate's).
-        "lambda_avg": served_stats.get("lambda_avg") or (fitted.lambda_avg if fitted else None),
-        "data_hash": inputs.data.fingerprint,
-        "family": stats.get("family", {}),
-        "distillation": stats.get("distillation"),
-        "served_router": served,
-        "selection": selection,
-    }
-    if fitted is not None:
-        details["sequence_gate"] = {
-            "lambda_avg": fitted.lambda_avg, "mu_avg": fitted.mu_avg, "z_avg": fitted.z_avg,
-            "domain_excess": dict(zip(domains, fitted.domain_losses_avg)), "gap": fitted.gap,
-            "parameters": fitted.gate.num_parameters(),
-        }
+    details = artifact_details(config, inputs, fitted, served, selection, stats)
     if config.evaluate:
-        from gatemix.gate.report import evaluate_fit
-
         if fitted is not None:
             stats = {**stats, "sequence_gate": details["sequence_gate"]}
-
-        details["evaluation"] = evaluate_fit(
-            config, inputs, routers, served, fitted.gate if fitted else None, stats, work_dir
+        details["evaluation"] = evaluate_candidates(
+            config, inputs, fitted, routers, served, stats, work_dir
         )
     artifact = RouterArtifact(
         router=routers[served],
-        expert_names=domains,
-        expert_hashes=dict(zip(domains, inputs.bank.hashes)),
+        expert_names=inputs.domains,
+        expert_hashes=dict(zip(inputs.domains, inputs.bank.hashes)),
         method="robust",
         details=details,
     )
@@ -257,31 +253,23 @@ def write_artifact(
     return saved
 
 
-def fit_gate(config: FitGateConfig) -> RouterArtifact | None:
-    """Every stage. Under a sharded launch, ranks other than 0 stop after scoring (None)."""
+def fit_gate(config: FitGateConfig, stage: str = "all") -> RouterArtifact | None:
+    """Every stage, or (``stage="router"``) stages 2-4 over a finished stage 1, not replayed.
+
+    Under a sharded launch, ranks other than 0 stop after scoring (None).
+    """
+    if stage not in FIT_STAGES:
+        raise FitGateError(f"unknown stage {stage!r}; known: {list(FIT_STAGES)}")
+    if stage == "router" and not config.two_stage:
+        raise FitGateError("--stage router redoes the two-stage route: it needs two_stage on")
     inputs = fit_inputs(config)
     if inputs is None:
         return None
     work_dir = fit_work_dir(config, inputs.project)
-    fitted = fit_sequence_gate(config, inputs, work_dir) if config.two_stage else None
-    return _second_stage(config, inputs, fitted, work_dir)
-
-
-def distill_gate(config: FitGateConfig) -> RouterArtifact | None:
-    """Stages 2-4 over a finished stage 1 (``gatemix distill-gate``): the game is not replayed."""
-    if not config.two_stage:
-        raise FitGateError("distill-gate redoes the two-stage route: it needs two_stage on")
-    inputs = fit_inputs(config)
-    if inputs is None:
-        return None
-    work_dir = fit_work_dir(config, inputs.project)
-    fitted = load_sequence_gate(config, inputs, work_dir)
-    return _second_stage(config, inputs, fitted, work_dir)
-
-
-def _second_stage(
-    config: FitGateConfig, inputs: FitInputs, fitted: SequenceGateFit | None, work_dir: Path
-) -> RouterArtifact:
+    if stage == "router":
+        fitted = load_sequence_gate(config, inputs, work_dir)
+    else:
+        fitted = fit_sequence_gate(config, inputs, work_dir) if config.two_stage else None
     routers, stats = fit_candidates(config, inputs, fitted, work_dir)
     served, selection = choose_router(config, inputs, routers)
     return write_artifact(config, inputs, fitted, routers, served, selection, stats, work_dir)

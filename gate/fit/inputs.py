@@ -4,7 +4,7 @@ The project and its checks, the experts loaded on this process's device, their
 features on each domain's gate (and eval) text (cached on disk and sharded
 across processes under ``torchrun``), the pool of draws from ``q`` (two-stage
 route only) and the held-out selection share. Kept apart from the stages that
-fit (``fit.py``) because the report reads the same inputs again, and because
+fit (``pipeline.py``) because the report reads the same inputs again, and because
 everything here is checked before any fitting starts.
 """
 
@@ -18,12 +18,20 @@ import torch
 
 from gatemix.device import resolve_device, resolve_dtype
 from gatemix.errors import UserError
-from gatemix.gate.config import FitGateConfig
-from gatemix.gate.distill_router import TokenFeatures
-from gatemix.gate.features import HFExpertBank, Shard, cached_features, cached_proposals, data_hash
-from gatemix.gate.game_data import GateFitData
+from gatemix.gate.fit.config import FitGateConfig
+from gatemix.gate.fit.expert_bank import HFExpertBank
+from gatemix.gate.fit.features import (
+    Shard,
+    cached_features,
+    cached_proposals,
+    data_hash,
+)
+from gatemix.gate.fit.game_data import GateFitData
+from gatemix.gate.fit.selection import split_for_selection
 from gatemix.gate.registry import GATE_FAMILY
-from gatemix.gate.selection import split_for_selection
+from gatemix.gate.router import context_config_like
+from gatemix.gate.token_features import TokenFeatures
+from gatemix.process_rank import ProcessRank
 from gatemix.project import Project, load_project
 
 logger = logging.getLogger(__name__)
@@ -123,12 +131,21 @@ def load_bank(config: FitGateConfig, project: Project, shard: Shard) -> HFExpert
     """The experts in transformers, on this process's device (``cuda:<local rank>`` when sharded)."""
     device = resolve_device(config.device)
     if device == "cuda" and shard.world_size > 1:
-        import os
-
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', shard.rank)) % torch.cuda.device_count()}"
+        device = f"cuda:{ProcessRank.from_env().local_rank % torch.cuda.device_count()}"
     dtype = resolve_dtype(config.dtype, device)
     logger.info("experts score on %s in %s", device, dtype)
     return HFExpertBank(list(project.experts.values()), device=device, dtype=dtype)
+
+
+def router_context_config(config: FitGateConfig, bank: HFExpertBank) -> dict | None:
+    """The router's own causal Llama, shaped like the first expert, or None for a head only."""
+    if not config.router_context_layers:
+        return None
+    return context_config_like(
+        bank.models[0].config.to_dict(),
+        config.router_context_layers,
+        config.router_context_intermediate,
+    )
 
 
 def check_names(config: FitGateConfig) -> None:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from gatemix.gate.distill_router import TokenFeatures
 from gatemix.gate.registry import TokenGate, gated_token_logprobs
+from gatemix.gate.token_features import TokenFeatures
 
 
 @dataclass
@@ -234,6 +234,50 @@ def text_set_table(report: EvaluationReport, labels: dict[str, str] | None = Non
     return lines
 
 
+def plot_excess(report: EvaluationReport, path: Path) -> None:
+    """A bar chart of every method's per-domain excess over the in-domain expert, as a PNG."""
+    # matplotlib is deferred: it is slow to import and only the report draws.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report.methods)
+    figure, axis = plt.subplots(figsize=(max(6, 1.1 * len(names)), 3.8))
+    width = 0.8 / len(report.domains)
+    for index, domain in enumerate(report.domains):
+        values = [report.methods[name].excess[index] for name in names]
+        axis.bar([i + index * width for i in range(len(names))], values, width, label=domain)
+    axis.set_xticks(
+        [i + 0.4 - width / 2 for i in range(len(names))], names, rotation=30, ha="right"
+    )
+    axis.set(ylabel="excess loss (nats/token)", title="per-domain excess over the in-domain expert")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def domain_table(report: EvaluationReport, labels: dict[str, str]) -> list[str]:
+    """Markdown rows: every method's CE and excess per domain, worst domain, mean CE, Dirichlet."""
+    header = (
+        "| method | "
+        + " | ".join(f"CE {d}" for d in report.domains)
+        + " | "
+        + " | ".join(f"excess {d}" for d in report.domains)
+        + " | worst domain | mean CE | Dirichlet worst | Dirichlet p90 |"
+    )
+    lines = [header, "|" + "---|" * (2 * len(report.domains) + 5)]
+    for name, score in report.methods.items():
+        cells = [f"{v:.4f}" for v in score.cross_entropy] + [f"{v:+.4f}" for v in score.excess]
+        lines.append(
+            f"| {labels.get(name, name)} | " + " | ".join(cells) + f" | {score.worst_domain} "
+            f"({score.worst_excess:+.4f}) | {score.mean_cross_entropy:.4f} | "
+            f"{score.dirichlet_worst:+.4f} | {score.dirichlet_p90:+.4f} |"
+        )
+    return lines
+
+
 def write_report(
     report: EvaluationReport,
     out_dir: str | Path,
@@ -248,45 +292,11 @@ def write_report(
     are markdown lines put after the tables (targets, convergence).
     """
     labels = labels or {}
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = list(report.methods)
-    figure, axis = plt.subplots(figsize=(max(6, 1.1 * len(names)), 3.8))
-    width = 0.8 / len(report.domains)
-    for index, domain in enumerate(report.domains):
-        values = [report.methods[name].excess[index] for name in names]
-        axis.bar([i + index * width for i in range(len(names))], values, width, label=domain)
-    axis.set_xticks(
-        [i + 0.4 - width / 2 for i in range(len(names))], names, rotation=30, ha="right"
-    )
-    axis.set(ylabel="excess loss (nats/token)", title="per-domain excess over the in-domain expert")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(out_dir / "excess.png", dpi=110)
-    plt.close(figure)
-
-    header = (
-        "| method | "
-        + " | ".join(f"CE {d}" for d in report.domains)
-        + " | "
-        + " | ".join(f"excess {d}" for d in report.domains)
-        + " | worst domain | mean CE | Dirichlet worst | Dirichlet p90 |"
-    )
-    lines = [f"# {title}", "", "## Single-domain documents (the eval split)", "", header,
-             "|" + "---|" * (2 * len(report.domains) + 5)]
-    for name, score in report.methods.items():
-        cells = [f"{v:.4f}" for v in score.cross_entropy] + [f"{v:+.4f}" for v in score.excess]
-        lines.append(
-            f"| {labels.get(name, name)} | " + " | ".join(cells) + f" | {score.worst_domain} "
-            f"({score.worst_excess:+.4f}) | {score.mean_cross_entropy:.4f} | "
-            f"{score.dirichlet_worst:+.4f} | {score.dirichlet_p90:+.4f} |"
-        )
-    lines += ["", "![per-domain excess](excess.png)", ""]
+    plot_excess(report, out_dir / "excess.png")
+    lines = [f"# {title}", "", "## Single-domain documents (the eval split)", "",
+             *domain_table(report, labels), "", "![per-domain excess](excess.png)", ""]
     if report.text_sets:
         lines += ["## Other kinds of text", "", *text_set_table(report, labels), ""]
     lines += list(sections or [])

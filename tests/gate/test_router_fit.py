@@ -8,9 +8,10 @@ import pytest
 import torch
 from two_domains import HIDDEN, two_domain_features
 
-from gatemix.gate.distill_router import TokenFeatures, lambda_weighted_data, train_router
+from gatemix.gate.fit.router_fit import lambda_weighted_data, train_router
+from gatemix.gate.fit.selection import select_router, split_for_selection
 from gatemix.gate.router import HiddenStateRouter, RouterForm, constant_router
-from gatemix.gate.selection import select_router, split_for_selection
+from gatemix.gate.token_features import TokenFeatures
 
 
 def _domain(index: int, sequences: int, length: int, seed: int) -> TokenFeatures:

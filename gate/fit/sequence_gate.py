@@ -1,8 +1,8 @@
 """The sequence-level gate ``g_theta(x, .)``: a small bidirectional transformer over token ids.
 
 It reads the whole sequence, so it is not causal and cannot serve token by
-token; it is the first stage of the paper's route, distilled afterwards into
-the causal router the engine runs (``distill_router.py``).
+token; it is the first stage of the paper's route, and the causal router the
+engine runs is fitted to it afterwards (``router_fit.py``).
 """
 
 from __future__ import annotations

@@ -2,34 +2,64 @@
 
 ``PrimalDualConfig`` holds the loop's hyperparameters and is all that the loop
 itself reads (the synthetic experiment uses it alone); ``FitGateConfig`` adds
-the paths, the features and the distillation for the real-text job.
+the paths, the features and the router stage for the real-text job. The router
+stage reads one ``RouterFitConfig``, which ``FitGateConfig.router_fit`` builds
+from its flat fields (one flag each) and the synthetic experiment builds itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
+from gatemix.config_cli import field_help
 
-def _help(text: str, **kwargs) -> dict:
-    return {"metadata": {"help": text}, **kwargs}
+ROUTER_SOURCES = ("samples", "data", "both")
+# What ``fit-gate --stage`` may name: every stage, or the router's stages over a saved stage 1.
+FIT_STAGES = ("all", "router")
+SAMPLERS = ("sir", "rejection")
+
+
+@dataclass(frozen=True)
+class RouterFitConfig:
+    """What the router stage (``router_fit.fit_router``) reads, as one object."""
+
+    router_hidden: int = field(default=0, **field_help("router hidden width (0: linear head)"))
+    source: str = field(
+        default="samples", **field_help("training data: 'samples' of pi_g, lambda-weighted 'data', 'both'")
+    )
+    num_samples: int = field(default=256, **field_help("sequences sampled from the robust model"))
+    length: int = field(default=64, **field_help("tokens per sampled sequence"))
+    sampler: str = field(default="sir", **field_help("'sir' or 'rejection'"))
+    oversample: int = field(default=4, **field_help("SIR without proposals: draws per kept sample"))
+    steps: int = field(default=400, **field_help("router training steps"))
+    batch_size: int = field(default=16, **field_help("sequences per router training step"))
+    learning_rate: float = field(default=3e-3, **field_help("router AdamW learning rate"))
+    holdout_fraction: float = field(
+        default=0.0, **field_help("share of the sequences held out to pick the best step")
+    )
+    seed: int = field(default=0, **field_help("seed of the sampling, the init and the batches"))
+    context_config: dict | None = field(
+        default=None, **field_help("the router's own causal Llama (a LlamaConfig dict), or None")
+    )
 
 
 @dataclass
 class PrimalDualConfig:
-    steps: int = field(default=600, **_help("primal-dual iterations"))
-    batch_per_domain: int = field(default=16, **_help("sequences sampled per domain each step"))
-    learning_rate: float = field(default=1e-3, **_help("AdamW learning rate for the gate (theta)"))
-    weight_decay: float = field(default=0.01, **_help("AdamW weight decay for the gate"))
+    steps: int = field(default=600, **field_help("primal-dual iterations"))
+    batch_per_domain: int = field(default=16, **field_help("sequences sampled per domain each step"))
+    learning_rate: float = field(default=1e-3, **field_help("AdamW learning rate for the gate (theta)"))
+    weight_decay: float = field(default=0.01, **field_help("AdamW weight decay for the gate"))
     lambda_step: float = field(
         default=0.2,
-        **_help(
+        **field_help(
             "exponentiated-gradient step size for lambda, per nat/token of loss (with batch losses "
             "this noisy, larger steps chase the noise: the bound's best step is sqrt(log D / T) / G)"
         ),
     )
     lambda_warmup: float = field(
         default=0.1,
-        **_help(
+        **field_help(
             "share of the first steps that hold lambda at its start while theta moves: an early "
             "transient loss would otherwise crush a domain that the exponentiated gradient, which "
             "never forgets, can only win back slowly"
@@ -37,77 +67,77 @@ class PrimalDualConfig:
     )
     lambda_smoothing: float = field(
         default=0.0,
-        **_help("mix lambda with uniform after each step (0: none, 1: lambda fixed uniform)"),
+        **field_help("mix lambda with uniform after each step (0: none, 1: lambda fixed uniform)"),
     )
     lambda_lower: tuple[float, ...] | None = field(
-        default=None, **_help("prior region: per-domain lower bounds on lambda (None: the simplex)")
+        default=None, **field_help("prior region: per-domain lower bounds on lambda (None: the simplex)")
     )
     lambda_upper: tuple[float, ...] | None = field(
-        default=None, **_help("prior region: per-domain upper bounds on lambda (None: 1)")
+        default=None, **field_help("prior region: per-domain upper bounds on lambda (None: 1)")
     )
     fixed_lambda: tuple[float, ...] | None = field(
-        default=None, **_help("freeze lambda at these weights (ERM with data proportions); no EG")
+        default=None, **field_help("freeze lambda at these weights (ERM with data proportions); no EG")
     )
     mu_step: float = field(
-        default=0.2, **_help("dual-ascent step size for mu on Z_g - 1 (the integral term)")
+        default=0.2, **field_help("dual-ascent step size for mu on Z_g - 1 (the integral term)")
     )
     mu_proportional: float = field(
         default=2.0,
-        **_help(
+        **field_help(
             "proportional gain on Z_ema - 1 added to mu in the Lagrangian (a PI controller: mu is "
             "the integral term); damps the oscillation of mu and Z that dual ascent alone shows"
         ),
     )
     mu_nonnegative: bool = field(
-        default=False, **_help("treat the constraint as Z_g <= 1 (mu >= 0) instead of Z_g = 1")
+        default=False, **field_help("treat the constraint as Z_g <= 1 (mu >= 0) instead of Z_g = 1")
     )
     z_ema_decay: float = field(
-        default=0.9, **_help("EMA decay of the Z_g estimate used by the mu step")
+        default=0.9, **field_help("EMA decay of the Z_g estimate used by the mu step")
     )
     loss: str = field(
         default="excess",
-        **_help(
+        **field_help(
             "per-domain loss: 'excess' over the in-domain expert (KL proxy) or 'cross_entropy'"
         ),
     )
     average_from: float = field(
         default=0.5,
-        **_help("fraction of the steps after which lambda, mu, Z and the parameters are averaged"),
+        **field_help("fraction of the steps after which lambda, mu, Z and the parameters are averaged"),
     )
     step_schedule: str = field(
         default="inverse_sqrt",
-        **_help(
+        **field_help(
             "step sizes of theta, lambda and mu over the steps: 'constant', or 'inverse_sqrt' "
             "(each times 1/sqrt(1 + t / (schedule_scale * steps)), the saddle-point rate)"
         ),
     )
     schedule_scale: float = field(
-        default=0.05, **_help("share of the steps after which the inverse-sqrt decay sets in")
+        default=0.05, **field_help("share of the steps after which the inverse-sqrt decay sets in")
     )
     average_parameters: bool = field(
         default=True,
-        **_help("return the average of theta's iterates after average_from (not the last one)"),
+        **field_help("return the average of theta's iterates after average_from (not the last one)"),
     )
     gap_every: int = field(
-        default=100, **_help("steps between duality-gap checks of the averaged iterates (0: end only)")
+        default=100, **field_help("steps between duality-gap checks of the averaged iterates (0: end only)")
     )
     gap_batch_per_domain: int = field(
         default=512,
-        **_help(
+        **field_help(
             "sequences per domain (at most: a domain's all) the gap is measured on; the max over "
             "domains of a small sample's noisy means biases the gap up"
         ),
     )
     best_response_fraction: float = field(
         default=0.25,
-        **_help(
+        **field_help(
             "the final check's best response to the averaged lambda: this share of the steps "
             "of a fit with lambda and mu frozen (0: the lambda side of the gap only)"
         ),
     )
-    checkpoint_every: int = field(default=100, **_help("steps between checkpoints (0: never)"))
-    seed: int = field(default=0, **_help("seed for the gate's init and the minibatch sampling"))
-    torch_threads: int = field(default=2, **_help("CPU threads torch may use"))
+    checkpoint_every: int = field(default=100, **field_help("steps between checkpoints (0: never)"))
+    seed: int = field(default=0, **field_help("seed for the gate's init and the minibatch sampling"))
+    torch_threads: int = field(default=2, **field_help("CPU threads torch may use"))
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_per_domain < 1:
@@ -153,112 +183,112 @@ class PrimalDualConfig:
 class FitGateConfig(PrimalDualConfig):
     project: str = field(
         default="",
-        **_help("the project file (or a folder holding gatemix.toml): experts and each domain's data"),
+        **field_help("the project file (or a folder holding gatemix.toml): experts and each domain's data"),
     )
     out_dir: str = field(
-        default="", **_help("where the router artifact goes (default: <project work_dir>/gate)")
+        default="", **field_help("where the router artifact goes (default: <project work_dir>/gate)")
     )
     work_dir: str = field(
-        default="", **_help("checkpoints, plots and the report (default: <out_dir>/fit)")
+        default="", **field_help("checkpoints, plots and the report (default: <out_dir>/fit)")
     )
     cache_dir: str = field(
-        default="", **_help("disk cache of expert features (default: <project work_dir>/cache)")
+        default="", **field_help("disk cache of expert features (default: <project work_dir>/cache)")
     )
     device: str = field(
-        default="auto", **_help("where the experts score the text: auto (cuda if there is one), cpu, cuda, cuda:1")
+        default="auto", **field_help("where the experts score the text: auto (cuda if there is one), cpu, cuda, cuda:1")
     )
     dtype: str = field(
-        default="auto", **_help("the experts' dtype for scoring: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+        default="auto", **field_help("the experts' dtype for scoring: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     )
-    max_length: int = field(default=256, **_help("tokens per sequence read from the gate split"))
-    max_sequences: int = field(default=0, **_help("cap on sequences per domain and split (0: all)"))
-    feature_batch_size: int = field(default=8, **_help("sequences per expert forward pass"))
-    gate_width: int = field(default=48, **_help("sequence gate width (about 0.3M params at 48)"))
-    gate_layers: int = field(default=2, **_help("sequence gate transformer layers"))
-    gate_heads: int = field(default=4, **_help("sequence gate attention heads"))
-    gate_pooling: str = field(default="mean", **_help("sequence gate pooling: 'mean' or 'last'"))
-    router_hidden: int = field(default=0, **_help("causal router hidden width (0: linear head)"))
+    max_length: int = field(default=256, **field_help("tokens per sequence read from the gate split"))
+    max_sequences: int = field(default=0, **field_help("cap on sequences per domain and split (0: all)"))
+    feature_batch_size: int = field(default=8, **field_help("sequences per expert forward pass"))
+    gate_width: int = field(default=48, **field_help("sequence gate width (about 0.3M params at 48)"))
+    gate_layers: int = field(default=2, **field_help("sequence gate transformer layers"))
+    gate_heads: int = field(default=4, **field_help("sequence gate attention heads"))
+    gate_pooling: str = field(default="mean", **field_help("sequence gate pooling: 'mean' or 'last'"))
+    router_hidden: int = field(default=0, **field_help("causal router hidden width (0: linear head)"))
     router_context_layers: int = field(
         default=0,
-        **_help(
+        **field_help(
             "layers of the router's own causal Llama over the tokens (0: a head on the experts' "
             "states only; on the small demo a context model overfits its few gate sequences)"
         ),
     )
     router_context_intermediate: int = field(
-        default=0, **_help("MLP width of the router's own Llama (0: the experts')")
+        default=0, **field_help("MLP width of the router's own Llama (0: the experts')")
     )
     sampler: str = field(
-        default="sir", **_help("sampling from the robust model: 'sir' or 'rejection'")
+        default="sir", **field_help("sampling from the robust model: 'sir' or 'rejection'")
     )
-    distill_samples: int = field(default=256, **_help("sequences sampled from the robust model"))
-    sample_length: int = field(default=64, **_help("new tokens per sampled sequence"))
+    distill_samples: int = field(default=256, **field_help("sequences sampled from the robust model"))
+    sample_length: int = field(default=64, **field_help("new tokens per sampled sequence"))
     sir_oversample: int = field(
-        default=4, **_help("SIR without a q pool: proposals drawn per kept sample")
+        default=4, **field_help("SIR without a q pool: proposals drawn per kept sample")
     )
     q_samples: int = field(
         default=1024,
-        **_help("sequences drawn from q = mean of the experts: Z_g's estimate and SIR's proposals"),
+        **field_help("sequences drawn from q = mean of the experts: Z_g's estimate and SIR's proposals"),
     )
-    distill_steps: int = field(default=400, **_help("router training steps"))
-    distill_batch_size: int = field(default=16, **_help("sequences per router training step"))
-    distill_learning_rate: float = field(default=3e-3, **_help("router AdamW learning rate"))
+    distill_steps: int = field(default=400, **field_help("router training steps"))
+    distill_batch_size: int = field(default=16, **field_help("sequences per router training step"))
+    distill_learning_rate: float = field(default=3e-3, **field_help("router AdamW learning rate"))
     distill_source: str = field(
         default="both",
-        **_help(
+        **field_help(
             "router training data: 'samples' from the robust model (the paper's route), "
             "the gate split's real 'data' weighted by the game's lambda, or 'both'"
         ),
     )
     distill_holdout: float = field(
-        default=0.1, **_help("share of the router's sequences held out to pick its best step")
+        default=0.1, **field_help("share of the router's sequences held out to pick its best step")
     )
     family: tuple[str, ...] = field(
         default=("minimax_constant", "learned_posterior", "hidden_state_router", "posterior_router"),
-        **_help(
+        **field_help(
             "members of the gate family (gate/registry.py GATE_FAMILY) fitted by the game "
             "directly on their per-token mixture loss; each is a candidate to serve"
         ),
     )
     router_learning_rate: float = field(
         default=3e-3,
-        **_help(
+        **field_help(
             "AdamW learning rate of the family members' heads (and the ERM router); "
             "learning_rate is the sequence gate's"
         ),
     )
     posterior_learning_rate: float = field(
-        default=0.05, **_help("AdamW learning rate of a posterior member's prior and forgetting factor")
+        default=0.05, **field_help("AdamW learning rate of a posterior member's prior and forgetting factor")
     )
     two_stage: bool = field(
         default=True,
-        **_help(
-            "also take the paper's two-stage route: the sequence gate by the game, distilled into "
-            "the head router (a candidate too); off: no sequence gate, no q pool"
+        **field_help(
+            "also take the paper's two-stage route: the sequence gate by the game, then the head "
+            "router fitted to it (a candidate too); off: no sequence gate, no q pool"
         ),
     )
     direct_router: bool = field(
         default=True,
-        **_help("fit the family by the game directly (off: the two-stage router is the only candidate)"),
+        **field_help("fit the family by the game directly (off: the two-stage router is the only candidate)"),
     )
     served_router: str = field(
         default="best",
-        **_help(
+        **field_help(
             "the router the artifact serves: 'best' of the candidates by worst-domain excess on "
             "the held-out selection share, or one by name ('two_stage' or a family member)"
         ),
     )
     selection_fraction: float = field(
         default=0.2,
-        **_help("share of each domain's gate sequences held out of every fit, to pick the router"),
+        **field_help("share of each domain's gate sequences held out of every fit, to pick the router"),
     )
     switching_sequences: int = field(
         default=64,
-        **_help("report: sequences built from eval-split chunks of 2-3 domains (0: none)"),
+        **field_help("report: sequences built from eval-split chunks of 2-3 domains (0: none)"),
     )
-    progress: bool = field(default=True, **_help("show progress bars"))
+    progress: bool = field(default=True, **field_help("show progress bars"))
     evaluate: bool = field(
-        default=True, **_help("evaluate against the baselines on the eval split")
+        default=True, **field_help("evaluate against the baselines on the eval split")
     )
 
     def __post_init__(self) -> None:
@@ -279,9 +309,9 @@ class FitGateConfig(PrimalDualConfig):
             raise ValueError("gate_width must be a multiple of gate_heads")
         if self.gate_pooling not in ("mean", "last"):
             raise ValueError(f"gate_pooling must be 'mean' or 'last', got {self.gate_pooling!r}")
-        if self.sampler not in ("sir", "rejection"):
+        if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be 'sir' or 'rejection', got {self.sampler!r}")
-        if self.distill_source not in ("samples", "data", "both"):
+        if self.distill_source not in ROUTER_SOURCES:
             raise ValueError(
                 f"distill_source must be 'samples', 'data' or 'both', got {self.distill_source!r}"
             )
@@ -303,3 +333,29 @@ class FitGateConfig(PrimalDualConfig):
             raise ValueError(
                 "distill_steps, distill_batch_size, distill_learning_rate must be positive"
             )
+
+    def primal_dual(self) -> PrimalDualConfig:
+        """The loop's own settings (the sequence gate's game)."""
+        names = {f.name for f in dataclasses.fields(PrimalDualConfig)}
+        return PrimalDualConfig(**{k: v for k, v in self.to_dict().items() if k in names})
+
+    def router_game(self) -> PrimalDualConfig:
+        """The games of the routers: the loop's settings with the routers' own learning rate."""
+        return dataclasses.replace(self.primal_dual(), learning_rate=self.router_learning_rate)
+
+    def router_fit(self, context_config: dict | None = None) -> RouterFitConfig:
+        """The router stage's settings (``distill_*`` flags: their names predate the stage's)."""
+        return RouterFitConfig(
+            router_hidden=self.router_hidden,
+            source=self.distill_source,
+            num_samples=self.distill_samples,
+            length=self.sample_length,
+            sampler=self.sampler,
+            oversample=self.sir_oversample,
+            steps=self.distill_steps,
+            batch_size=self.distill_batch_size,
+            learning_rate=self.distill_learning_rate,
+            holdout_fraction=self.distill_holdout,
+            seed=self.seed,
+            context_config=context_config,
+        )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gatemix.gate.distill_router import TokenFeatures
+from gatemix.gate.token_features import TokenFeatures
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gatemix.gate.losses import cross_entropy_loss, excess_loss
+from gatemix.gate.fit.losses import cross_entropy_loss, excess_loss
 from gatemix.gate.mixing import mix_sequence_logprobs
 
 SequenceLogprobFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]

@@ -8,13 +8,13 @@ read the payload.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from gatemix.atomic_write import atomic_file
 from gatemix.errors import UserError
-from gatemix.gate.config import PrimalDualConfig
+from gatemix.gate.fit.config import PrimalDualConfig
 
 CHECKPOINT_FILE = "primal_dual.pt"
 # Fields that may change between an interrupted fit and its resumption.
@@ -31,10 +31,9 @@ def comparable_config(config: PrimalDualConfig) -> dict:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    # Write then rename, so an interruption mid-write leaves the last good checkpoint.
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    # Written beside and renamed, so an interruption mid-write leaves the last good checkpoint.
+    with atomic_file(path) as temp:
+        torch.save(payload, temp)
 
 
 def load_checkpoint(path: Path, config: PrimalDualConfig, fingerprint: str) -> dict:

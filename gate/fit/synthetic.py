@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from gatemix.gate.config import PrimalDualConfig
-from gatemix.gate.distill_router import TokenFeatures, distill_router, routed_token_logprobs
-from gatemix.gate.game_data import GateFitData
+from gatemix.gate.fit.config import PrimalDualConfig, RouterFitConfig
+from gatemix.gate.fit.game_data import GateFitData
+from gatemix.gate.fit.primal_dual import PrimalDualResult, run_primal_dual
+from gatemix.gate.fit.router_fit import fit_router, routed_token_logprobs
+from gatemix.gate.fit.sequence_gate import SequenceGate, SequenceGateForm
 from gatemix.gate.mixing import mix_sequence_logprobs
-from gatemix.gate.primal_dual import run_primal_dual
-from gatemix.gate.sequence_gate import SequenceGate, SequenceGateForm
+from gatemix.gate.router import HiddenStateRouter
+from gatemix.gate.token_features import TokenFeatures
 
 VOCAB = 100
 DIRECTIONS = (1, -1)  # domain A, domain B
@@ -106,7 +108,7 @@ def lm_sequence_logprobs(model: TinyCausalLM, input_ids: torch.Tensor) -> torch.
 
 
 class SyntheticExpertBank:
-    """The two tiny experts behind the ``ExpertBank`` protocol of the distillation."""
+    """The two tiny experts behind the ``ExpertBank`` protocol of the router fit."""
 
     def __init__(self, experts: list[TinyCausalLM]) -> None:
         self.experts = experts
@@ -114,7 +116,9 @@ class SyntheticExpertBank:
         self.hidden_sizes = [expert.width for expert in experts]
 
     @torch.no_grad()
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TokenFeatures:
+    def score(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, with_hidden: bool = True
+    ) -> TokenFeatures:
         logprobs, hidden = [], []
         for expert in self.experts:
             logits, states = expert(input_ids[:, :-1])
@@ -124,7 +128,7 @@ class SyntheticExpertBank:
             input_ids,
             attention_mask,
             torch.cat(logprobs, -1),
-            torch.cat(hidden, -1),
+            torch.cat(hidden, -1) if with_hidden else None,
             attention_mask[:, 1:].float(),
         )
 
@@ -167,11 +171,11 @@ class SyntheticConfig:
     gate_sequences: int = 200  # per domain, in the gate split
     router_hidden: int = 64
     router_context: bool = True  # the router's own 1-layer causal Llama over the tokens
-    distill_samples: int = (
+    router_samples: int = (
         2000  # enough to visit every (start, direction): the router must see them
     )
-    distill_steps: int = 3000
-    distill_learning_rate: float = 1e-2
+    router_steps: int = 3000
+    router_learning_rate: float = 1e-2
     seed: int = 0
     primal_dual: PrimalDualConfig = field(
         default_factory=lambda: PrimalDualConfig(
@@ -195,7 +199,7 @@ class SyntheticResult:
     z_avg: float
     mu_avg: float
     parameters: dict[str, int]
-    distill: dict
+    router_fit: dict  # the router stage's statistics (its sampling's acceptance)
     history: dict
     gap: dict  # the game's final duality-gap check (convergence.DualityGap.to_dict())
 
@@ -241,11 +245,8 @@ def _synthetic_context_config(config: SyntheticConfig) -> dict:
     }
 
 
-def run_synthetic_experiment(config: SyntheticConfig | None = None) -> SyntheticResult:
-    """Train experts, a monolithic model, the robust gate and its router; return KL curves."""
-    config = config or SyntheticConfig()
-    torch.set_num_threads(config.primal_dual.torch_threads)
-    torch.manual_seed(config.seed)
+def train_models(config: SyntheticConfig) -> tuple[list[TinyCausalLM], TinyCausalLM]:
+    """The two experts, each on its own rule, and the monolithic model on both (twice the steps)."""
     experts = [TinyCausalLM(config.expert_width) for _ in DIRECTIONS]
     for index, expert in enumerate(experts):
         weights = (1.0, 0.0) if index == 0 else (0.0, 1.0)
@@ -266,8 +267,13 @@ def run_synthetic_experiment(config: SyntheticConfig | None = None) -> Synthetic
         learning_rate=config.lm_learning_rate,
         seed=config.seed + 2,
     )
-    bank = SyntheticExpertBank(experts)
+    return experts, monolithic
 
+
+def fit_robust_gate(
+    bank: SyntheticExpertBank, config: SyntheticConfig
+) -> tuple[SequenceGate, PrimalDualResult]:
+    """The sequence gate fitted by the primal-dual game on the gate split of both rules."""
     generator = torch.Generator().manual_seed(config.seed + 3)
     data = _fit_features(bank, config.gate_sequences, config.length, generator)
     gate = SequenceGate(
@@ -275,49 +281,75 @@ def run_synthetic_experiment(config: SyntheticConfig | None = None) -> Synthetic
             VOCAB, 2, width=config.gate_width, num_layers=1, num_heads=2, max_length=config.length
         )
     )
-    fit = run_primal_dual(gate, data, config.primal_dual)
-    router, distill_stats = distill_router(
-        bank,
-        gate,
+    return gate, run_primal_dual(gate, data, config.primal_dual)
+
+
+def router_fit_config(config: SyntheticConfig) -> RouterFitConfig:
+    """The router stage on exact (rejection) samples of the gate, with its own context model."""
+    return RouterFitConfig(
         router_hidden=config.router_hidden,
         context_config=_synthetic_context_config(config) if config.router_context else None,
-        num_samples=config.distill_samples,
+        num_samples=config.router_samples,
         length=config.length,
         sampler="rejection",
-        steps=config.distill_steps,
+        steps=config.router_steps,
         batch_size=256,
-        learning_rate=config.distill_learning_rate,
+        learning_rate=config.router_learning_rate,
         seed=config.seed,
     )
 
+
+@torch.no_grad()
+def method_logprobs(
+    bank: SyntheticExpertBank,
+    gate: SequenceGate,
+    router: HiddenStateRouter,
+    monolithic: TinyCausalLM,
+    length: int,
+) -> dict[str, list[torch.Tensor]]:
+    """Method -> its ``log m(x_2..x_T | x_1)`` on every A sequence and every B sequence."""
     everything = torch.arange(VOCAB)
     test = [
         bank.score(ids, torch.ones_like(ids))
-        for ids in (rule_sequences(d, everything, config.length) for d in DIRECTIONS)
+        for ids in (rule_sequences(d, everything, length) for d in DIRECTIONS)
     ]
-    with torch.no_grad():
-        per_method = {
-            "expert_a": [f.sequence_logprobs()[:, 0] for f in test],
-            "expert_b": [f.sequence_logprobs()[:, 1] for f in test],
-            "uniform_constant": [
-                mix_sequence_logprobs(f.sequence_logprobs(), torch.full((2,), -math.log(2)))
-                for f in test
-            ],
-            "gate": [
-                mix_sequence_logprobs(f.sequence_logprobs(), gate(f.input_ids, f.attention_mask))
-                for f in test
-            ],
-            "uniform_per_token": [
-                torch.logsumexp(f.next_logprobs - math.log(2), -1).sum(1) for f in test
-            ],
-            "router": [
-                routed_token_logprobs(router, f.hidden, f.next_logprobs, f.input_ids).sum(1)
-                for f in test
-            ],
-            "monolithic": [lm_sequence_logprobs(monolithic, f.input_ids) for f in test],
-        }
+    return {
+        "expert_a": [f.sequence_logprobs()[:, 0] for f in test],
+        "expert_b": [f.sequence_logprobs()[:, 1] for f in test],
+        "uniform_constant": [
+            mix_sequence_logprobs(f.sequence_logprobs(), torch.full((2,), -math.log(2)))
+            for f in test
+        ],
+        "gate": [
+            mix_sequence_logprobs(f.sequence_logprobs(), gate(f.input_ids, f.attention_mask))
+            for f in test
+        ],
+        "uniform_per_token": [
+            torch.logsumexp(f.next_logprobs - math.log(2), -1).sum(1) for f in test
+        ],
+        "router": [
+            routed_token_logprobs(router, f.hidden, f.next_logprobs, f.input_ids).sum(1)
+            for f in test
+        ],
+        "monolithic": [lm_sequence_logprobs(monolithic, f.input_ids) for f in test],
+    }
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def run_synthetic_experiment(config: SyntheticConfig | None = None) -> SyntheticResult:
+    """Train experts, a monolithic model, the robust gate and its router; return KL curves."""
+    config = config or SyntheticConfig()
+    torch.set_num_threads(config.primal_dual.torch_threads)
+    torch.manual_seed(config.seed)
+    experts, monolithic = train_models(config)
+    bank = SyntheticExpertBank(experts)
+    gate, fit = fit_robust_gate(bank, config)
+    router, router_stats = fit_router(bank, gate, router_fit_config(config))
+    per_method = method_logprobs(bank, gate, router, monolithic, config.length)
     lambdas = [round(0.1 * i, 1) for i in range(11)]
-    count = lambda module: sum(p.numel() for p in module.parameters())
     return SyntheticResult(
         lambdas=lambdas,
         kl={name: kl_curve(tuple(lps), lambdas) for name, lps in per_method.items()},
@@ -325,12 +357,12 @@ def run_synthetic_experiment(config: SyntheticConfig | None = None) -> Synthetic
         z_avg=fit.z_avg,
         mu_avg=fit.mu_avg,
         parameters={
-            "expert": count(experts[0]),
-            "gate": count(gate),
-            "router": count(router),
-            "monolithic": count(monolithic),
+            "expert": parameter_count(experts[0]),
+            "gate": parameter_count(gate),
+            "router": parameter_count(router),
+            "monolithic": parameter_count(monolithic),
         },
-        distill=distill_stats,
+        router_fit=router_stats,
         history=fit.history,
         gap=fit.gap.to_dict(),
     )

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gatemix.gate.config import PrimalDualConfig
+from gatemix.gate.fit.config import PrimalDualConfig
 
 
 def schedule_factor(step: int, config: PrimalDualConfig) -> float:
@@ -130,6 +130,7 @@ def plot_history(
     gap: DualityGap | None = None,
 ) -> Path:
     """lambda, mu, Z_g (iterates faint, their running averages bold) and the duality gap, one PNG."""
+    # matplotlib is deferred: it is slow to import and only the plots need it.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,3 +182,11 @@ def _plot_mu_and_z(mu_axis, z_axis, history: dict[str, list], first: int) -> Non
     z_axis.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     z_axis.set(title="Z_g (importance-sampling estimate)", xlabel="step")
     z_axis.legend()
+
+
+SEQUENCE_GATE_PLOT = "primal_dual.png"  # the sequence gate's game, in the fit's work dir
+
+
+def member_plot_file(name: str) -> str:
+    """The plot of one family member's game, beside the sequence gate's."""
+    return f"primal_dual_{name}.png"

@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
-from gatemix.expert_folder import expert_hash
-from gatemix.gate.distill_router import TokenFeatures
+from gatemix.atomic_write import atomic_file
+from gatemix.gate.fit.expert_bank import ExpertBank, HFExpertBank, pad_sequences
+from gatemix.gate.fit.robust_sampling import draw_from_q
+from gatemix.gate.token_features import TokenFeatures
+from gatemix.process_rank import ProcessRank
 
 logger = logging.getLogger(__name__)
 
@@ -40,136 +44,23 @@ def data_hash(texts: list[str]) -> str:
     return digest.hexdigest()
 
 
-class HFExpertBank:
-    """K Hugging Face causal LMs sharing one tokenizer, behind the ``ExpertBank`` protocol."""
-
-    def __init__(
-        self,
-        expert_dirs: list[str | Path],
-        *,
-        device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.expert_dirs = [Path(path) for path in expert_dirs]
-        self.tokenizer = AutoTokenizer.from_pretrained(self.expert_dirs[0])
-        self.models = [
-            AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-            for path in self.expert_dirs
-        ]
-        self.device = device
-        self.dtype = dtype
-        self.num_experts = len(self.models)
-        self.hidden_sizes = [model.config.hidden_size for model in self.models]
-        self.hashes = [expert_hash(path) for path in self.expert_dirs]
-        self.with_hidden = True
-
-    def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
-        """Every text cut into windows of at most ``max_length`` tokens, each led by BOS.
-
-        Whole documents, not their first window only: the demo's documents run
-        to thousands of tokens, and truncation would throw most of each split away.
-        """
-        encoded = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        start = self._start_token()
-        step = max_length - 1
-        windows = []
-        for ids in encoded:
-            for offset in range(0, len(ids), step):
-                window = [start, *ids[offset : offset + step]]
-                if len(window) >= 2:  # a sequence needs one scored token
-                    windows.append(window)
-        return windows
-
-    def token_stream(self, texts: list[str]) -> list[int]:
-        """The texts' tokens joined into one stream, each document followed by EOS (when there is one)."""
-        encoded = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        eos = self.tokenizer.eos_token_id
-        stream: list[int] = []
-        for ids in encoded:
-            stream += ids if eos is None else [*ids, int(eos)]
-        return stream
-
-    def start_token(self) -> int:
-        return self._start_token()
-
-    def _start_token(self) -> int:
-        for token in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, 0):
-            if token is not None:
-                return int(token)
-        return 0
-
-    @torch.no_grad()
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TokenFeatures:
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        logprobs, hidden = [], []
-        for model in self.models:
-            out = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                output_hidden_states=self.with_hidden,
-            )
-            token_logprobs = torch.log_softmax(out.logits[:, :-1].float(), -1)
-            logprobs.append(token_logprobs.gather(-1, input_ids[:, 1:, None]))  # (B, T-1, 1)
-            if self.with_hidden:
-                hidden.append(out.hidden_states[-1][:, :-1].float())  # (B, T-1, H)
-        token_mask = (attention_mask[:, 1:] * attention_mask[:, :-1]).float().cpu()
-        next_logprobs = torch.cat(logprobs, -1).cpu().masked_fill(token_mask[..., None] == 0, 0.0)
-        return TokenFeatures(
-            input_ids.cpu(),
-            attention_mask.cpu(),
-            next_logprobs,
-            torch.cat(hidden, -1).cpu() if self.with_hidden else None,
-            token_mask,
-        )
-
-    @torch.no_grad()
-    def sample(
-        self, expert: int, num: int, length: int, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ancestral samples at temperature 1 from one expert; tokens after EOS are masked."""
-        model = self.models[expert]
-        input_ids = torch.full((num, 1), self._start_token(), device=self.device)
-        out = model(input_ids=input_ids, use_cache=True)
-        for _ in range(length):
-            probs = torch.softmax(out.logits[:, -1].double().cpu(), -1)
-            next_ids = torch.multinomial(probs, 1, generator=generator).to(self.device)
-            input_ids = torch.cat([input_ids, next_ids], 1)
-            out = model(input_ids=next_ids, past_key_values=out.past_key_values, use_cache=True)
-        attention_mask = torch.ones_like(input_ids)
-        eos = self.tokenizer.eos_token_id
-        if eos is not None:
-            is_eos = (input_ids[:, 1:] == eos).long()
-            after_eos = (is_eos.cumsum(1) - is_eos) > 0  # strictly after the first EOS
-            attention_mask[:, 1:] = (~after_eos).long()
-        return input_ids.cpu(), attention_mask.cpu()
-
-
-def pad_sequences(
-    token_lists: list[list[int]], pad_id: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``(N, T)`` ids and mask."""
-    width = max(len(ids) for ids in token_lists)
-    input_ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(token_lists), width), dtype=torch.long)
-    for row, ids in enumerate(token_lists):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-    return input_ids, attention_mask
-
-
 def score_sequences(
-    bank, token_lists: list[list[int]], *, batch_size: int = 8, progress: bool = False
+    bank: ExpertBank,
+    token_lists: list[list[int]],
+    *,
+    with_hidden: bool = True,
+    batch_size: int = 8,
+    progress: bool = False,
 ) -> TokenFeatures:
     """Score sequences in length-sorted batches (less padding) and return them in input order."""
     order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     if progress:
-        from tqdm import tqdm
-
         batches = tqdm(batches, desc="expert features")
-    parts = [bank.score(*pad_sequences([token_lists[i] for i in batch])) for batch in batches]
+    parts = [
+        bank.score(*pad_sequences([token_lists[i] for i in batch]), with_hidden=with_hidden)
+        for batch in batches
+    ]
     features = TokenFeatures.concat(parts)
     return features.select(torch.argsort(torch.tensor(order)))
 
@@ -183,10 +74,8 @@ def _save(features: TokenFeatures, path: Path) -> None:
     }
     if features.hidden is not None:
         tensors["hidden"] = features.hidden.half()  # halves the cache; the router casts back
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
+    with atomic_file(path) as temp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp))
 
 
 def _load(path: Path) -> TokenFeatures:
@@ -216,7 +105,8 @@ class Shard:
     @classmethod
     def from_env(cls) -> Shard:
         """The launcher's ``RANK`` and ``WORLD_SIZE`` (``torchrun`` sets both), else one shard."""
-        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+        process = ProcessRank.from_env()
+        return cls(process.rank, process.world_size)
 
     @property
     def is_main(self) -> bool:
@@ -226,8 +116,6 @@ class Shard:
         """Wait for every shard (a no-op for one); joins ``torch.distributed`` on first use."""
         if self.world_size == 1:
             return
-        import torch.distributed as dist
-
         if not dist.is_initialized():
             dist.init_process_group("gloo")  # CPU tensors only: a barrier needs no NCCL
         dist.barrier()
@@ -272,13 +160,13 @@ def cached_features(
         logger.info("expert features from cache %s", path)
         return _load(path)
     token_lists = bank.tokenize(texts, max_length)
-    bank.with_hidden = with_hidden
+    score = {"with_hidden": with_hidden, "batch_size": batch_size, "progress": progress}
     if shard.world_size == 1:
-        features = score_sequences(bank, token_lists, batch_size=batch_size, progress=progress)
+        features = score_sequences(bank, token_lists, **score)
         _save(features, path)
         return features
     own = token_lists[shard.rank :: shard.world_size]
-    _save(score_sequences(bank, own, batch_size=batch_size, progress=progress), shard_path(path, shard))
+    _save(score_sequences(bank, own, **score), shard_path(path, shard))
     shard.barrier()  # every shard written
     parts = [_load(shard_path(path, Shard(r, shard.world_size))) for r in range(shard.world_size)]
     features = merge_shards(parts)
@@ -302,14 +190,11 @@ def cached_proposals(
     Seeded, so the pool is a function of the experts and the settings and the
     disk copy stands for it.
     """
-    from gatemix.gate.distill_router import draw_from_q
-
     key = _cache_key("q-pool", *bank.hashes, count, length, seed)
     path = Path(cache_dir) / f"q-{key}.safetensors"
     if path.is_file():
         logger.info("q samples from cache %s", path)
         return _load(path)
-    bank.with_hidden = True
     generator = torch.Generator().manual_seed(seed)
     pool = draw_from_q(bank, count, length, generator, batch_size)
     _save(pool, path)
@@ -332,7 +217,8 @@ def cached_token_features(
     if path.is_file():
         logger.info("expert features from cache %s", path)
         return _load(path)
-    bank.with_hidden = with_hidden
-    features = score_sequences(bank, token_lists, batch_size=batch_size, progress=progress)
+    features = score_sequences(
+        bank, token_lists, with_hidden=with_hidden, batch_size=batch_size, progress=progress
+    )
     _save(features, path)
     return features

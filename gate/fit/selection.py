@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 
 from gatemix.errors import UserError
-from gatemix.gate.distill_router import TokenFeatures
+from gatemix.gate.fit.evaluate import evaluate_methods
+from gatemix.gate.registry import GATES
 from gatemix.gate.router import HiddenStateRouter
+from gatemix.gate.token_features import TokenFeatures
 
 
 class SelectionError(UserError):
@@ -40,9 +42,6 @@ def select_router(
     candidates: dict[str, HiddenStateRouter], selection: dict[str, TokenFeatures]
 ) -> tuple[str, dict]:
     """The candidate with the lowest worst-domain excess on the held-out sequences (ties: first)."""
-    from gatemix.gate.evaluate import evaluate_methods
-    from gatemix.gate.registry import GATES
-
     report = evaluate_methods(
         selection, {name: GATES["learned"](router) for name, router in candidates.items()}
     )

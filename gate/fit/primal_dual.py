@@ -25,7 +25,7 @@ The loop is agnostic of the model: ``sequence_logprob_fn(model, batch)`` gives
 ``log pi_model(x)``, so the same loop fits the sequence gate and, as the
 ablation, the causal router directly (``normalized=True``: a per-token mixture
 is a distribution by construction, so there is no mu). The data it plays on
-is ``game_data.py``'s, and its checkpoints follow ``fit_checkpoint.py``.
+is ``game_data.py``'s, and its checkpoints follow ``checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -39,28 +39,29 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from gatemix.gate.config import PrimalDualConfig
-from gatemix.gate.convergence import (
+from gatemix.gate.fit.checkpoint import (
+    CHECKPOINT_FILE,
+    comparable_config,
+    load_checkpoint,
+    save_checkpoint,
+)
+from gatemix.gate.fit.config import PrimalDualConfig
+from gatemix.gate.fit.convergence import (
     DualityGap,
     ParameterAverage,
     averaging_start,
     lambda_side_gap,
     schedule_factor,
 )
-from gatemix.gate.fit_checkpoint import (
-    CHECKPOINT_FILE,
-    comparable_config,
-    load_checkpoint,
-    save_checkpoint,
-)
-from gatemix.gate.game_data import (
+from gatemix.gate.fit.game_data import (
     GateFitData,
     SequenceLogprobFn,
     gated_sequence_logprobs,
     per_sequence_loss,
 )
-from gatemix.gate.losses import (
+from gatemix.gate.fit.losses import (
     domain_means,
     dual_ascent_step,
     eg_lambda_step,
@@ -295,8 +296,6 @@ def run_primal_dual(
     start = loop.game.step
     steps = range(start, config.steps)
     if progress:
-        from tqdm import tqdm
-
         steps = tqdm(steps, desc=progress_label, initial=start, total=config.steps)
     model.train()
     for step in steps:

@@ -11,6 +11,9 @@ The posterior's two kinds of parameters (the prior logits and the forgetting
 factor) move on a scale far from the head's weights, so they get their own
 learning rate and no weight decay: decay would pull the forgetting factor's
 raw parameter to 0, a factor of 0.5, and the prior towards uniform.
+
+The ERM baseline the report compares against is fitted here too: the same
+game with lambda frozen at the data's token proportions, on cross-entropy.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from gatemix.gate.config import PrimalDualConfig
-from gatemix.gate.distill_router import routed_sequence_logprobs
-from gatemix.gate.game_data import GateFitData
-from gatemix.gate.primal_dual import PrimalDualResult, run_primal_dual
+from gatemix.gate.fit.config import PrimalDualConfig
+from gatemix.gate.fit.game_data import GateFitData
+from gatemix.gate.fit.primal_dual import PrimalDualResult, run_primal_dual
+from gatemix.gate.fit.router_fit import routed_sequence_logprobs
 from gatemix.gate.registry import GATE_FAMILY, POSTERIOR_PARAMETERS, FamilyMember
 from gatemix.gate.router import HiddenStateRouter, RouterForm
 
@@ -143,3 +146,31 @@ def fit_router_directly(
     router = HiddenStateRouter(form).set_constant(torch.ones(form.num_experts))
     result = fit_router_game(router, data, config, work_dir=work_dir)
     return router, member_summary(router, result)
+
+
+def token_proportions(data: GateFitData) -> tuple[float, ...]:
+    """Token proportions of the domains in the fit data (ERM's lambda)."""
+    tokens = torch.zeros(data.num_domains, dtype=torch.float64).index_add(
+        0, data.tensors["domain"], data.tensors["num_tokens"].double()
+    )
+    weights = tokens / tokens.sum()
+    return tuple(float(w) for w in weights[:-1]) + (1.0 - float(weights[:-1].sum()),)
+
+
+def fit_erm_router(
+    data: GateFitData,
+    hidden_sizes: list[int],
+    config: PrimalDualConfig,
+    *,
+    router_hidden: int = 0,
+    context_config: dict | None = None,
+) -> HiddenStateRouter:
+    """The ERM baseline: a head router fitted on cross-entropy with lambda fixed at the data's mix."""
+    form = RouterForm.for_experts(
+        hidden_sizes, router_hidden=router_hidden, context_config=context_config
+    )
+    erm_config = dataclasses.replace(
+        config, fixed_lambda=token_proportions(data), loss="cross_entropy", checkpoint_every=0
+    )
+    router, _ = fit_router_directly(data, form, erm_config)
+    return router
