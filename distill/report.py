@@ -190,7 +190,7 @@ def _build_report(config) -> Path:
     from gatemix.distill.report_write import write_distill_report
     from gatemix.distill.teacher import EnsembleTeacher
     from gatemix.distill.train import read_record
-    from gatemix.engine.composite_folder import ensure_composite
+    from gatemix.engine.pack import ensure_composite
     from gatemix.project import load_project
 
     project = load_project(config.project)

@@ -42,7 +42,7 @@ def demo_project(demo_paths):
 @pytest.fixture(scope="session")
 def composite_dir(demo_paths) -> Path:
     """The demo experts packed with a uniform gate."""
-    from gatemix.engine.composite_folder import pack_composite
+    from gatemix.engine.pack import pack_composite
 
     out = CACHE_DIR / "composite-uniform"
     pack_composite(list(demo_paths.expert_dirs.values()), out, gate="uniform", overwrite=True)
