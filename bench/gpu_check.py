@@ -49,7 +49,7 @@ from gatemix.bench.gpu_check_support import (
     write_random_experts,
 )
 from gatemix.bench.mixing_bench import MixingShape, median_seconds, random_mixing_inputs
-from gatemix.config_cli import add_dataclass_flags, config_from_args
+from gatemix.config_cli import add_config_flags, config_from_args
 from gatemix.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gatemix.bench.gpu_check", description=__doc__.splitlines()[0]
     )
-    add_dataclass_flags(parser, GpuCheckConfig)
+    add_config_flags(parser, GpuCheckConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

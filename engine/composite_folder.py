@@ -29,6 +29,9 @@ COMPOSITE_FORMAT = "gatemix-composite/2"  # 2: experts of any architecture and s
 COMPOSITE_ARCHITECTURE = "GatemixForCausalLM"
 GATE_SUBDIR = "gate"
 EXPERT_CONFIGS_SUBDIR = "expert_configs"
+# The composite's own key in vLLM's ``additional_config`` (the engine settings' way into
+# the model's ``__init__`` in every worker): compile the mixing step.
+COMPILE_MIXING_KEY = "gatemix_compile_mixing"
 
 
 class PackError(UserError):

@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -53,7 +52,12 @@ from vllm.distributed import get_pp_group
 from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.sequence import IntermediateTensors
 
-from gatemix.engine.composite_folder import GATE_SUBDIR, expert_config_dir, expert_module_key
+from gatemix.engine.composite_folder import (
+    COMPILE_MIXING_KEY,
+    GATE_SUBDIR,
+    expert_config_dir,
+    expert_module_key,
+)
 from gatemix.engine.gate_versions import GateVersions
 from gatemix.engine.request_gates import (
     query_start_loc_from_forward_context,
@@ -215,7 +219,10 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         self.gates = GateVersions(self.router, config.gatemix["gate_version"])
         self.expert_hashes = dict(config.gatemix["expert_hashes"])
         self.prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
-        self.mix = MixingStep()
+        additional_config = vllm_config.additional_config
+        self.mix = MixingStep(
+            compiled=isinstance(additional_config, dict) and bool(additional_config.get(COMPILE_MIXING_KEY))
+        )
         self.gate_table = worker_gate_table()
         self.gate_table.prefix_states.current_gate_version = self.gates.current
         self.make_empty_intermediate_tensors = self.ensemble.make_empty_intermediate_tensors
@@ -363,9 +370,8 @@ class MixingStep:
     C++ compiler or Triton).
     """
 
-    def __init__(self) -> None:
-        enabled = os.environ.get("GATEMIX_COMPILE_MIXING", "0") == "1"
-        self.compiled = torch.compile(mix_logits, dynamic=True) if enabled else None
+    def __init__(self, compiled: bool = False) -> None:
+        self.compiled = torch.compile(mix_logits, dynamic=True) if compiled else None
 
     def __call__(self, expert_logits: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None:

@@ -19,10 +19,10 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from gatemix.atomic_write import write_atomically
 from gatemix.errors import UserError
 
 EXPERT_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
@@ -99,13 +99,8 @@ def _read_hash_memo() -> dict:
 
 def _write_hash_memo(memo: dict) -> None:
     """Best effort, atomic: a read-only home or a lost race only costs a second hashing."""
-    path = hash_memo_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".expert-hashes.", suffix=".tmp")
-        with os.fdopen(handle, "w") as out:
-            json.dump(memo, out)
-        os.replace(temp, path)
+        write_atomically(hash_memo_path(), json.dumps(memo))
     except OSError:
         pass
 
