@@ -11,10 +11,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from gatemix.demo.build import DemoPaths, build_demo
+from gatemix.demo.build import build_demo
 from gatemix.demo.config import DemoConfig
 from gatemix.demo.corpus import load_manifest
 from gatemix.demo.errors import DemoBuildError
+from gatemix.demo.paths import DemoPaths
 from gatemix.demo.stages import STAMP_FILE, run_stage
 from gatemix.project import load_project
 
