@@ -46,11 +46,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import LlamaConfig
+from vllm.compilation import decorators
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.distributed import get_pp_group
+from vllm.model_executor.model_loader.utils import get_model_architecture
 from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.llama import LlamaModel
 from vllm.sequence import IntermediateTensors
+from vllm.transformers_utils.config import get_config
 
 from gatemix.engine.composite_folder import (
     COMPILE_MIXING_KEY,
@@ -58,7 +63,7 @@ from gatemix.engine.composite_folder import (
     expert_config_dir,
     expert_module_key,
 )
-from gatemix.engine.gate_versions import GateVersions
+from gatemix.engine.gate_versions import GateVersions, load_swappable
 from gatemix.engine.request_gates import (
     query_start_loc_from_forward_context,
     token_rows_from_forward_context,
@@ -81,8 +86,6 @@ def experts_compiled_inline() -> Iterator[None]:
     ``__init__`` consults ``_should_ignore_torch_compile(cls)`` once, at
     construction; ``tests/engine/test_vllm_contracts.py`` checks it.
     """
-    from vllm.compilation import decorators
-
     original = decorators._should_ignore_torch_compile
     decorators._should_ignore_torch_compile = lambda cls: True
     try:
@@ -93,9 +96,6 @@ def experts_compiled_inline() -> Iterator[None]:
 
 def build_expert(vllm_config: VllmConfig, expert_dir: Path, prefix: str) -> nn.Module:
     """Expert from vLLM's own class for its architecture, configured from its own config.json."""
-    from vllm.model_executor.model_loader.utils import get_model_architecture
-    from vllm.transformers_utils.config import get_config
-
     model_config = vllm_config.model_config
     hf_config = get_config(str(expert_dir), trust_remote_code=model_config.trust_remote_code)
     expert_vllm_config = vllm_config.with_hf_config(hf_config)
@@ -106,9 +106,6 @@ def build_expert(vllm_config: VllmConfig, expert_dir: Path, prefix: str) -> nn.M
 
 def build_router_context(vllm_config: VllmConfig, context_config: dict, prefix: str) -> nn.Module:
     """The router's own causal Llama as vLLM's ``LlamaModel`` (attention in the paged KV cache)."""
-    from transformers import LlamaConfig
-    from vllm.model_executor.models.llama import LlamaModel
-
     context_vllm_config = vllm_config.with_hf_config(
         LlamaConfig(**context_config), architectures=["LlamaForCausalLM"]
     )
@@ -268,8 +265,6 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
 
         ``in_flight``: the gate versions the server's unfinished requests name.
         """
-        from gatemix.engine.gate_versions import load_swappable
-
         artifact = load_swappable(
             artifact_dir, expert_names=self.expert_names, expert_hashes=self.expert_hashes,
             expert_widths=tuple(self.expert_widths), current=self.gates.router,
