@@ -30,6 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as transformers_logging
 
 from gatemix.bench.gpu_check_config import CheckContext, GpuCheckConfig
 from gatemix.bench.gpu_check_support import (
@@ -316,8 +317,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"gpu_check: error: {exc}", file=sys.stderr)
         return 2
-    from transformers.utils import logging as transformers_logging
-
     transformers_logging.disable_progress_bar()
     report = run_gpu_check(config)
     failed = ", ".join(report["failed"] + ["vllm imported"] * report["vllm_imported"]) or "none"

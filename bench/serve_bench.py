@@ -130,6 +130,7 @@ def run_load(running: RunningSystem, *, tokenizer_dir: str, concurrency: int, pr
     No warm-up requests: each system is warmed once before its points
     (:func:`_warm_up`), and a point's CPU seconds per token must cover only its own tokens.
     """
+    # vllm: deferred, `gatemix bench --help` imports this module for its flags
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 

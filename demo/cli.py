@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
 
 def ensure_demo(out: Path, preset: str = "full", **overrides) -> Path:
     """Build (or reuse) the demo, its fitted gate included; returns its project file."""
-    from gatemix.demo.build import build_demo
+    from gatemix.demo.build import build_demo  # torch: deferred so `--help` stays fast
 
     return build_demo(DemoConfig.preset(preset, out_dir=out, **overrides)).project_file
 

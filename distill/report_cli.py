@@ -67,7 +67,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gatemix.distill.report import build_report
+    from gatemix.distill.report import build_report  # torch: deferred so `--help` stays fast
 
     config = config_from_args(args, DistillReportConfig, project=DEFAULT_PROJECT_DIR)
     print(f"report written to {build_report(config)}")

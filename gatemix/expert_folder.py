@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import safe_open
+
 from gatemix.atomic_write import write_atomically
 from gatemix.errors import UserError
 
@@ -131,6 +133,7 @@ def is_causal_lm_architecture(architecture: str) -> bool:
     """A ``*ForCausalLM`` class, or one transformers lists as a causal LM (``GPT2LMHeadModel``)."""
     if architecture.endswith("ForCausalLM"):
         return True
+    # transformers: deferred (seconds to import), and only for the rare non-*ForCausalLM name
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return architecture in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
@@ -173,8 +176,6 @@ def read_expert(path: str | Path, name: str | None = None) -> ExpertFolder:
 
 
 def _check_safetensors(path: Path) -> None:
-    from safetensors import safe_open
-
     for weights in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(weights), framework="pt") as handle:
