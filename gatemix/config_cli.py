@@ -81,7 +81,8 @@ def config_fields(config_cls: type) -> list[ConfigField]:
             ConfigField(
                 name, field.annotation,
                 dataclasses.MISSING if field.is_required() else field.get_default(call_default_factory=True),
-                field.description or "", field.json_schema_extra or {},
+                field.description or "",
+                field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {},
             )
             for name, field in config_cls.model_fields.items()
         ]
