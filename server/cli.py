@@ -55,6 +55,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    # The app and the engine import vLLM: deferred so that `gatemix serve --help` stays fast.
     from gatemix.server.app import create_app, resolve_settings
     from gatemix.server.lifecycle import serve
 
