@@ -12,13 +12,13 @@ Efficiency ``E = K * tps(ensemble) / tps(single)`` is 1 when K experts cost
 exactly K times one expert, i.e. when mixing and gating add nothing.
 
 The experts are a project's, or K random-init ones of any shape
-(``RandomExpertsConfig``, written once by :mod:`gatemix.bench.random_experts`
-and packed with a uniform gate): on the tiny demo the per-step overheads
+(``RandomExpertsConfig`` in :mod:`gatemix.bench.models`, written once by
+:mod:`gatemix.bench.random_experts` and packed with a uniform gate): on the tiny demo the per-step overheads
 dominate, on experts of real size the compute does, and E should be measured
 at both.
 
 The fused ensemble also runs once with the mixing step compiled
-(``GATEMIX_COMPILE_MIXING=1``), so that optimisation's before/after figures
+(``EngineSettings.compile_mixing``), so that optimisation's before/after figures
 come from the same run.
 """
 
@@ -28,112 +28,56 @@ import gc
 import json
 import logging
 import math
-import os
 import time
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from gatemix.bench.cli import DEFAULT_PROJECT, BenchModels
-from gatemix.bench.random_experts import ARCHITECTURES, ExpertShape, check_architecture
+from gatemix.bench.models import BenchModels, RandomExpertsConfig, posterior_composite
+from gatemix.config_cli import field_help
+from gatemix.defaults import DEFAULT_PROJECT_DIR
 from gatemix.engine.engine_config import EngineSettings, build_offline_engine
 
 logger = logging.getLogger(__name__)
 
 ENGINE_DTYPES = typing.get_args(EngineSettings.model_fields["dtype"].annotation)
-WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
-WORD_VOCAB_SIZE = 32000  # the random experts' word tokenizer, when no tokenizer folder is given
-
-
-def _help(text: str, **metadata) -> dict:
-    return {"metadata": {"help": text, **metadata}}
-
-
-@dataclass
-class RandomExpertsConfig:
-    """K random-init experts of one shape, instead of a project's (``--random-experts 3 ...``)."""
-
-    random_experts: int = field(
-        default=0, **_help("bench this many random-init experts instead of the project's (0: the project's)"))
-    random_architecture: str = field(
-        default="llama", **_help(f"their architecture: {', '.join(ARCHITECTURES)}", choices=tuple(ARCHITECTURES)))
-    random_hidden_size: int = field(default=512, **_help("hidden size"))
-    random_layers: int = field(default=8, **_help("decoder layers"))
-    random_heads: int = field(default=8, **_help("attention heads"))
-    random_kv_heads: int | None = field(default=None, **_help("KV heads (None: as many as heads)"))
-    random_head_dim: int | None = field(
-        default=None, **_help("size of one head (None: hidden size / heads; the CPU backend needs >= 32)"))
-    random_intermediate_size: int = field(default=1536, **_help("MLP width"))
-    random_vocab_size: int | None = field(
-        default=None,
-        **_help(f"vocabulary (None: the tokenizer's, or {WORD_VOCAB_SIZE} words without a tokenizer)"))
-    random_tokenizer: str | None = field(
-        default=None, **_help("tokenizer folder they share (None: a word-level tokenizer written in code)"))
-    random_initializer_range: float = field(default=0.02, **_help("std of the random weights"))
-    random_max_position_embeddings: int = field(default=2048, **_help("their context length"))
-    random_weight_dtype: str = field(
-        default="float32", **_help(f"dtype of the written weights: {', '.join(WEIGHT_DTYPES)}", choices=WEIGHT_DTYPES))
-    random_seed: int = field(default=0, **_help("expert i is drawn with seed + i"))
-    random_cache_dir: str = field(
-        default=".cache/bench-random-experts",
-        **_help("written under <this>/<hash of the shape>/, reused when present"))
-
-    def __post_init__(self) -> None:
-        if self.random_experts < 0:
-            raise ValueError(f"random_experts must be >= 0, got {self.random_experts}")
-        if self.random_weight_dtype not in WEIGHT_DTYPES:
-            raise ValueError(f"random_weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}")
-        if self.random_tokenizer is not None and not Path(self.random_tokenizer).is_dir():
-            raise ValueError(f"random_tokenizer folder {self.random_tokenizer} not found")
-        check_architecture(self.random_architecture, self.shape())
-
-    def shape(self) -> ExpertShape:
-        vocab_size = self.random_vocab_size
-        if vocab_size is None and self.random_tokenizer is None:
-            vocab_size = WORD_VOCAB_SIZE
-        return ExpertShape(
-            hidden_size=self.random_hidden_size, num_hidden_layers=self.random_layers,
-            num_attention_heads=self.random_heads, intermediate_size=self.random_intermediate_size,
-            num_key_value_heads=self.random_kv_heads, head_dim=self.random_head_dim,
-            vocab_size=vocab_size, initializer_range=self.random_initializer_range,
-            max_position_embeddings=self.random_max_position_embeddings,
-        )
 
 
 @dataclass
 class EngineBenchConfig:
     project: str = field(
-        default=DEFAULT_PROJECT,
-        **_help("project file, or a folder holding gatemix.toml: the experts, in order"))
+        default=DEFAULT_PROJECT_DIR,
+        **field_help("project file, or a folder holding gatemix.toml: the experts, in order"))
     composite: str | None = field(
         default=None,
-        **_help("composite folder of the project's experts (None: the project's, packed when "
+        **field_help("composite folder of the project's experts (None: the project's, packed when "
                 "missing or stale)"))
     expert: str | None = field(
-        default=None, **_help("the single-expert baseline's folder (None: the first expert)"))
+        default=None, **field_help("the single-expert baseline's folder (None: the first expert)"))
     concurrency: tuple[int, ...] = field(
-        default=(1, 16), **_help("sequences decoded at once, one point each (e.g. 1 16)"))
-    prompt_len: int = field(default=32, **_help("prompt tokens per sequence"))
-    output_len: int = field(default=128, **_help("generated tokens per sequence (EOS ignored)"))
-    dtype: str = field(default="float32", **_help(f"engine dtype: {', '.join(ENGINE_DTYPES)}", choices=ENGINE_DTYPES))
+        default=(1, 16), **field_help("sequences decoded at once, one point each (e.g. 1 16)"))
+    prompt_len: int = field(default=32, **field_help("prompt tokens per sequence"))
+    output_len: int = field(default=128, **field_help("generated tokens per sequence (EOS ignored)"))
+    dtype: str = field(default="float32", **field_help(f"engine dtype: {', '.join(ENGINE_DTYPES)}", choices=ENGINE_DTYPES))
     enforce_eager: bool | None = field(
         default=None,
-        **_help("vLLM eager mode (None: the engine's default, eager on CPU, compiled with CUDA "
+        **field_help("vLLM eager mode (None: the engine's default, eager on CPU, compiled with CUDA "
                 "graphs on GPU)"))
     compiled_mixing: bool = field(
-        default=True, **_help("also run the ensemble with its mixing step compiled"))
+        default=True, **field_help("also run the ensemble with its mixing step compiled"))
     posterior_state: bool = field(
         default=True,
-        **_help("also run the ensemble with a posterior gate (the per-request state of the prefix "
+        **field_help("also run the ensemble with a posterior gate (the per-request state of the prefix "
                 "likelihood), to measure what the state costs"))
     naive_max_concurrency: int = field(
-        default=16, **_help("run the slow naive transformers loop up to this concurrency (0: never)"))
-    repeats: int = field(default=2, **_help("timed repeats per point; the best is kept"))
-    json: str | None = field(default=None, **_help("also write the results here"))
+        default=16, **field_help("run the slow naive transformers loop up to this concurrency (0: never)"))
+    repeats: int = field(default=2, **field_help("timed repeats per point; the best is kept"))
+    json: str | None = field(default=None, **field_help("also write the results here"))
     random: RandomExpertsConfig = field(
-        default_factory=RandomExpertsConfig, **_help("random-init experts instead of the project's"))
+        default_factory=RandomExpertsConfig, **field_help("random-init experts instead of the project's"))
 
     def __post_init__(self) -> None:
         if not self.concurrency or min(self.concurrency) < 1:
@@ -153,66 +97,8 @@ class EngineBenchConfig:
         return self.prompt_len + self.output_len + 16
 
 
-# ---- the models ----
-
-def random_models(config: RandomExpertsConfig) -> BenchModels:
-    """K random experts from the cache (written when missing) and their uniform composite."""
-    from gatemix.bench.random_experts import cached_random_experts
-    from gatemix.engine.composite_folder import (
-        CompositeInfo,
-        PackError,
-        composite_is_current,
-        pack_composite,
-    )
-    from gatemix.expert_folder import read_expert
-
-    expert_dirs = cached_random_experts(
-        config.random_cache_dir, config.random_experts, config.random_architecture, config.shape(),
-        tokenizer_dir=config.random_tokenizer, seed=config.random_seed,
-        dtype=getattr(torch, config.random_weight_dtype),
-    )
-    names = [folder.name for folder in expert_dirs]
-    composite = expert_dirs[0].parent / f"composite-k{len(expert_dirs)}"
-    experts = [read_expert(folder, name) for folder, name in zip(expert_dirs, names)]
-    try:
-        current = composite_is_current(CompositeInfo.read(composite), experts, "uniform")
-    except (PackError, OSError):
-        current = False
-    if current:
-        logger.info("reusing the random experts' composite %s", composite)
-    else:
-        pack_composite(expert_dirs, composite, gate="uniform", names=names, overwrite=True)
-    return BenchModels(composite_dir=composite, expert_dirs=expert_dirs, single_dir=expert_dirs[0],
-                       names=names)
-
-
-def posterior_composite(models: BenchModels) -> Path:
-    """The same experts packed with a posterior gate (uniform prior, zero head), beside the composite.
-
-    Its mixture is the Bayes posterior's, its cost the per-request state's:
-    the prefill's extra LM head over every prompt token and the bookkeeping of
-    each step (``engine/prefix_state.py``).
-    """
-    from gatemix.engine.composite_folder import CompositeInfo, pack_composite
-    from gatemix.gate.artifact import RouterArtifact
-    from gatemix.gate.router import HiddenStateRouter, RouterForm
-
-    info = CompositeInfo.read(models.composite_dir)
-    out = models.composite_dir.with_name(models.composite_dir.name + "-posterior")
-    widths = json.loads((models.composite_dir / "config.json").read_text())["gatemix"]["expert_hidden_sizes"]
-    router = HiddenStateRouter(RouterForm.for_experts(widths, posterior=True))
-    with torch.no_grad():
-        router.proj_out.weight.zero_()
-        router.proj_out.bias.zero_()
-    artifact = RouterArtifact(router, info.expert_names, info.expert_hashes, method="posterior-bench")
-    pack_composite(models.expert_dirs, out, gate=artifact, names=info.expert_names, overwrite=True)
-    return out
-
-
 def parameter_count(model_dir: str | Path) -> int:
     """Parameters in a folder's safetensors files (tied weights are stored, and counted, once)."""
-    from safetensors import safe_open
-
     total = 0
     for path in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
@@ -232,6 +118,7 @@ def _prompts(vocab_size: int, count: int, length: int, seed: int = 0) -> list[li
 def _vllm_tokens_per_second(
     model_dir: str, settings: EngineSettings, config: EngineBenchConfig, vocab_size: int
 ) -> dict[int, float]:
+    # vllm: deferred, `gatemix bench --help` imports this module for its config
     from vllm import SamplingParams
 
     llm = build_offline_engine(model_dir, settings)
@@ -260,15 +147,8 @@ def _vllm_tokens_per_second(
 def _compiled_mixing_tokens_per_second(
     model_dir: str, settings: EngineSettings, config: EngineBenchConfig, vocab_size: int
 ) -> dict[int, float]:
-    previous = os.environ.get("GATEMIX_COMPILE_MIXING")
-    os.environ["GATEMIX_COMPILE_MIXING"] = "1"  # read by the engine's worker when it starts
-    try:
-        return _vllm_tokens_per_second(model_dir, settings, config, vocab_size)
-    finally:
-        if previous is None:
-            os.environ.pop("GATEMIX_COMPILE_MIXING")
-        else:
-            os.environ["GATEMIX_COMPILE_MIXING"] = previous
+    compiled = settings.model_copy(update={"compile_mixing": True})
+    return _vllm_tokens_per_second(model_dir, compiled, config, vocab_size)
 
 
 @torch.no_grad()
@@ -296,7 +176,7 @@ def _naive_tokens_per_second(config: EngineBenchConfig, expert_dirs: list[Path],
     concurrencies = [c for c in config.concurrency if c <= config.naive_max_concurrency]
     if not concurrencies:
         return {}
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy, and only for the naive baseline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)

@@ -26,17 +26,15 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
-from functools import cached_property
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as transformers_logging
 
+from gatemix.bench.gpu_check_config import CheckContext, GpuCheckConfig
 from gatemix.bench.gpu_check_support import (
-    FULL_SIZES,
     SECTION_COLUMNS,
-    TINY_SIZES,
-    CheckSizes,
     check_bound,
     difference_row,
     dtype_violations,
@@ -46,15 +44,17 @@ from gatemix.bench.gpu_check_support import (
     random_texts,
     row_violations,
     weight_dtype,
-    write_random_experts,
 )
 from gatemix.bench.mixing_bench import MixingShape, median_seconds, random_mixing_inputs
-from gatemix.config_cli import add_dataclass_flags, config_from_args
+from gatemix.config_cli import add_config_flags, config_from_args
+from gatemix.distill.teacher import EnsembleTeacher
 from gatemix.errors import UserError
+from gatemix.gate.fit.expert_bank import HFExpertBank, pad_sequences
+from gatemix.gate.mixing import mix_logits, mix_logits_two_pass, mix_logprobs
+from gatemix.gate.router import HiddenStateRouter, RouterForm, context_config_like
 
 logger = logging.getLogger(__name__)
 
-SECTION_NAMES = ("features", "teacher", "mixing", "router")
 # Loose bounds (max, mean absolute difference) for bf16 on the device against fp32 on the CPU.
 BF16_LOGPROB_BOUNDS = (0.5, 0.05)
 BF16_HIDDEN_BOUNDS = (1.0, 0.1)
@@ -63,70 +63,8 @@ NORMALIZATION_BOUND = 1e-3  # |logsumexp| of a mixture or of the gate's log weig
 ROUTER_DEVICE_BOUND = 1e-2  # fp32 head on the device against the CPU (TF32 would show here)
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@dataclass
-class GpuCheckConfig:
-    device: str = field(
-        default_factory=_default_device,
-        metadata={"help": "the device checked against fp32 on the CPU; cuda if torch sees one"},
-    )
-    tiny: bool = field(default=False, metadata={"help": "CPU-sized models and shapes (the tests)"})
-    out: str | None = field(default=None, metadata={"help": "also write the figures here (JSON)"})
-    repeats: int = field(default=20, metadata={"help": "timed calls per figure, median kept"})
-    sections: tuple[str, ...] = field(
-        default=SECTION_NAMES, metadata={"help": "sections to run", "choices": SECTION_NAMES}
-    )
-    compile: bool = field(default=True, metadata={"help": "also check torch.compile(mix_logits)"})
-    seed: int = field(default=0, metadata={"help": "seed of the random experts and inputs"})
-
-    def __post_init__(self) -> None:
-        if self.repeats < 1:
-            raise ValueError("repeats must be at least 1")
-        unknown = sorted(set(self.sections) - set(SECTION_NAMES))
-        if unknown or not self.sections:
-            raise ValueError(f"sections must be among {', '.join(SECTION_NAMES)}, got {unknown}")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as exc:
-            raise ValueError(f"device {self.device!r}: {exc}") from exc
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r}, but torch sees no CUDA device")
-
-    @property
-    def sizes(self) -> CheckSizes:
-        return TINY_SIZES if self.tiny else FULL_SIZES
-
-    @property
-    def cpu_repeats(self) -> int:
-        """The fp32 CPU side is the reference, not the subject: a few calls time it."""
-        return min(self.repeats, 3)
-
-
-class CheckContext:
-    """The config, plus the random experts, written on first use and shared by two sections."""
-
-    def __init__(self, config: GpuCheckConfig, scratch: Path) -> None:
-        self.config = config
-        self.sizes = config.sizes
-        self.device = config.device
-        self.scratch = scratch
-
-    @cached_property
-    def expert_dirs(self) -> list[Path]:
-        experts_root = self.scratch / "experts"
-        return write_random_experts(experts_root, self.sizes.experts, seed=self.config.seed)
-
-    def generator(self, device: str = "cpu") -> torch.Generator:
-        return torch.Generator(device).manual_seed(self.config.seed)
-
-
 def check_features(context: CheckContext) -> dict:
     """(a) ``HFExpertBank.score`` in bf16 on the device against fp32 on the CPU."""
-    from gatemix.gate.fit.expert_bank import HFExpertBank, pad_sequences
-
     sizes, device = context.sizes, context.device
     device_bank = HFExpertBank(context.expert_dirs, device=device, dtype=torch.bfloat16)
     cpu_bank = HFExpertBank(context.expert_dirs, device="cpu", dtype=torch.float32)
@@ -166,8 +104,6 @@ def check_features(context: CheckContext) -> dict:
 
 def _teacher_router(context: CheckContext):
     """A random router with a hidden layer and a one-layer context model: every teacher path."""
-    from gatemix.gate.router import HiddenStateRouter, RouterForm, context_config_like
-
     expert_config = json.loads((context.expert_dirs[0] / "config.json").read_text())
     torch.manual_seed(context.config.seed)
     form = RouterForm(
@@ -181,8 +117,6 @@ def _teacher_router(context: CheckContext):
 
 def check_teacher(context: CheckContext) -> dict:
     """(b) ``EnsembleTeacher`` in bf16 on the device against fp32 on the CPU."""
-    from gatemix.distill.teacher import EnsembleTeacher
-
     sizes, device = context.sizes, context.device
     router = _teacher_router(context)
     device_teacher = EnsembleTeacher.from_experts(
@@ -223,8 +157,6 @@ class CompiledMixing:
     """``torch.compile(mix_logits)`` that remembers its first failure and then stands aside."""
 
     def __init__(self) -> None:
-        from gatemix.gate.mixing import mix_logits
-
         self.compiled = torch.compile(mix_logits, dynamic=True)
         self.error: str | None = None
 
@@ -240,8 +172,6 @@ class CompiledMixing:
 
 
 def _mixing_row(context: CheckContext, shape: MixingShape, dtype, compiled, generator) -> dict:
-    from gatemix.gate.mixing import mix_logits, mix_logits_two_pass, mix_logprobs
-
     device, repeats = context.device, context.config.repeats
     logits, log_weights = random_mixing_inputs(shape, generator, device=device, dtype=dtype)
     # The reference of the very inputs (bf16 values are exact in float64), so the
@@ -295,8 +225,6 @@ def check_mixing(context: CheckContext) -> dict:
 
 def check_router(context: CheckContext) -> dict:
     """(d) The router head, fp32, per step of ``router_tokens`` tokens on the device."""
-    from gatemix.gate.router import HiddenStateRouter, RouterForm
-
     sizes, device = context.sizes, context.device
     generator = context.generator()
     rows, violations = [], []
@@ -381,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gatemix.bench.gpu_check", description=__doc__.splitlines()[0]
     )
-    add_dataclass_flags(parser, GpuCheckConfig)
+    add_config_flags(parser, GpuCheckConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -389,8 +317,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"gpu_check: error: {exc}", file=sys.stderr)
         return 2
-    from transformers.utils import logging as transformers_logging
-
     transformers_logging.disable_progress_bar()
     report = run_gpu_check(config)
     failed = ", ".join(report["failed"] + ["vllm imported"] * report["vllm_imported"]) or "none"

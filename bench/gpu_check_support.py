@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 
 from gatemix.bench.random_experts import (
     SPECIAL_TOKENS,
@@ -182,8 +183,6 @@ def format_section(name: str, result: dict, columns: list[tuple[str, str, str]])
 
 def environment(device: str) -> dict:
     """What ran the check: versions, the device's name and where gatemix came from."""
-    import transformers
-
     cuda = torch.device(device).type == "cuda"
     return {
         "python": sys.version.split()[0],

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import httpx
 import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -220,7 +221,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def create_app(settings: LockstepSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # heavy: the tests import this module's pure math
 
         vocab_size = json.loads((Path(settings.tokenizer_dir) / "config.json").read_text())["vocab_size"]
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024)
@@ -259,28 +260,32 @@ def create_app(settings: LockstepSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest):
-        ensemble: LockstepEnsemble = app.state.ensemble
-        try:
-            prompt_ids = ensemble.encode(request.prompt)
-        except ValueError as exc:
-            return _error(400, str(exc))
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": settings.served_model_name}
-        if request.stream:
-            return StreamingResponse(_stream(ensemble, request, prompt_ids, head), media_type="text/event-stream")
-        tokens, text = [], ""
-        try:
-            async for token, delta in ensemble.generate(request, prompt_ids):
-                tokens.append(token)
-                text += delta
-        except ExpertCallError as exc:
-            return _error(exc.status_code if exc.status_code < 500 else 502, str(exc))
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish_reason(request, tokens)}
-        if request.return_token_ids:
-            choice["token_ids"] = tokens
-        return {**head, "choices": [choice], "usage": _usage(len(prompt_ids), len(tokens))}
+        return await _complete(app.state.ensemble, request, settings.served_model_name)
 
     return app
+
+
+async def _complete(ensemble: LockstepEnsemble, request: CompletionRequest, model_name: str):
+    """One completion request: a JSON body, a stream of events, or an OpenAI error body."""
+    try:
+        prompt_ids = ensemble.encode(request.prompt)
+    except ValueError as exc:
+        return _error(400, str(exc))
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": model_name}
+    if request.stream:
+        return StreamingResponse(_stream(ensemble, request, prompt_ids, head), media_type="text/event-stream")
+    tokens, text = [], ""
+    try:
+        async for token, delta in ensemble.generate(request, prompt_ids):
+            tokens.append(token)
+            text += delta
+    except ExpertCallError as exc:
+        return _error(exc.status_code if exc.status_code < 500 else 502, str(exc))
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish_reason(request, tokens)}
+    if request.return_token_ids:
+        choice["token_ids"] = tokens
+    return {**head, "choices": [choice], "usage": _usage(len(prompt_ids), len(tokens))}
 
 
 def _finish_reason(request: CompletionRequest, tokens: list[int]) -> str:
@@ -315,8 +320,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
-    import uvicorn
-
     settings = LockstepSettings(
         expert_urls=[url.rstrip("/") for url in args.expert], tokenizer_dir=args.tokenizer,
         weights=[float(w) for w in args.weights.split(",")] if args.weights else None,

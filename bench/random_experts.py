@@ -30,6 +30,9 @@ import torch
 
 from gatemix.atomic_write import atomic_folder
 
+# transformers (and tokenizers) are imported inside the functions that write models:
+# `gatemix bench --help` imports this module for its shapes, and transformers costs seconds.
+
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # the word tokenizer's ids 0..3; words follow

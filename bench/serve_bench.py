@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gatemix.bench.cli import DEFAULT_PROJECT, BenchModels, check_context, project_models
+from gatemix.bench.models import BenchModels, check_context, project_models
 from gatemix.bench.serve_report import (
     compute_ratios,
     format_serve_bench,
@@ -46,7 +46,8 @@ from gatemix.bench.servers import (
     ServerStartError,
     launch,
 )
-from gatemix.config_cli import add_dataclass_flags, config_from_args
+from gatemix.config_cli import add_config_flags, config_from_args, field_help
+from gatemix.defaults import DEFAULT_PROJECT_DIR
 from gatemix.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -65,43 +66,39 @@ METRICS = {
 }
 
 
-def _help(text: str, **metadata) -> dict:
-    return {"metadata": {"help": text, **metadata}}
-
-
 @dataclass
 class ServeBenchConfig:
     project: str = field(
-        default=DEFAULT_PROJECT,
-        **_help("project file, or a folder holding gatemix.toml: the experts, in order"))
+        default=DEFAULT_PROJECT_DIR,
+        **field_help("project file, or a folder holding gatemix.toml: the experts, in order"))
     composite: str | None = field(
         default=None,
-        **_help("composite folder of the project's experts (None: the project's, packed when "
+        **field_help("composite folder of the project's experts (None: the project's, packed when "
                 "missing or stale)"))
     student: str | None = field(
         default=None,
-        **_help("distilled student folder (None: the project's student/ when it holds a "
+        **field_help("distilled student folder (None: the project's student/ when it holds a "
                 "config.json; without one the student system is skipped)"))
     systems: tuple[str, ...] = field(
-        default=SYSTEMS, **_help(f"systems to run, in order: {' '.join(SYSTEMS)}", choices=SYSTEMS))
+        default=SYSTEMS, **field_help(f"systems to run, in order: {' '.join(SYSTEMS)}", choices=SYSTEMS))
     concurrency: tuple[int, ...] = field(
-        default=(1, 16, 64), **_help("client max concurrency, one point each (e.g. 1 16 64)"))
+        default=(1, 16, 64), **field_help("client max concurrency, one point each (e.g. 1 16 64)"))
     prompt_lens: tuple[int, ...] = field(
-        default=(32, 512), **_help("random prompt tokens, one point each"))
-    output_len: int = field(default=128, **_help("generated tokens per request (EOS ignored)"))
-    num_prompts: int | None = field(default=None, **_help("requests per point (None: max(8c, 32))"))
+        default=(32, 512), **field_help("random prompt tokens, one point each"))
+    output_len: int = field(default=128, **field_help("generated tokens per request (EOS ignored)"))
+    num_prompts: int | None = field(default=None, **field_help("requests per point (None: max(8c, 32))"))
     lockstep_num_prompts: int | None = field(
-        default=None, **_help("requests per lockstep point (None: max(c, 2))"))
+        default=None, **field_help("requests per lockstep point (None: max(c, 2))"))
     lockstep_max_concurrency: int = field(
-        default=16, **_help("skip the (slow) lockstep baseline above this concurrency"))
-    seed: int = field(default=0, **_help("prompt sampling seed, the same for every system"))
-    dtype: str = field(default="float32", **_help("engine dtype for every system"))
-    kv_cache_gib: int = field(default=1, **_help("CPU KV cache per engine (whole GiB)"))
-    enforce_eager: bool = field(default=True, **_help("eager mode (no torch.compile) for every engine"))
-    out_dir: str = field(default="artifacts/bench", **_help("results JSON, markdown, PNG and server logs"))
+        default=16, **field_help("skip the (slow) lockstep baseline above this concurrency"))
+    seed: int = field(default=0, **field_help("prompt sampling seed, the same for every system"))
+    dtype: str = field(default="float32", **field_help("engine dtype for every system"))
+    kv_cache_gib: int = field(default=1, **field_help("CPU KV cache per engine (whole GiB)"))
+    enforce_eager: bool = field(default=True, **field_help("eager mode (no torch.compile) for every engine"))
+    out_dir: str = field(default="artifacts/bench", **field_help("results JSON, markdown, PNG and server logs"))
     interleave: bool = field(
-        default=False, **_help("start every system at once and alternate them within each point"))
-    repeats: int = field(default=1, **_help("runs per point and system; the median is kept"))
+        default=False, **field_help("start every system at once and alternate them within each point"))
+    repeats: int = field(default=1, **field_help("runs per point and system; the median is kept"))
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -133,6 +130,7 @@ def run_load(running: RunningSystem, *, tokenizer_dir: str, concurrency: int, pr
     No warm-up requests: each system is warmed once before its points
     (:func:`_warm_up`), and a point's CPU seconds per token must cover only its own tokens.
     """
+    # vllm: deferred, `gatemix bench --help` imports this module for its flags
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -270,7 +268,7 @@ def add_serve_bench_parser(benches) -> None:
         "and loaded by `vllm bench serve` at every concurrency and prompt length; the models are "
         "the project's.",
     )
-    add_dataclass_flags(serve, ServeBenchConfig)
+    add_config_flags(serve, ServeBenchConfig)
     serve.set_defaults(run=run_serve)
 
 

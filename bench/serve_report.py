@@ -153,7 +153,7 @@ def format_serve_bench(result: dict) -> str:
 
 def plot_serve_bench(result: dict, path: Path) -> None:
     """Output tokens/s against concurrency: one line per system, one subplot per prompt length."""
-    import matplotlib
+    import matplotlib  # optional (the dev extra), and only for the plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

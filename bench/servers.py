@@ -34,6 +34,8 @@ import httpx
 import psutil
 from typing_extensions import Self
 
+from gatemix.server.settings import Settings
+
 logger = logging.getLogger(__name__)
 
 SYSTEMS = ("ensemble", "single", "vllm", "student", "lockstep")
@@ -126,8 +128,6 @@ def wait_ready(base_url: str, procs: list[subprocess.Popen], logs: list[Path], t
 
 
 def _env(options: ServerOptions) -> dict[str, str]:
-    from gatemix.server.settings import Settings
-
     env = dict(os.environ)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(options.kv_cache_gib)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +29,11 @@ from gatemix.demo import baselines, corpus, sources, stages, tokenizer, train
 from gatemix.demo.baselines import BASELINES, Baseline
 from gatemix.demo.config import DemoConfig
 from gatemix.demo.errors import DemoBuildError
+from gatemix.demo.paths import DemoPaths
 from gatemix.demo.train import LlamaShape, TrainSettings
+from gatemix.gate.fit.config import FitGateConfig
+from gatemix.gate.fit.pipeline import fit_gate
+from gatemix.project_writer import write_project_file
 
 logger = logging.getLogger(__name__)
 
@@ -38,57 +41,8 @@ MANIFEST_FORMAT = "gatemix-demo/1"
 WEIGHTS_FILE = "model.safetensors"
 MODEL_FILES = ("config.json", WEIGHTS_FILE, "generation_config.json", *tokenizer.TOKENIZER_FILES)
 EVAL_FILE = "eval_loss.json"
-PROJECT_FILE = "gatemix.toml"
 GATE_FILES = ("router.json", "router.safetensors")
 DEMO_PROJECT_NAME = "gatemix-demo"  # the ensemble's served name
-
-
-@dataclass(frozen=True)
-class DemoPaths:
-    """Where a built demo lives. ``expert_dirs`` is ordered like ``config.domains``.
-
-    ``baseline_dirs`` holds the baselines that are built (and current), by name;
-    ``monolithic_dir`` is the parameter-matched one's folder, or None.
-    """
-
-    root: Path
-    manifest: Path
-    data_dir: Path
-    tokenizer_dir: Path
-    base_dir: Path
-    expert_dirs: dict[str, Path]
-    monolithic_dir: Path | None
-    eval_dir: Path
-    project_file: Path
-    ood_dir: Path
-    gate_dir: Path
-    baseline_dirs: dict[str, Path]
-
-    @classmethod
-    def for_config(cls, config: DemoConfig, built_baselines: tuple[str, ...] | None = None) -> DemoPaths:
-        """The paths; ``built_baselines`` names the baselines there (default: those asked for)."""
-        root = Path(config.out_dir).expanduser().resolve()
-        if built_baselines is None:
-            built_baselines = config.baselines if config.with_baselines else ()
-        baseline_dirs = {b.name: root / b.folder for b in BASELINES if b.name in built_baselines}
-        return cls(
-            root=root,
-            manifest=root / corpus.MANIFEST_FILE,
-            data_dir=root / corpus.DATA_DIR,
-            tokenizer_dir=root / "tokenizer",
-            base_dir=root / "base",
-            expert_dirs={domain: root / "experts" / domain for domain in config.domains},
-            monolithic_dir=baseline_dirs.get("monolithic"),
-            eval_dir=root / "eval",
-            project_file=root / PROJECT_FILE,
-            ood_dir=root / corpus.OOD_DIR,
-            gate_dir=root / "gate",
-            baseline_dirs=baseline_dirs,
-        )
-
-    def model_dirs(self) -> dict[str, Path]:
-        """Every model by its eval-table name: base, the domains, the baselines built."""
-        return {"base": self.base_dir, **self.expert_dirs, **self.baseline_dirs}
 
 
 def build_demo(config: DemoConfig) -> DemoPaths:
@@ -113,8 +67,6 @@ def write_demo_project(paths: DemoPaths) -> Path:
     the student land beside the experts (``gate/``, ``composite/``, ``student/``).
     It names the baselines that are built and the out-of-domain text.
     """
-    from gatemix.project_writer import write_project_file
-
     data = {
         domain: {split: [paths.data_dir / domain / f"{split}.jsonl"] for split in corpus.SPLITS}
         for domain in paths.expert_dirs
@@ -313,9 +265,6 @@ def _build_baseline(config: DemoConfig, paths: DemoPaths, streams: _TokenStreams
 
 def _build_gate(config: DemoConfig, paths: DemoPaths, out: Path) -> dict:
     """The robust gate fitted on the demo's project, the artifact ``gatemix serve`` packs."""
-    from gatemix.gate.fit.config import FitGateConfig
-    from gatemix.gate.fit.pipeline import fit_gate
-
     fit_config = FitGateConfig(
         project=str(paths.project_file), out_dir=str(out), steps=config.gate_steps,
         two_stage=config.gate_two_stage, max_sequences=config.gate_max_sequences,

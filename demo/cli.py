@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gatemix.config_cli import add_dataclass_flags, given_values
+from gatemix.config_cli import add_config_flags, given_values
+from gatemix.defaults import DEFAULT_PROJECT_DIR
 from gatemix.demo.config import PRESETS, DemoConfig
 
 
@@ -20,17 +21,17 @@ def add_parser(subparsers) -> None:
         "also trains the parameter- and compute-matched monolithic baselines for the report and "
         "the benchmarks. Reruns reuse what is already built.",
     )
-    parser.add_argument("--out", default="artifacts/demo", help="output folder (default: artifacts/demo)")
+    parser.add_argument("--out", default=DEFAULT_PROJECT_DIR, help=f"output folder (default: {DEFAULT_PROJECT_DIR})")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
                         help="model and data sizes; any field below overrides the preset's")
     # Every other DemoConfig field is a flag; one given overrides the preset.
-    add_dataclass_flags(parser, DemoConfig, skip=("out_dir",))
+    add_config_flags(parser, DemoConfig, skip=("out_dir",))
     parser.set_defaults(run=run)
 
 
 def ensure_demo(out: Path, preset: str = "full", **overrides) -> Path:
     """Build (or reuse) the demo, its fitted gate included; returns its project file."""
-    from gatemix.demo.build import build_demo
+    from gatemix.demo.build import build_demo  # torch: deferred so `--help` stays fast
 
     return build_demo(DemoConfig.preset(preset, out_dir=out, **overrides)).project_file
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -24,13 +23,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gatemix.atomic_write import atomic_folder, write_atomically
 from gatemix.demo.errors import DemoBuildError
 
 logger = logging.getLogger(__name__)
 
 STAMP_FILE = "stage.json"
-_TEMP_MARK = ".tmp-"
-_OLD_MARK = ".old-"
 
 
 def stage_key(*parts: Any) -> str:
@@ -85,49 +83,34 @@ def run_stage(name: str, folder: Path, key: str, required_files: Sequence[str],
         return stamp
     logger.info("building %s -> %s", name, folder)
     clear_leftovers(folder)
-    temp = folder.parent / f".{folder.name}{_TEMP_MARK}{uuid.uuid4().hex[:8]}"
-    temp.mkdir(parents=True)
-    try:
+    with atomic_folder(folder) as temp:
         started = time.monotonic()
         info = build(temp)
         stamp = {"stage": name, "key": key, "build_id": uuid.uuid4().hex, "info": info,
                  "build_seconds": round(time.monotonic() - started, 2)}
         write_json(temp / STAMP_FILE, stamp)
-        replace_folder(temp, folder)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
     return stamp
 
 
-def replace_folder(source: Path, target: Path) -> None:
-    """Move ``source`` to ``target``, replacing it; the target path never holds a mix."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}{_OLD_MARK}{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-    os.replace(source, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def clear_leftovers(folder: Path) -> None:
-    """Remove temp and replaced copies of ``folder`` that an interrupted build left."""
+    """Remove staging copies of ``folder`` that an interrupted (killed) build left.
+
+    ``atomic_folder`` stages beside the target as ``.<name>.<random>``.
+    """
     if not folder.parent.is_dir():
         return
-    for mark in (_TEMP_MARK, _OLD_MARK):
-        for leftover in folder.parent.glob(f".{folder.name}{mark}*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in folder.parent.glob(f".{folder.name}.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def write_json(path: Path, payload: Any) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    path.write_text(json_text(payload), encoding="utf-8")
+
+
+def json_text(payload: Any) -> str:
+    return json.dumps(payload, indent=2, sort_keys=False) + "\n"
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write a JSON file through a temp file and a rename, so readers see old or new."""
-    temp = path.parent / f".{path.name}{_TEMP_MARK}{uuid.uuid4().hex[:8]}"
-    try:
-        write_json(temp, payload)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    write_atomically(path, json_text(payload))

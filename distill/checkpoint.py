@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from gatemix.atomic_write import atomic_folder, write_atomically
 from gatemix.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -77,25 +78,17 @@ def save_checkpoint(run_dir: Path, state: TrainerState, model: torch.nn.Module,
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:06d}"
-    staging = root / f".{name}.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    save_file(_untie(tensors), str(staging / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
-               staging / "optimizer.pt")
-    for rank, rng in enumerate(rng_states):
-        torch.save(rng, staging / f"rng-rank{rank}.pt")
-    (staging / STATE_FILE).write_text(json.dumps(
-        {"format": CHECKPOINT_FORMAT, **asdict(state)}, indent=1))
     final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    staging.rename(final)
-    pointer = root / f".{LATEST_FILE}.tmp"
-    pointer.write_text(name + "\n")
-    pointer.replace(root / LATEST_FILE)
+    with atomic_folder(final) as staging:
+        tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+        save_file(_untie(tensors), str(staging / "model.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
+                   staging / "optimizer.pt")
+        for rank, rng in enumerate(rng_states):
+            torch.save(rng, staging / f"rng-rank{rank}.pt")
+        (staging / STATE_FILE).write_text(json.dumps(
+            {"format": CHECKPOINT_FORMAT, **asdict(state)}, indent=1))
+    write_atomically(root / LATEST_FILE, name + "\n")
     for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     logger.info("checkpoint %s", final)

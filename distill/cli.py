@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-from gatemix.config_cli import add_dataclass_flags, config_from_args
+from gatemix.config_cli import add_config_flags, config_from_args
+from gatemix.defaults import DEFAULT_PROJECT_DIR
 from gatemix.distill.config import DistillConfig
+from gatemix.process_rank import ProcessRank
 
 
 def add_parser(subparsers) -> None:
@@ -18,15 +19,15 @@ def add_parser(subparsers) -> None:
         "uniform, or by the gate's lambda), with held-out figures, checkpoints and resume. "
         "Under torchrun it runs as DDP; see distill/README.md.",
     )
-    add_dataclass_flags(parser, DistillConfig, defaults={"project": "artifacts/demo"})
+    add_config_flags(parser, DistillConfig, defaults={"project": DEFAULT_PROJECT_DIR})
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from gatemix.distill.train import distill
+    from gatemix.distill.train import distill  # torch: deferred so `--help` stays fast
 
-    config = config_from_args(args, DistillConfig, project="artifacts/demo")
+    config = config_from_args(args, DistillConfig, project=DEFAULT_PROJECT_DIR)
     out = distill(config)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
+    if ProcessRank.from_env().is_main:  # under torchrun, rank 0 alone reports
         print(f"student written to {out}")
     return 0

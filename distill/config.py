@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from gatemix.config_cli import field_help
+
 INITS = ("expert", "model", "config")
 LOSSES = ("forward_kl", "jsd", "reverse_kl", "cross_entropy")
 DOMAIN_WEIGHTS = ("uniform", "lambda", "proportional")
@@ -22,94 +24,90 @@ RUNTIME_FIELDS = (
 )
 
 
-def _help(text: str, **extra) -> dict:
-    return {"help": text, **extra}
-
-
 @dataclass
 class DistillConfig:
     # --- what to read and where to write ---
-    project: str = field(default="", metadata=_help(
+    project: str = field(default="", **field_help(
         "the project file (or its folder): experts, baselines and each domain's train/eval text"))
-    composite_dir: str = field(default="", metadata=_help(
+    composite_dir: str = field(default="", **field_help(
         "the teacher composite; empty: the project's, packed with its served gate"))
-    out_dir: str = field(default="", metadata=_help(
+    out_dir: str = field(default="", **field_help(
         "the student folder, a plain Hugging Face folder; empty: <project work_dir>/student"))
-    run_dir: str = field(default="", metadata=_help(
+    run_dir: str = field(default="", **field_help(
         "checkpoints and the best step's student; empty: <out_dir>.run"))
-    cache_dir: str = field(default="", metadata=_help(
+    cache_dir: str = field(default="", **field_help(
         "the teacher cache; empty: <project work_dir>/cache/distill-teacher"))
     # --- the student ---
-    init: str = field(default="expert", metadata=_help(
+    init: str = field(default="expert", **field_help(
         "student initial weights: expert (an expert's), model (a folder or a project "
         "baseline, e.g. the shared base), config (fresh weights from a config)", choices=INITS))
-    init_from: str = field(default="", metadata=_help(
+    init_from: str = field(default="", **field_help(
         "expert: its name (empty: the first); model: a [baselines] name or a folder; "
         "config: a folder with config.json (empty: the first expert's)"))
-    student_config: str = field(default="", metadata=_help(
+    student_config: str = field(default="", **field_help(
         "with --init config: overrides of the config, 'key=value,...' "
         "(e.g. num_hidden_layers=1,intermediate_size=128)"))
     # --- the optimization ---
-    steps: int = field(default=400, metadata=_help("optimizer steps"))
-    batch_size: int = field(default=8, metadata=_help(
+    steps: int = field(default=400, **field_help("optimizer steps"))
+    batch_size: int = field(default=8, **field_help(
         "sequences per step, over all processes (a multiple of the process count)"))
-    seq_len: int = field(default=128, metadata=_help("tokens per sequence"))
-    lr: float = field(default=2e-3, metadata=_help("AdamW peak learning rate"))
-    warmup_steps: int = field(default=10, metadata=_help("linear warmup steps"))
-    min_lr_ratio: float = field(default=0.1, metadata=_help(
+    seq_len: int = field(default=128, **field_help("tokens per sequence"))
+    lr: float = field(default=2e-3, **field_help("AdamW peak learning rate"))
+    warmup_steps: int = field(default=10, **field_help("linear warmup steps"))
+    min_lr_ratio: float = field(default=0.1, **field_help(
         "the cosine decay ends at this fraction of the peak learning rate"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
-    grad_clip: float = field(default=1.0, metadata=_help("gradient norm clip; 0 disables it"))
-    seed: int = field(default=0, metadata=_help(
+    weight_decay: float = field(default=0.0, **field_help("AdamW weight decay"))
+    grad_clip: float = field(default=1.0, **field_help("gradient norm clip; 0 disables it"))
+    seed: int = field(default=0, **field_help(
         "seed of the batches, the on-policy samples and a fresh student's weights"))
     # --- the objective ---
-    loss: str = field(default="forward_kl", metadata=_help(
+    loss: str = field(default="forward_kl", **field_help(
         "forward_kl KL(teacher||student), jsd (generalized JSD with --beta), reverse_kl "
         "KL(student||teacher), or cross_entropy (no teacher: the same tokens' labels, "
         "the no-teacher baseline)", choices=LOSSES))
-    beta: float = field(default=0.5, metadata=_help(
+    beta: float = field(default=0.5, **field_help(
         "generalized JSD's mixture weight, in (0, 1) (0 would be forward KL, 1 reverse KL)"))
-    label_weight: float = field(default=1.0, metadata=_help(
+    label_weight: float = field(default=1.0, **field_help(
         "weight of the cross-entropy on the data's own next tokens, added to the distillation "
         "loss (Hinton's hard-label term; on-policy rows have none); 0: pure distillation"))
-    teacher_top_k: int = field(default=256, metadata=_help(
+    teacher_top_k: int = field(default=256, **field_help(
         "keep the teacher's top-k tokens and one tail bucket with the rest of the mass (the "
         "cache holds k*8+4 bytes per token); 0 or >= the vocabulary: the exact full "
         "distribution (V*4 bytes per token)"))
-    domain_weights: str = field(default="uniform", metadata=_help(
+    domain_weights: str = field(default="uniform", **field_help(
         "how often each domain is sampled: uniform, lambda (the gate fit's final lambda from "
         "the served router's details: the robust weighting, the worst mixture for the gate), "
         "proportional (the train data's token shares)", choices=DOMAIN_WEIGHTS))
-    uniform_mix: float = field(default=0.0, metadata=_help(
+    uniform_mix: float = field(default=0.0, **field_help(
         "share of uniform mixed into lambda or proportional weights, so that no domain is "
         "starved (a fitted lambda can put ~0 on a domain)"))
-    on_policy_fraction: float = field(default=0.0, metadata=_help(
+    on_policy_fraction: float = field(default=0.0, **field_help(
         "share of each batch sampled from the student (GKD) and scored by the teacher"))
-    on_policy_prompt_tokens: int = field(default=16, metadata=_help(
+    on_policy_prompt_tokens: int = field(default=16, **field_help(
         "data tokens the student continues in an on-policy sequence"))
-    on_policy_temperature: float = field(default=1.0, metadata=_help(
+    on_policy_temperature: float = field(default=1.0, **field_help(
         "the student's sampling temperature for on-policy sequences"))
     # --- evaluation, checkpoints, runtime ---
-    eval_every: int = field(default=50, metadata=_help(
+    eval_every: int = field(default=50, **field_help(
         "held-out KL and cross-entropy every N steps (and at 0 and the end); 0: never"))
-    eval_tokens: int = field(default=8192, metadata=_help(
+    eval_tokens: int = field(default=8192, **field_help(
         "eval-split tokens per domain in the held-out figures"))
-    eval_batch_size: int = field(default=16, metadata=_help("sequences per held-out batch"))
-    keep: str = field(default="best", metadata=_help(
+    eval_batch_size: int = field(default=16, **field_help("sequences per held-out batch"))
+    keep: str = field(default="best", **field_help(
         "what out_dir receives: the best held-out step's student or the last", choices=KEEP))
-    checkpoint_every: int = field(default=50, metadata=_help(
+    checkpoint_every: int = field(default=50, **field_help(
         "a checkpoint every N steps (and at the end); 0: none"))
-    resume: bool = field(default=True, metadata=_help(
+    resume: bool = field(default=True, **field_help(
         "continue from the run folder's last checkpoint when there is one"))
-    teacher_cache: bool = field(default=True, metadata=_help(
+    teacher_cache: bool = field(default=True, **field_help(
         "keep the teacher's targets on disk, so a rerun or a second student reads them"))
-    threads: int = field(default=2, metadata=_help("torch CPU threads"))
-    device: str = field(default="auto", metadata=_help(
+    threads: int = field(default=2, **field_help("torch CPU threads"))
+    device: str = field(default="auto", **field_help(
         "where teacher and student run: auto (cuda if there is one; under torchrun each "
         "process its own GPU), cpu, cuda[:N]"))
-    teacher_dtype: str = field(default="auto", metadata=_help(
+    teacher_dtype: str = field(default="auto", **field_help(
         "the teacher experts' dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"))
-    progress: bool = field(default=True, metadata=_help("show progress bars"))
+    progress: bool = field(default=True, **field_help("show progress bars"))
 
     def __post_init__(self) -> None:
         if not self.project:

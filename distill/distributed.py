@@ -26,35 +26,19 @@ the best student and the output; every rank writes its own RNG state.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from gatemix.device import resolve_device
+from gatemix.process_rank import ProcessRank
 
 
 @dataclass(frozen=True)
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Distributed:
-        """The launcher's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (``torchrun`` sets them), else one."""
-        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                   int(os.environ.get("LOCAL_RANK", "0")))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_local_main(self) -> bool:
-        """The first process of its node (each node keeps node-local files, e.g. a teacher cache)."""
-        return self.local_rank == 0
+class Distributed(ProcessRank):
+    """This process's rank (``ProcessRank.from_env()``) and the collective calls over the ranks."""
 
     @property
     def active(self) -> bool:
@@ -81,8 +65,6 @@ class Distributed:
         """The model DDP-wrapped under a launcher (gradients averaged), else itself."""
         if not self.active:
             return model
-        from torch.nn.parallel import DistributedDataParallel
-
         device_ids = [torch.device(device).index] if device.startswith("cuda") else None
         return DistributedDataParallel(model, device_ids=device_ids)
 

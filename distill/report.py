@@ -23,11 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gatemix.distill.data import WindowSet
+from gatemix.device import resolve_device, resolve_dtype
+from gatemix.distill.data import DistillDataError, WindowSet, eval_windows
 from gatemix.distill.loss import next_token_logprobs
+from gatemix.distill.student import ProgressBars, StudentError, sample_continuations
+from gatemix.distill.teacher import EnsembleTeacher
+from gatemix.distill.train import read_record
+from gatemix.engine.pack import ensure_composite
+from gatemix.errors import UserError
 from gatemix.gate.fit.evaluate import EvaluationReport, evaluate_methods
+from gatemix.gate.fit.expert_bank import HFExpertBank
+from gatemix.gate.fit.report import model_token_logprobs
 from gatemix.gate.token_features import TokenFeatures
+from gatemix.project import load_project
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +45,6 @@ logger = logging.getLogger(__name__)
 def window_features(windows: WindowSet, expert_dirs: list[Path], batch_size: int,
                     device: str) -> dict[str, TokenFeatures]:
     """Domain -> every expert's next-token log-probs on its eval windows (the gate report's input)."""
-    from gatemix.gate.fit.expert_bank import HFExpertBank
-
     bank = HFExpertBank(expert_dirs, device=device)
     features = {}
     for domain in windows.domains:
@@ -66,8 +74,6 @@ def ensemble_token_logprobs(teacher, windows: WindowSet, batch_size: int) -> dic
 def score_models(features: dict[str, TokenFeatures], ensemble: dict[str, torch.Tensor],
                  models: dict[str, Path]) -> EvaluationReport:
     """The gate report's table over experts, the ensemble and every model folder in ``models``."""
-    from gatemix.gate.fit.report import model_token_logprobs
-
     extra = {"ensemble": ensemble}
     for name, folder in models.items():
         logger.info("scoring %s (%s) on the eval windows", name, folder)
@@ -111,8 +117,6 @@ def continuation_nll(teacher, sequences: torch.Tensor, prompt_tokens: int) -> to
 def generation_check(teacher, student, tokenizer, windows: WindowSet, *, prompts_per_domain: int,
                      prompt_tokens: int, new_tokens: int, device: str) -> GenerationCheck:
     """Greedy continuations of each domain's first eval prompts by student and ensemble, scored."""
-    from gatemix.distill.student import sample_continuations
-
     nll: dict[str, dict[str, float]] = {"student": {}, "ensemble": {}}
     agreement, examples = {}, {}
     length = prompt_tokens + new_tokens
@@ -172,8 +176,6 @@ def miss_reasons(rows: list[dict], record: dict, report: EvaluationReport) -> li
 
 def build_report(config) -> Path:
     """Score everything ``config`` (a ``DistillReportConfig``) names and write the report; its path."""
-    from gatemix.distill.student import ProgressBars
-
     torch.set_num_threads(config.threads)
     bars = ProgressBars(False)  # one "Loading weights" bar per model scored says nothing
     try:
@@ -183,21 +185,12 @@ def build_report(config) -> Path:
 
 
 def _build_report(config) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from gatemix.device import resolve_device, resolve_dtype
-    from gatemix.distill.data import eval_windows
+    # report_write imports this module's tables (GenerationCheck, ...): deferred to break the cycle
     from gatemix.distill.report_write import write_distill_report
-    from gatemix.distill.teacher import EnsembleTeacher
-    from gatemix.distill.train import read_record
-    from gatemix.engine.composite_folder import ensure_composite
-    from gatemix.project import load_project
 
     project = load_project(config.project)
     student_dir = Path(config.student) if config.student else project.student_dir
     if not (student_dir / "config.json").is_file():
-        from gatemix.distill.student import StudentError
-
         raise StudentError(f"student folder {student_dir} not found (no config.json); run "
                            "`gatemix distill` or pass --student")
     record = read_record(student_dir)
@@ -206,8 +199,6 @@ def _build_report(config) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(expert_dirs[0])
     windows = eval_windows(project, tokenizer, seq_len, config.eval_tokens)
     if not windows.domains:
-        from gatemix.distill.data import DistillDataError
-
         raise DistillDataError(f"{project.path}: no eval split holds a window of {seq_len} tokens")
     device = resolve_device(config.device)
     composite = Path(config.composite_dir) if config.composite_dir else ensure_composite(project).path
@@ -218,8 +209,6 @@ def _build_report(config) -> Path:
     for item in config.compare:
         name, sep, folder = item.partition("=")
         if not sep:
-            from gatemix.errors import UserError
-
             raise UserError(f"--compare {item!r} is not name=folder")
         models[name] = Path(folder)
     report = score_models(features, ensemble_token_logprobs(teacher, windows, config.batch_size),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from gatemix.config_cli import add_dataclass_flags, config_from_args
+from gatemix.config_cli import add_config_flags, config_from_args
+from gatemix.defaults import DEFAULT_PROJECT_DIR
 
 
 @dataclass
@@ -61,13 +62,13 @@ def add_parser(subparsers) -> None:
         "project's baselines and any --compare model on the same eval windows, and write "
         "report.md with PNGs.",
     )
-    add_dataclass_flags(parser, DistillReportConfig, defaults={"project": "artifacts/demo"})
+    add_config_flags(parser, DistillReportConfig, defaults={"project": DEFAULT_PROJECT_DIR})
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from gatemix.distill.report import build_report
+    from gatemix.distill.report import build_report  # torch: deferred so `--help` stays fast
 
-    config = config_from_args(args, DistillReportConfig, project="artifacts/demo")
+    config = config_from_args(args, DistillReportConfig, project=DEFAULT_PROJECT_DIR)
     print(f"report written to {build_report(config)}")
     return 0

@@ -28,7 +28,7 @@ GENERATION_INTRO = ("Greedy continuations of each domain's first eval prompts, s
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # optional (the dev extra), and only for the plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from gatemix.device import resolve_dtype
 from gatemix.distill.config import DistillConfig
@@ -38,6 +39,9 @@ from gatemix.distill.student import (
 )
 from gatemix.distill.teacher import EnsembleTeacher
 from gatemix.distill.teacher_cache import TeacherCache, TeacherTargetSource, cache_key
+from gatemix.engine.composite_folder import GATE_SUBDIR, CompositeInfo
+from gatemix.engine.pack import ensure_composite
+from gatemix.gate.artifact import load_router
 from gatemix.project import Project, load_project
 
 logger = logging.getLogger(__name__)
@@ -85,9 +89,6 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 def served_gate_lambda(composite: Path) -> tuple[dict[str, float] | None, dict]:
     """The served gate's fitted lambda by expert name (None if it has none) and its description."""
-    from gatemix.engine.composite_folder import GATE_SUBDIR
-    from gatemix.gate.artifact import load_router
-
     artifact = load_router(composite / GATE_SUBDIR)
     values = artifact.details.get("lambda_avg")
     gate_lambda = dict(zip(artifact.expert_names, values)) if values else None
@@ -96,8 +97,6 @@ def served_gate_lambda(composite: Path) -> tuple[dict[str, float] | None, dict]:
 
 def _composite(config: DistillConfig, project: Project, dist: Distributed) -> Path:
     """The teacher composite; the project's is packed (rank 0) when missing or stale."""
-    from gatemix.engine.composite_folder import CompositeInfo, ensure_composite
-
     if config.composite_dir:
         path = Path(config.composite_dir)
     else:
@@ -116,8 +115,6 @@ def _target_sources(config: DistillConfig, cache_root: Path, teacher: EnsembleTe
                     teacher_dtype: torch.dtype, composite: Path, project: Project,
                     windows: list[WindowSet | None], vocab_size: int, dist: Distributed) -> list:
     """One ``TeacherTargetSource`` per window set (None where the set is None), cached on disk."""
-    from gatemix.engine.composite_folder import CompositeInfo
-
     info = CompositeInfo.read(composite)
     sources = []
     for window_set in windows:
@@ -150,10 +147,17 @@ def _checked_init(config: DistillConfig, project: Project, vocab_size: int) -> t
     return folder, model_config
 
 
+def _optimizer(config: DistillConfig, model: torch.nn.Module):
+    """AdamW and its LR schedule (``lr_factor``: linear warm-up, then cosine to ``min_lr_ratio``)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
+                                  weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, config.steps, config.warmup_steps, config.min_lr_ratio))
+    return optimizer, schedule
+
+
 def prepare_run(config: DistillConfig, dist: Distributed, device: str) -> DistillRun:
     """Stage 1: read and check everything, load the teacher and the student."""
-    from transformers import AutoTokenizer
-
     torch.set_num_threads(config.threads)
     project = load_project(config.project)
     for domain in project.domains:  # every train source read and checked before any model loads
@@ -183,10 +187,7 @@ def prepare_run(config: DistillConfig, dist: Distributed, device: str) -> Distil
             vocab_size, dist)
     model = build_student(config.init, folder, model_config, config.seed).to(device)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
-                                  weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        step, config.steps, config.warmup_steps, config.min_lr_ratio))
+    optimizer, schedule = _optimizer(config, model)
     out_dir = Path(config.out_dir) if config.out_dir else project.student_dir
     record = {
         "project": str(project.path),

@@ -24,6 +24,8 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
 from gatemix.atomic_write import atomic_folder
 from gatemix.errors import UserError
@@ -107,7 +109,7 @@ def check_tokenizer(folder: Path, config: dict, expert_folder: Path, vocab_size:
 def check_servable(architecture: str, where: str) -> None:
     """Refuse an architecture the installed vLLM cannot load (skipped where vLLM is absent)."""
     try:
-        from vllm import ModelRegistry
+        from vllm import ModelRegistry  # optional: a training machine may have no vLLM
     except ImportError:
         logger.info("vLLM is not installed: %s's architecture is not checked", where)
         return
@@ -119,8 +121,6 @@ def check_servable(architecture: str, where: str) -> None:
 
 def build_student(init: str, folder: Path, config: dict, seed: int) -> torch.nn.Module:
     """The student in float32: pretrained weights from ``folder``, or fresh ones from ``config``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     try:
         if init == "config":
             model_config = AutoConfig.for_model(**config)
@@ -164,8 +164,6 @@ class ProgressBars:
     """Turn transformers' own bars (weight loading, saving) on or off; ``restore`` undoes it."""
 
     def __init__(self, shown: bool) -> None:
-        from transformers.utils import logging as hf_logging
-
         self._logging = hf_logging
         self._was_shown = hf_logging.is_progress_bar_enabled()
         (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
@@ -179,8 +177,6 @@ class ProgressBars:
 
 def _save_quietly(model: torch.nn.Module, folder: Path) -> None:
     """``save_pretrained`` without its per-save progress bar (a run saves at every best step)."""
-    from transformers.utils import logging as hf_logging
-
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:

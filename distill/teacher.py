@@ -8,8 +8,8 @@ per-token weights.
 The experts may be any Hugging Face causal-LM architecture, on any device and
 in any dtype; the router stays in float32 (it is small and decides the gate),
 and the mixture is computed in float32 whatever the experts' dtype. Nothing
-here imports vLLM, and the composite folder's code is imported only by
-``load``, so ``from_experts`` runs on a machine with no engine at all.
+here imports vLLM (``composite_folder`` is the format alone, plain Python), so
+the teacher runs on a machine with no engine at all.
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
+from gatemix.engine.composite_folder import GATE_SUBDIR, CompositeInfo
+from gatemix.gate.artifact import load_router
 from gatemix.gate.mixing import mix_logits
 from gatemix.gate.router import HiddenStateRouter
 
 
 def _load_experts(expert_dirs: list[str | Path], device: str, dtype: torch.dtype) -> list:
-    from transformers import AutoModelForCausalLM
-
     experts = []
     for path in expert_dirs:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
@@ -57,9 +58,6 @@ class EnsembleTeacher:
         dtype: torch.dtype = torch.float32,
     ) -> EnsembleTeacher:
         """The router from a composite folder; the experts from their own folders, in its order."""
-        from gatemix.engine.composite_folder import GATE_SUBDIR, CompositeInfo
-        from gatemix.gate.artifact import load_router
-
         info = CompositeInfo.read(composite_dir)
         if len(expert_dirs) != len(info.expert_names):
             raise ValueError(

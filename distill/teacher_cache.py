@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gatemix.atomic_write import atomic_file, write_atomically
 from gatemix.distill.data import WindowSet
 from gatemix.distill.loss import TeacherTargets, teacher_targets
 from gatemix.errors import UserError
@@ -88,14 +89,12 @@ class TeacherCache:
         if not dense:
             shapes["indices"] = ((num_windows, seq_len, top_k), np.int32)
         for name, (shape, dtype) in shapes.items():
-            staging = directory / f".{name}.npy.tmp"
-            array = np.lib.format.open_memmap(staging, mode="w+", dtype=dtype, shape=shape)
-            del array  # unmapped, flushed: a header and a sparse file of zeros
-            staging.replace(directory / f"{name}.npy")
+            with atomic_file(directory / f"{name}.npy") as staging:
+                array = np.lib.format.open_memmap(staging, mode="w+", dtype=dtype, shape=shape)
+                del array  # unmapped, flushed: a header and a sparse file of zeros
         meta = {"format": TEACHER_VERSION, "num_windows": num_windows, "seq_len": seq_len,
                 "vocab_size": vocab_size, "top_k": 0 if dense else top_k}
-        (directory / f".{META_FILE}.tmp").write_text(json.dumps(meta, indent=1))
-        (directory / f".{META_FILE}.tmp").replace(directory / META_FILE)
+        write_atomically(directory / META_FILE, json.dumps(meta, indent=1))
         lock.rmdir()
         logger.info("teacher cache created at %s", directory)
         return cls.open(directory)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import AutoModelForCausalLM
 
 from gatemix.distill import checkpoint as ckpt
 from gatemix.distill.config import DistillConfig
@@ -170,8 +171,6 @@ def finish(run: DistillRun, state: ckpt.TrainerState) -> Path:
               if run.train_targets else 0}
     if run.dist.is_main:
         if use_best:
-            from transformers import AutoModelForCausalLM
-
             model = AutoModelForCausalLM.from_pretrained(best, dtype=torch.float32)
         else:
             model = unwrap(run.model).cpu()

@@ -41,20 +41,29 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import LlamaConfig
+from vllm.compilation import decorators
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.distributed import get_pp_group
+from vllm.model_executor.model_loader.utils import get_model_architecture
 from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.llama import LlamaModel
 from vllm.sequence import IntermediateTensors
+from vllm.transformers_utils.config import get_config
 
-from gatemix.engine.composite_folder import GATE_SUBDIR, expert_config_dir, expert_module_key
-from gatemix.engine.gate_versions import GateVersions
+from gatemix.engine.composite_folder import (
+    COMPILE_MIXING_KEY,
+    GATE_SUBDIR,
+    expert_config_dir,
+    expert_module_key,
+)
+from gatemix.engine.gate_versions import GateVersions, load_swappable
 from gatemix.engine.request_gates import (
     query_start_loc_from_forward_context,
     token_rows_from_forward_context,
@@ -77,8 +86,6 @@ def experts_compiled_inline() -> Iterator[None]:
     ``__init__`` consults ``_should_ignore_torch_compile(cls)`` once, at
     construction; ``tests/engine/test_vllm_contracts.py`` checks it.
     """
-    from vllm.compilation import decorators
-
     original = decorators._should_ignore_torch_compile
     decorators._should_ignore_torch_compile = lambda cls: True
     try:
@@ -89,9 +96,6 @@ def experts_compiled_inline() -> Iterator[None]:
 
 def build_expert(vllm_config: VllmConfig, expert_dir: Path, prefix: str) -> nn.Module:
     """Expert from vLLM's own class for its architecture, configured from its own config.json."""
-    from vllm.model_executor.model_loader.utils import get_model_architecture
-    from vllm.transformers_utils.config import get_config
-
     model_config = vllm_config.model_config
     hf_config = get_config(str(expert_dir), trust_remote_code=model_config.trust_remote_code)
     expert_vllm_config = vllm_config.with_hf_config(hf_config)
@@ -102,9 +106,6 @@ def build_expert(vllm_config: VllmConfig, expert_dir: Path, prefix: str) -> nn.M
 
 def build_router_context(vllm_config: VllmConfig, context_config: dict, prefix: str) -> nn.Module:
     """The router's own causal Llama as vLLM's ``LlamaModel`` (attention in the paged KV cache)."""
-    from transformers import LlamaConfig
-    from vllm.model_executor.models.llama import LlamaModel
-
     context_vllm_config = vllm_config.with_hf_config(
         LlamaConfig(**context_config), architectures=["LlamaForCausalLM"]
     )
@@ -215,7 +216,10 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         self.gates = GateVersions(self.router, config.gatemix["gate_version"])
         self.expert_hashes = dict(config.gatemix["expert_hashes"])
         self.prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
-        self.mix = MixingStep()
+        additional_config = vllm_config.additional_config
+        self.mix = MixingStep(
+            compiled=isinstance(additional_config, dict) and bool(additional_config.get(COMPILE_MIXING_KEY))
+        )
         self.gate_table = worker_gate_table()
         self.gate_table.prefix_states.current_gate_version = self.gates.current
         self.make_empty_intermediate_tensors = self.ensemble.make_empty_intermediate_tensors
@@ -261,8 +265,6 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
 
         ``in_flight``: the gate versions the server's unfinished requests name.
         """
-        from gatemix.engine.gate_versions import load_swappable
-
         artifact = load_swappable(
             artifact_dir, expert_names=self.expert_names, expert_hashes=self.expert_hashes,
             expert_widths=tuple(self.expert_widths), current=self.gates.router,
@@ -363,9 +365,8 @@ class MixingStep:
     C++ compiler or Triton).
     """
 
-    def __init__(self) -> None:
-        enabled = os.environ.get("GATEMIX_COMPILE_MIXING", "0") == "1"
-        self.compiled = torch.compile(mix_logits, dynamic=True) if enabled else None
+    def __init__(self, compiled: bool = False) -> None:
+        self.compiled = torch.compile(mix_logits, dynamic=True) if compiled else None
 
     def __call__(self, expert_logits: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None:

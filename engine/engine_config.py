@@ -24,6 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gatemix.engine.composite_folder import COMPILE_MIXING_KEY, GATE_SUBDIR, is_composite_folder
 from gatemix.engine.gate_reload import WORKER_EXTENSION
 
 # No async scheduling: its in-flight placeholder tokens would shift the per-token gate trace.
@@ -34,10 +35,13 @@ COMPOSITE_ENGINE_ARGS = {"async_scheduling": False, "worker_extension_cls": WORK
 # which request sits in which batch row, host-side state that a full-model graph would freeze
 # at capture time.
 COMPOSITE_CUDAGRAPH_MODE = "PIECEWISE"
+# The README's switch for compiled mixing, read once here when an engine is built;
+# ``EngineSettings.compile_mixing`` is the same switch as configuration.
+COMPILE_MIXING_ENV = "GATEMIX_COMPILE_MIXING"
 
 
 def on_cpu() -> bool:
-    from vllm.platforms import current_platform
+    from vllm.platforms import current_platform  # vllm: deferred, the settings import without it
 
     return current_platform.is_cpu()
 
@@ -72,13 +76,21 @@ class EngineSettings(BaseModel):
         "CUDA graphs on GPU",
     )
     seed: int = Field(0, description="engine seed (requests without a seed draw from it)")
+    compile_mixing: bool = Field(
+        False,
+        description=f"compile the composite's mixing step (torch.compile of the fused form; "
+        f"{COMPILE_MIXING_ENV}=1 also turns it on)",
+    )
 
     def resolved_enforce_eager(self) -> bool:
         return on_cpu() if self.enforce_eager is None else self.enforce_eager
 
+    def resolved_compile_mixing(self) -> bool:
+        return self.compile_mixing or os.environ.get(COMPILE_MIXING_ENV, "0") == "1"
+
 
 def composite_gate_has_posterior(model_dir: str | Path) -> bool:
-    from gatemix.engine.composite_folder import GATE_SUBDIR
+    # torch: deferred, the settings import without it (`gatemix serve --help` stays fast)
     from gatemix.gate.artifact import read_router_form
 
     return read_router_form(Path(model_dir) / GATE_SUBDIR).posterior
@@ -86,8 +98,6 @@ def composite_gate_has_posterior(model_dir: str | Path) -> bool:
 
 def engine_kwargs(model_dir: str | Path, settings: EngineSettings) -> dict:
     """Keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs``."""
-    from gatemix.engine.composite_folder import is_composite_folder
-
     if on_cpu():
         # The CPU backend sizes its KV cache from this variable, read at engine start.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(settings.kv_cache_gib))
@@ -115,11 +125,14 @@ def engine_kwargs(model_dir: str | Path, settings: EngineSettings) -> dict:
             kwargs["enable_prefix_caching"] = False
         if not on_cpu() and not kwargs["enforce_eager"]:
             kwargs["compilation_config"] = {"cudagraph_mode": COMPOSITE_CUDAGRAPH_MODE}
+        if settings.resolved_compile_mixing():
+            kwargs["additional_config"] = {COMPILE_MIXING_KEY: True}
     return kwargs
 
 
 def build_async_engine(model_dir: str | Path, settings: EngineSettings):
     """A vLLM ``AsyncLLM`` over the model folder (composite or a single expert)."""
+    # vllm: deferred, the settings import without it (offline jobs, --help)
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -128,7 +141,7 @@ def build_async_engine(model_dir: str | Path, settings: EngineSettings):
 
 def build_offline_engine(model_dir: str | Path, settings: EngineSettings | None = None, **overrides):
     """A vLLM ``LLM`` (offline batch API) over the model folder; ``overrides`` are settings fields."""
-    from vllm import LLM
+    from vllm import LLM  # vllm: deferred, as above
 
     settings = EngineSettings.model_validate({**(settings or EngineSettings()).model_dump(), **overrides})
     return LLM(**engine_kwargs(model_dir, settings))

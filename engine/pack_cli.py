@@ -3,9 +3,34 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 
-from gatemix.engine.composite_folder import pack_composite, project_gate_spec
+from gatemix.config_cli import add_config_flags, config_from_args, field_help
+from gatemix.engine.pack import pack_composite, project_gate_spec
 from gatemix.errors import UserError
+from gatemix.project import load_project
+
+
+@dataclass
+class PackConfig:
+    """What ``gatemix pack`` packs: expert folders and a gate, or a project's."""
+
+    experts: tuple[str, ...] = field(default=(), **field_help(
+        "expert folders (Hugging Face causal-LM folders)", flag="experts", nargs="*",
+        show_default=False))
+    project: str | None = field(default=None, **field_help(
+        "project file (or its folder): experts, names and gate from it", show_default=False))
+    out: str | None = field(default=None, **field_help(
+        "composite folder to write (default with --project: <work_dir>/composite)",
+        show_default=False))
+    gate: str | None = field(default=None, **field_help(
+        "'uniform', weights 'code=0.7,legal=0.3' or '0.7,0.3', or a router artifact folder "
+        "from `gatemix fit-gate` (default: the project's fitted gate if there is one, else uniform)",
+        show_default=False))
+    names: str | None = field(default=None, **field_help(
+        "comma-separated expert names (default: folder names)", show_default=False))
+    overwrite: bool = field(default=False, **field_help(
+        "replace --out if it exists", switch=True, show_default=False))
 
 
 def add_parser(subparsers) -> None:
@@ -17,35 +42,26 @@ def add_parser(subparsers) -> None:
         "the fitted gate come from the project file and the folder is <work_dir>/composite. "
         "Refuses mismatched tokenizers or architectures vLLM cannot build before writing anything.",
     )
-    parser.add_argument("experts", nargs="*", help="expert folders (Hugging Face causal-LM folders)")
-    parser.add_argument("--project", help="project file (or its folder): experts, names and gate from it")
-    parser.add_argument("--out", help="composite folder to write (default with --project: <work_dir>/composite)")
-    parser.add_argument(
-        "--gate",
-        help="'uniform', weights 'code=0.7,legal=0.3' or '0.7,0.3', or a router artifact folder "
-        "from `gatemix fit-gate` (default: the project's fitted gate if there is one, else uniform)",
-    )
-    parser.add_argument("--names", help="comma-separated expert names (default: folder names)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_config_flags(parser, PackConfig)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.project:
-        from gatemix.project import load_project
-
-        if args.experts or args.names:
+    config = config_from_args(args, PackConfig)
+    if config.project:
+        if config.experts or config.names:
             raise UserError("--project names the experts: give no expert folders or --names with it")
-        project = load_project(args.project, check_data=False)
+        project = load_project(config.project, check_data=False)
         experts, names = list(project.experts.values()), project.domains
-        out = args.out or project.composite_dir
-        gate = args.gate or project_gate_spec(project)
-        overwrite = args.overwrite or not args.out  # the project's own composite is derived
+        out = config.out or project.composite_dir
+        gate = config.gate or project_gate_spec(project)
+        overwrite = config.overwrite or not config.out  # the project's own composite is derived
     else:
-        if not args.experts or not args.out:
+        if not config.experts or not config.out:
             raise UserError("give expert folders and --out, or --project")
-        experts, out, gate, overwrite = args.experts, args.out, args.gate or "uniform", args.overwrite
-        names = args.names.split(",") if args.names else None
+        experts, out, gate = list(config.experts), config.out, config.gate or "uniform"
+        overwrite = config.overwrite
+        names = config.names.split(",") if config.names else None
     info = pack_composite(experts, out, gate=gate, names=names, overwrite=overwrite)
     print(f"packed {len(info.expert_names)} experts {info.expert_names} into {info.path} (gate {info.gate_version}, {info.gate_method})")
     return 0

@@ -6,10 +6,11 @@ reach spawned workers.
 """
 
 
-def register() -> None:
-    from vllm import ModelRegistry
+from gatemix.engine.composite_folder import COMPOSITE_ARCHITECTURE
 
-    from gatemix.engine.composite_folder import COMPOSITE_ARCHITECTURE
+
+def register() -> None:
+    from vllm import ModelRegistry  # vllm loads this module while it imports itself: deferred
 
     if COMPOSITE_ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(

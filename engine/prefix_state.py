@@ -62,6 +62,7 @@ class PrefixStates:
 
     def update(self, batch_update) -> None:
         """Apply one logits-processor batch update: fresh state for added rows, moves, removals."""
+        # vllm: deferred, the server imports this module (via request_gates) without an engine
         from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
         process_dict_updates(

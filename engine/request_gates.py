@@ -172,6 +172,7 @@ def query_start_loc_from_forward_context() -> torch.Tensor | None:
     Tokens are laid out in batch-row order. None outside a forward pass with
     requests (profiling and warm-up runs).
     """
+    # vllm: deferred, the server imports this module's request args without an engine
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
     if not is_forward_context_available():
@@ -196,6 +197,7 @@ def token_rows_from_forward_context(num_tokens: int, device: torch.device) -> to
 
 
 def _load_logits_processor_base():
+    # vllm: deferred, as above
     from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
     from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 

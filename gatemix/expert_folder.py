@@ -19,10 +19,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import safe_open
+
+from gatemix.atomic_write import write_atomically
 from gatemix.errors import UserError
 
 EXPERT_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
@@ -99,13 +101,8 @@ def _read_hash_memo() -> dict:
 
 def _write_hash_memo(memo: dict) -> None:
     """Best effort, atomic: a read-only home or a lost race only costs a second hashing."""
-    path = hash_memo_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".expert-hashes.", suffix=".tmp")
-        with os.fdopen(handle, "w") as out:
-            json.dump(memo, out)
-        os.replace(temp, path)
+        write_atomically(hash_memo_path(), json.dumps(memo))
     except OSError:
         pass
 
@@ -136,6 +133,7 @@ def is_causal_lm_architecture(architecture: str) -> bool:
     """A ``*ForCausalLM`` class, or one transformers lists as a causal LM (``GPT2LMHeadModel``)."""
     if architecture.endswith("ForCausalLM"):
         return True
+    # transformers: deferred (seconds to import), and only for the rare non-*ForCausalLM name
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return architecture in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
@@ -178,8 +176,6 @@ def read_expert(path: str | Path, name: str | None = None) -> ExpertFolder:
 
 
 def _check_safetensors(path: Path) -> None:
-    from safetensors import safe_open
-
     for weights in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(weights), framework="pt") as handle:

@@ -52,7 +52,7 @@ def resolve_settings(settings: Settings) -> Settings:
         if not (settings.model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{settings.model_dir} is not a model folder (no config.json)")
         return settings
-    from gatemix.engine.composite_folder import ensure_composite
+    from gatemix.engine.pack import ensure_composite
     from gatemix.project import load_project
 
     project_file = settings.project

@@ -78,7 +78,7 @@ def demo_project(demo_paths):
 @pytest.fixture(scope="session")
 def composite_dir(demo_paths) -> Path:
     """The demo experts packed with a uniform gate."""
-    from gatemix.engine.composite_folder import pack_composite
+    from gatemix.engine.pack import pack_composite
 
     out = worker_cache("composite-uniform")
     pack_composite(list(demo_paths.expert_dirs.values()), out, gate="uniform", overwrite=True)

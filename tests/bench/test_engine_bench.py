@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from gatemix.bench.cli import project_models
-from gatemix.bench.engine_bench import RandomExpertsConfig, random_models
+from gatemix.bench.models import RandomExpertsConfig, project_models, random_models
 from gatemix.cli import main
 
 # Hidden 64, 2 layers, 2 heads and 1 KV head of size 32 (the CPU attention backend needs >= 32).
@@ -56,7 +55,7 @@ def test_engine_bench_measures_every_system_on_tiny_random_experts(tmp_path, cap
 
 def test_random_experts_of_one_shape_are_written_once_and_reused(tmp_path, monkeypatch):
     from gatemix.bench import random_experts
-    from gatemix.engine import composite_folder
+    from gatemix.engine import pack
 
     first = random_models(_tiny_random(tmp_path))
     stamps = {path: path.stat().st_mtime_ns for path in first.composite_dir.parent.rglob("*")
@@ -66,7 +65,7 @@ def test_random_experts_of_one_shape_are_written_once_and_reused(tmp_path, monke
         raise AssertionError("written again")
 
     monkeypatch.setattr(random_experts, "write_random_expert", refuse)
-    monkeypatch.setattr(composite_folder, "pack_composite", refuse)
+    monkeypatch.setattr(pack, "pack_composite", refuse)
     again = random_models(_tiny_random(tmp_path))
     assert again == first
     assert {path: path.stat().st_mtime_ns for path in stamps} == stamps

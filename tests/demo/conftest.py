@@ -10,8 +10,9 @@ import pytest
 # two-thread training up to 25x slower than one thread; passive waiting does not.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from gatemix.demo.build import DemoPaths, build_demo
+from gatemix.demo.build import build_demo
 from gatemix.demo.config import DemoConfig
+from gatemix.demo.paths import DemoPaths
 
 # Tiny enough that the whole pipeline runs in a few seconds; one thread because
 # tiny matmuls only pay two threads' synchronization cost on a busy machine.

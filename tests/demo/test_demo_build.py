@@ -11,10 +11,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from gatemix.demo.build import DemoPaths, build_demo
+from gatemix.demo.build import build_demo
 from gatemix.demo.config import DemoConfig
 from gatemix.demo.corpus import load_manifest
 from gatemix.demo.errors import DemoBuildError
+from gatemix.demo.paths import DemoPaths
 from gatemix.demo.stages import STAMP_FILE, run_stage
 from gatemix.project import load_project
 
@@ -112,7 +113,7 @@ def test_manifest_has_an_eval_loss_for_every_model_and_domain(micro_demo):
 
 
 def test_the_build_ends_with_the_fitted_gate_that_serve_packs(micro_demo):
-    from gatemix.engine.composite_folder import project_gate_spec
+    from gatemix.engine.pack import project_gate_spec
     from gatemix.gate.artifact import load_router
 
     artifact = load_router(micro_demo.gate_dir)

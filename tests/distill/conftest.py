@@ -27,7 +27,7 @@ def tiny_config(demo_paths, composite_dir, tmp_path):
 @pytest.fixture(scope="session")
 def lambda_composite(demo_paths, tmp_path_factory) -> Path:
     """The demo experts packed with a constant gate whose artifact carries a fitted lambda."""
-    from gatemix.engine.composite_folder import pack_composite, parse_gate_spec
+    from gatemix.engine.pack import pack_composite, parse_gate_spec
     from gatemix.expert_folder import read_expert
 
     experts = [read_expert(path, name) for name, path in demo_paths.expert_dirs.items()]

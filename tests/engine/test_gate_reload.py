@@ -15,14 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM
 from vllm import SamplingParams
 
-from gatemix.engine.composite_folder import (
-    GATE_SUBDIR,
-    CompositeInfo,
-    pack_composite,
-    parse_gate_spec,
-)
+from gatemix.engine.composite_folder import GATE_SUBDIR, CompositeInfo
 from gatemix.engine.engine_config import build_offline_engine
 from gatemix.engine.gate_reload import RELOAD_METHOD
+from gatemix.engine.pack import pack_composite, parse_gate_spec
 from gatemix.engine.request_gates import gate_request_args
 from gatemix.expert_folder import read_expert
 from gatemix.gate.artifact import save_router

@@ -21,8 +21,8 @@ from random_router import random_router_artifact
 from vllm import SamplingParams
 
 from gatemix.distill.teacher import EnsembleTeacher
-from gatemix.engine.composite_folder import pack_composite
 from gatemix.engine.engine_config import build_offline_engine
+from gatemix.engine.pack import pack_composite
 from gatemix.engine.request_gates import gate_request_args
 from gatemix.gate.router import context_config_like
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gatemix.engine.composite_folder import CompositeInfo, pack_composite
+from gatemix.engine.composite_folder import CompositeInfo
+from gatemix.engine.pack import pack_composite
 from gatemix.gate.artifact import load_router
 
 
@@ -144,7 +145,7 @@ def test_a_sliding_window_expert_beside_full_attention_ones_is_refused(experts, 
 
 
 def test_experts_of_different_sizes_and_one_window_pack(experts, tmp_path):
-    from gatemix.engine.composite_folder import attention_pattern
+    from gatemix.engine.pack import attention_pattern
 
     for expert in experts:
         config = json.loads((expert / "config.json").read_text())

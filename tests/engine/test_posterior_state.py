@@ -23,8 +23,8 @@ import zmq
 from vllm import LLM, SamplingParams
 
 from gatemix.distill.teacher import EnsembleTeacher
-from gatemix.engine.composite_folder import pack_composite
 from gatemix.engine.engine_config import EngineSettings, build_offline_engine, engine_kwargs
+from gatemix.engine.pack import pack_composite
 from gatemix.engine.request_gates import gate_request_args
 from gatemix.expert_folder import expert_hash
 from gatemix.gate.artifact import RouterArtifact

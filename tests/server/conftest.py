@@ -54,7 +54,7 @@ def server_model_dir(served_project) -> Path:
     """The folder the server runs: the project's composite (packed as `serve --project` would)."""
     if served_project is None:
         return Path(os.environ["GATEMIX_TEST_COMPOSITE"])
-    from gatemix.engine.composite_folder import ensure_composite
+    from gatemix.engine.pack import ensure_composite
     from gatemix.project import load_project
 
     return ensure_composite(load_project(served_project)).path
@@ -111,7 +111,7 @@ def routed_composite(demo_paths, tmp_path_factory) -> Path:
     tests/engine/test_learned_router.py)."""
     from random_router import random_router_artifact
 
-    from gatemix.engine.composite_folder import pack_composite
+    from gatemix.engine.pack import pack_composite
 
     artifact = random_router_artifact(demo_paths.expert_dirs)
     out = tmp_path_factory.mktemp("routed") / "composite"

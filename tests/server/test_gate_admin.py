@@ -22,7 +22,8 @@ from conftest import ADMIN_KEY
 from server_harness import ENSEMBLE
 from test_openai_api import offline_weights
 
-from gatemix.engine.composite_folder import GATE_SUBDIR, parse_gate_spec
+from gatemix.engine.composite_folder import GATE_SUBDIR
+from gatemix.engine.pack import parse_gate_spec
 from gatemix.expert_folder import read_expert
 from gatemix.gate.artifact import load_router, save_router
 
