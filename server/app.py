@@ -20,13 +20,20 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from gatemix.engine.composite_folder import GATE_SUBDIR
+from gatemix import __version__
+from gatemix.demo.cli import ensure_demo
+from gatemix.engine.composite_folder import GATE_SUBDIR, ensure_composite
+from gatemix.engine.engine_config import build_async_engine
+from gatemix.engine.gate_trace import GateTraceReceiver
 from gatemix.errors import UserError
+from gatemix.gate.artifact import METADATA_FILE
+from gatemix.project import load_project
 from gatemix.server.chat_template import ChatRenderer
 from gatemix.server.errors import install_error_handlers
 from gatemix.server.gate_admin import GateAdmin, gate_report
 from gatemix.server.lifecycle import Lifecycle, watch_engine
 from gatemix.server.limits import Admission, LimitsMiddleware
+from gatemix.server.metrics import GateMetrics
 from gatemix.server.openapi import openapi_document
 from gatemix.server.routes import router
 from gatemix.server.served_models import ServedModels
@@ -52,13 +59,8 @@ def resolve_settings(settings: Settings) -> Settings:
         if not (settings.model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{settings.model_dir} is not a model folder (no config.json)")
         return settings
-    from gatemix.engine.composite_folder import ensure_composite
-    from gatemix.project import load_project
-
     project_file = settings.project
     if project_file is None:
-        from gatemix.demo.cli import ensure_demo
-
         logger.info("no --model-dir or --project: serving the demo in %s (built if needed)", settings.demo_dir)
         project_file = ensure_demo(settings.demo_dir)
     project = load_project(project_file, check_data=False)
@@ -73,8 +75,6 @@ def resolve_settings(settings: Settings) -> Settings:
 
 def _with_gate_report(models: ServedModels, artifact_dir: Path) -> ServedModels:
     """The fit's report, when the configured artifact is the gate the composite holds."""
-    from gatemix.gate.artifact import METADATA_FILE
-
     try:
         version = json.loads((Path(artifact_dir) / METADATA_FILE).read_text())["version"]
     except (OSError, ValueError, KeyError):
@@ -86,8 +86,6 @@ def _with_gate_report(models: ServedModels, artifact_dir: Path) -> ServedModels:
 
 def _install_serving(app: FastAPI, settings: Settings, *, engine, tokenizer, models, receiver):
     """The handlers the routes find on ``app.state``, around one engine and one tokenizer."""
-    from gatemix.server.metrics import GateMetrics
-
     renderer = ChatRenderer(
         tokenizer, settings.chat_template.read_text() if settings.chat_template else None
     )
@@ -124,11 +122,9 @@ def _install_serving(app: FastAPI, settings: Settings, *, engine, tokenizer, mod
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # transformers and vLLM take seconds to import: only a starting server pays for them.
     from transformers import AutoTokenizer
     from vllm.utils.gc_utils import freeze_gc_heap
-
-    from gatemix.engine.engine_config import build_async_engine
-    from gatemix.engine.gate_trace import GateTraceReceiver
 
     settings = await asyncio.to_thread(resolve_settings, app.state.settings)
     model_dir = settings.model_dir
@@ -173,8 +169,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    from gatemix import __version__
-
     app = FastAPI(
         title="gatemix",
         version=__version__,
