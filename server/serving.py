@@ -96,7 +96,12 @@ class ServingEngine:
         check_token_ids(token_ids, self.vocab_size, param)
 
     def engine_max_tokens(
-        self, prompt_len: int, requested: int | None, param: str, prompt_param: str, default_cap: int
+        self,
+        prompt_len: int,
+        requested: int | None,
+        param: str,
+        prompt_param: str,
+        default_cap: int,
     ) -> tuple[int, bool]:
         """``(max_tokens for the engine, drop the output)`` after the context checks.
 

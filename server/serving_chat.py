@@ -148,16 +148,18 @@ class OpenAIServingChat:
             content, calls = delta.text, None
             if tool_plan is not None:
                 content, calls = parse_delta(
-                    parsers[state.index], tool_plan, delta.text, delta.token_ids,
-                    context.prompts[0], finished=delta.finish_reason is not None,
+                    parsers[state.index],
+                    tool_plan,
+                    delta.text,
+                    delta.token_ids,
+                    context.prompts[0],
+                    finished=delta.finish_reason is not None,
                 )
                 if calls:
                     called.add(state.index)
             choice = ChatCompletionStreamChoice(
                 delta=ChatDelta(content=content, tool_calls=calls or None),
-                finish_reason=finish_reason(
-                    tool_plan, state.index in called, delta.finish_reason
-                ),
+                finish_reason=finish_reason(tool_plan, state.index in called, delta.finish_reason),
                 index=state.index,
                 logprobs=self._logprobs(context.num_top, delta.token_ids, delta.logprobs),
                 mixture=self.core.mixture_report(state, context.plan, delta),
@@ -167,9 +169,7 @@ class OpenAIServingChat:
             yield self._chunk(context, [], usage=context.usage(context.in_order(states)))
 
     @staticmethod
-    def _chunk(
-        context: ChatContext, choices: list[ChatCompletionStreamChoice], usage=None
-    ) -> str:
+    def _chunk(context: ChatContext, choices: list[ChatCompletionStreamChoice], usage=None) -> str:
         return ChatCompletionChunk(
             id=context.response_id,
             choices=choices,

@@ -71,7 +71,9 @@ class OpenAIServingCompletion:
             prompts=prompts,
             jobs=jobs,
             deadline=deadline,
-            echo_texts=[prompt_texts[job.index // request.n] if request.echo else "" for job in jobs],
+            echo_texts=[
+                prompt_texts[job.index // request.n] if request.echo else "" for job in jobs
+            ],
         )
 
     def _tokenize(self, prompt, add_special_tokens: bool) -> tuple[list[list[int]], list[str]]:
@@ -151,7 +153,9 @@ class OpenAIServingCompletion:
     async def _stream(self, context: CompletionContext) -> AsyncIterator[str]:
         states: dict[int, ChoiceState] = {}
         generation = self.core.generation
-        async for delta, state in generation.run_choices(context.jobs, context.plan, context.deadline):
+        async for delta, state in generation.run_choices(
+            context.jobs, context.plan, context.deadline
+        ):
             first = state.index not in states
             states[state.index] = state
             if not (delta.token_ids or delta.finish_reason or first):

@@ -59,10 +59,15 @@ class FakeTokenizer:
     def convert_ids_to_tokens(self, token_ids) -> list[str]:
         return [chr(token_id) for token_id in token_ids]
 
-    def apply_chat_template(self, messages, *, chat_template, add_generation_prompt, tools, tokenize):
+    def apply_chat_template(
+        self, messages, *, chat_template, add_generation_prompt, tools, tokenize
+    ):
         template = jinja2.Environment().from_string(chat_template)
         return template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, bos_token=""
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            bos_token="",
         )
 
 
@@ -142,7 +147,9 @@ class FakeEngine:
 
     def __post_init__(self) -> None:
         self.model_config = SimpleNamespace(
-            max_logprobs=20, get_vocab_size=lambda: VOCAB, is_diffusion=False,
+            max_logprobs=20,
+            get_vocab_size=lambda: VOCAB,
+            is_diffusion=False,
             max_model_len=MAX_MODEL_LEN,
         )
         self.vllm_config = SimpleNamespace(speculative_config=None, structured_outputs_config=None)
@@ -155,7 +162,9 @@ class FakeEngine:
         prompt_ids = prompt["prompt_token_ids"]
         prompt_positions = None
         if params.prompt_logprobs is not None:
-            prompt_positions = [None] + [_position(t, params.prompt_logprobs) for t in prompt_ids[1:]]
+            prompt_positions = [None] + [
+                _position(t, params.prompt_logprobs) for t in prompt_ids[1:]
+            ]
         for i, token_id in enumerate(token_ids):
             await asyncio.sleep(self.step_delay_s)
             self.produced[request_id].append(token_id)
@@ -165,11 +174,15 @@ class FakeEngine:
             completion = SimpleNamespace(
                 token_ids=[token_id],
                 text=text[i] if i < len(text) and not last else text[i:],
-                logprobs=None if params.logprobs is None else [_position(token_id, params.logprobs)],
+                logprobs=None
+                if params.logprobs is None
+                else [_position(token_id, params.logprobs)],
                 finish_reason=reason if last else None,
             )
             yield SimpleNamespace(
-                outputs=[completion], finished=last, prompt_logprobs=prompt_positions if i == 0 else None
+                outputs=[completion],
+                finished=last,
+                prompt_logprobs=prompt_positions if i == 0 else None,
             )
 
     async def abort(self, request_id: str) -> None:
@@ -196,8 +209,14 @@ def serving_app(*, step_delay_s: float = 0.0, **settings) -> ServingStack:
     metrics = GateMetrics(EXPERTS, GATE_VERSION, 0.0)
     server_settings = Settings(**{"max_n": 4, **settings})
     core = ServingEngine(
-        engine=engine, tokenizer=engine.tokenizer, models=models, receiver=receiver,
-        metrics=metrics, settings=server_settings, vocab_size=VOCAB, max_model_len=MAX_MODEL_LEN,
+        engine=engine,
+        tokenizer=engine.tokenizer,
+        models=models,
+        receiver=receiver,
+        metrics=metrics,
+        settings=server_settings,
+        vocab_size=VOCAB,
+        max_model_len=MAX_MODEL_LEN,
     )
     renderer = ChatRenderer(engine.tokenizer)
     tools = ToolCalling(tokenizer=engine.tokenizer, renderer=renderer, parser_name=None)
@@ -207,7 +226,12 @@ def serving_app(*, step_delay_s: float = 0.0, **settings) -> ServingStack:
     app.add_middleware(LimitsMiddleware, max_body_bytes=server_settings.max_body_bytes)
     state = app.state
     state.admission = Admission(capacity=16, retry_after_s=1)
-    state.settings, state.engine, state.models, state.metrics = server_settings, engine, models, metrics
+    state.settings, state.engine, state.models, state.metrics = (
+        server_settings,
+        engine,
+        models,
+        metrics,
+    )
     state.serving_core = core
     state.serving_completion = OpenAIServingCompletion(core=core)
     state.serving_chat = OpenAIServingChat(core=core, renderer=renderer, tools=tools)

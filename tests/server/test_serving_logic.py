@@ -34,7 +34,7 @@ def sse_events(response) -> list[str]:
     blocks = response.text.split("\n\n")
     assert blocks[-1] == "", "the stream ends with a blank line"
     assert all(block.startswith("data: ") for block in blocks[:-1])
-    return [block[len("data: "):] for block in blocks[:-1]]
+    return [block[len("data: ") :] for block in blocks[:-1]]
 
 
 def stream_chunks(response) -> list[dict]:
@@ -49,28 +49,40 @@ def test_completion_text_usage_and_length_finish(stack, http):
     assert choice["text"] == SCRIPT[:5] and choice["finish_reason"] == "length"
     (produced,) = stack.engine.produced.values()
     assert body["usage"] == {
-        "prompt_tokens": len(PROMPT), "completion_tokens": len(produced),
+        "prompt_tokens": len(PROMPT),
+        "completion_tokens": len(produced),
         "total_tokens": len(PROMPT) + len(produced),
     }
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
 
 
 def test_completion_to_eos_finishes_with_stop(http):
-    choice = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 100}).json()["choices"][0]
+    choice = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 100}).json()[
+        "choices"
+    ][0]
     assert choice["text"] == SCRIPT and choice["finish_reason"] == "stop"
 
 
 def test_stop_string_cuts_the_text_and_counts_its_tokens(stack, http):
-    body = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 50, "stop": ["."]}).json()
+    body = http.post(
+        "/v1/completions", json={"prompt": PROMPT, "max_tokens": 50, "stop": ["."]}
+    ).json()
     assert body["choices"][0]["text"] == "Hello there"
     assert body["choices"][0]["finish_reason"] == "stop"
-    assert body["usage"]["completion_tokens"] == len("Hello there.")  # the stop's token was generated
+    assert body["usage"]["completion_tokens"] == len(
+        "Hello there."
+    )  # the stop's token was generated
     (params,) = stack.engine.params.values()
     assert params.stop == ["."]
 
 
 def test_include_stop_str_in_output_keeps_the_stop(http):
-    request = {"prompt": PROMPT, "max_tokens": 50, "stop": "there", "include_stop_str_in_output": True}
+    request = {
+        "prompt": PROMPT,
+        "max_tokens": 50,
+        "stop": "there",
+        "include_stop_str_in_output": True,
+    }
     assert http.post("/v1/completions", json=request).json()["choices"][0]["text"] == "Hello there"
 
 
@@ -105,7 +117,9 @@ def test_max_tokens_zero_with_echo_scores_the_prompt_only(stack, http):
 
 
 def test_completion_logprobs_have_the_top_k(stack, http):
-    body = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "logprobs": 2}).json()
+    body = http.post(
+        "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "logprobs": 2}
+    ).json()
     logprobs = body["choices"][0]["logprobs"]
     assert logprobs["tokens"] == list(SCRIPT[:3])
     assert logprobs["token_logprobs"] == pytest.approx([-0.1] * 3)
@@ -116,7 +130,12 @@ def test_completion_logprobs_have_the_top_k(stack, http):
 
 
 def test_completion_stream_frames_chunks_then_done(http):
-    request = {"prompt": PROMPT, "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}}
+    request = {
+        "prompt": PROMPT,
+        "max_tokens": 6,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     chunks = stream_chunks(http.post("/v1/completions", json=request))
     *token_chunks, usage_chunk = chunks
     assert "".join(chunk["choices"][0]["text"] for chunk in token_chunks) == SCRIPT[:6]
@@ -127,7 +146,9 @@ def test_completion_stream_frames_chunks_then_done(http):
 
 
 def test_stream_without_include_usage_reports_none(http):
-    chunks = stream_chunks(http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "stream": True}))
+    chunks = stream_chunks(
+        http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "stream": True})
+    )
     assert all(chunk.get("usage") is None for chunk in chunks)
 
 
@@ -151,34 +172,54 @@ def test_chat_completion_renders_the_template(stack, http):
 
 
 def test_chat_max_completion_tokens_wins_over_max_tokens(http):
-    request = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 9, "max_completion_tokens": 2}
-    assert http.post("/v1/chat/completions", json=request).json()["choices"][0]["message"]["content"] == SCRIPT[:2]
+    request = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 9,
+        "max_completion_tokens": 2,
+    }
+    assert (
+        http.post("/v1/chat/completions", json=request).json()["choices"][0]["message"]["content"]
+        == SCRIPT[:2]
+    )
 
 
 def test_chat_logprobs_list_top_logprobs(http):
     request = {
-        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "logprobs": True, "top_logprobs": 3,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2,
+        "logprobs": True,
+        "top_logprobs": 3,
     }
-    content = http.post("/v1/chat/completions", json=request).json()["choices"][0]["logprobs"]["content"]
+    content = http.post("/v1/chat/completions", json=request).json()["choices"][0]["logprobs"][
+        "content"
+    ]
     assert [entry["token"] for entry in content] == list(SCRIPT[:2])
     assert all(len(entry["top_logprobs"]) == 3 for entry in content)
 
 
 def test_chat_stream_opens_each_choice_with_the_role(http):
     request = {
-        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "n": 2, "stream": True,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 3,
+        "n": 2,
+        "stream": True,
         "stream_options": {"include_usage": True},
     }
     chunks = stream_chunks(http.post("/v1/chat/completions", json=request))
     openings = chunks[:2]
-    assert [c["choices"][0]["delta"] for c in openings] == [{"content": "", "role": "assistant"}] * 2
+    assert [c["choices"][0]["delta"] for c in openings] == [
+        {"content": "", "role": "assistant"}
+    ] * 2
     assert {c["choices"][0]["index"] for c in openings} == {0, 1}
     texts = {0: "", 1: ""}
     for chunk in chunks[2:-1]:
         (choice,) = chunk["choices"]
         texts[choice["index"]] += choice["delta"]["content"]
     assert texts == {0: SCRIPT[:3], 1: SCRIPT[:3]}
-    assert chunks[-1]["usage"]["completion_tokens"] == 6 and chunks[-1]["object"] == "chat.completion.chunk"
+    assert (
+        chunks[-1]["usage"]["completion_tokens"] == 6
+        and chunks[-1]["object"] == "chat.completion.chunk"
+    )
 
 
 @pytest.mark.parametrize(
@@ -195,7 +236,11 @@ def test_chat_stream_opens_each_choice_with_the_role(http):
 )
 def test_refused_field_is_a_400_naming_it(stack, http, path, field, value):
     request = {"max_tokens": 2, field: value}
-    request |= {"prompt": PROMPT} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    request |= (
+        {"prompt": PROMPT}
+        if path == "/v1/completions"
+        else {"messages": [{"role": "user", "content": "x"}]}
+    )
     response = http.post(path, json=request)
     assert response.status_code == 400
     error = response.json()["error"]
@@ -225,8 +270,13 @@ def test_limits_are_400s_naming_the_field(stack, http, change, param):
 
 
 def test_context_overflow_says_context_length_exceeded(http):
-    error = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1000}).json()["error"]
-    assert error["code"] == "context_length_exceeded" and "maximum context length is 256" in error["message"]
+    error = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1000}).json()[
+        "error"
+    ]
+    assert (
+        error["code"] == "context_length_exceeded"
+        and "maximum context length is 256" in error["message"]
+    )
 
 
 def test_unknown_model_is_a_404(http):

@@ -59,7 +59,10 @@ def test_the_gate_decides_by_default_and_reports_its_weights(stack, http):
     body = complete(http, mixture={"per_token": True})
     gate_args = only_gate_args(stack)
     assert "weights" not in gate_args and "experts_mask" not in gate_args
-    assert gate_args["gate_version"] == GATE_VERSION and gate_args["trace_to"] == stack.receiver.address
+    assert (
+        gate_args["gate_version"] == GATE_VERSION
+        and gate_args["trace_to"] == stack.receiver.address
+    )
     mixture = body["choices"][0]["mixture"]
     expected = [gate_weights({}, i) for i in range(4)]
     assert_rows_close(mixture["per_token"], expected)
@@ -90,7 +93,9 @@ def test_an_expert_name_pins_a_one_hot_gate(stack, http):
     body = complete(http, model="legal")
     assert only_gate_args(stack)["weights"] == [0.0, 1.0, 0.0]
     assert body["model"] == "legal"
-    assert body["choices"][0]["mixture"]["mean_weights"] == pytest.approx({"code": 0, "legal": 1, "tech": 0})
+    assert body["choices"][0]["mixture"]["mean_weights"] == pytest.approx(
+        {"code": 0, "legal": 1, "tech": 0}
+    )
 
 
 @pytest.mark.parametrize(
@@ -115,19 +120,25 @@ def test_stream_chunks_carry_their_own_tokens_weights(http):
     assert_rows_close(per_token, [gate_weights({}, i) for i in range(3)])
     # The running mean: the last chunk's equals the whole choice's.
     last_mean = chunks[-1]["choices"][0]["mixture"]["mean_weights"]
-    assert last_mean == pytest.approx({
-        name: sum(gate_weights({}, i)[k] for i in range(3)) / 3 for k, name in enumerate(EXPERTS)
-    })
+    assert last_mean == pytest.approx(
+        {name: sum(gate_weights({}, i)[k] for i in range(3)) / 3 for k, name in enumerate(EXPERTS)}
+    )
 
 
 def test_each_choice_has_its_own_trace_and_all_are_released(stack, http):
     complete(http, n=3)
-    trace_ids = {params.extra_args[GATE_ARGS_KEY]["trace_id"] for params in stack.engine.params.values()}
+    trace_ids = {
+        params.extra_args[GATE_ARGS_KEY]["trace_id"] for params in stack.engine.params.values()
+    }
     assert len(trace_ids) == 3
     assert stack.receiver.traces == {}
     assert stack.core.gate.gate_versions_in_flight() == []
     health = http.get("/health").json()
-    assert (health["requests_waiting"], health["requests_running"], health["requests_aborted"]) == (0, 0, 0)
+    assert (health["requests_waiting"], health["requests_running"], health["requests_aborted"]) == (
+        0,
+        0,
+        0,
+    )
     assert health["requests_admitted"] == 0
 
 
@@ -164,7 +175,9 @@ def test_past_the_deadline_the_engine_requests_are_aborted_with_a_504():
 def test_a_stream_past_its_deadline_ends_with_an_error_event_then_done():
     stack = serving_app(step_delay_s=0.05, request_timeout_s=0.12)
     with TestClient(stack.app) as http:
-        response = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 50, "stream": True})
+        response = http.post(
+            "/v1/completions", json={"prompt": PROMPT, "max_tokens": 50, "stream": True}
+        )
     chunks = stream_chunks(response)
     assert response.status_code == 200 and chunks[-1]["error"]["code"] == "timeout"
     text = "".join(chunk["choices"][0]["text"] for chunk in chunks[:-1])
