@@ -8,12 +8,14 @@ per-token gate weights the way the vLLM workers do. Everything is
 deterministic, so a test can compare a response with what the fake produced.
 
 ``serving_app`` wires them into the real serving classes and routes, without
-an engine process, a model folder or the demo build.
+an engine process, a model folder or the demo build; ``stream_chunks`` reads
+a streamed response back, checking its SSE framing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -236,3 +238,21 @@ def serving_app(*, step_delay_s: float = 0.0, **settings) -> ServingStack:
     state.serving_completion = OpenAIServingCompletion(core=core)
     state.serving_chat = OpenAIServingChat(core=core, renderer=renderer, tools=tools)
     return ServingStack(app, engine, receiver, core, metrics)
+
+
+# ---------------------------------------------------------------- reading a stream
+
+
+def sse_events(response) -> list[str]:
+    """The data of each server-sent event, checking the framing on the way."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    blocks = response.text.split("\n\n")
+    assert blocks[-1] == "", "the stream ends with a blank line"
+    assert all(block.startswith("data: ") for block in blocks[:-1])
+    return [block[len("data: ") :] for block in blocks[:-1]]
+
+
+def stream_chunks(response) -> list[dict]:
+    events = sse_events(response)
+    assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
+    return [json.loads(event) for event in events[:-1]]

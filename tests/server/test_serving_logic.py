@@ -8,10 +8,8 @@ fields, through the real routes, handlers and error mapping. The fake says
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from fake_engine import SCRIPT, serving_app
+from fake_engine import SCRIPT, serving_app, stream_chunks
 from fastapi.testclient import TestClient
 
 PROMPT = "Say hi"
@@ -23,28 +21,14 @@ def stack():
 
 
 @pytest.fixture
-def http(stack):
+def api(stack):
+    """A client of the fake stack (not conftest's ``http``: no real server here)."""
     with TestClient(stack.app) as client:
         yield client
 
 
-def sse_events(response) -> list[str]:
-    """The data of each server-sent event, checking the framing on the way."""
-    assert response.headers["content-type"].startswith("text/event-stream")
-    blocks = response.text.split("\n\n")
-    assert blocks[-1] == "", "the stream ends with a blank line"
-    assert all(block.startswith("data: ") for block in blocks[:-1])
-    return [block[len("data: ") :] for block in blocks[:-1]]
-
-
-def stream_chunks(response) -> list[dict]:
-    events = sse_events(response)
-    assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
-    return [json.loads(event) for event in events[:-1]]
-
-
-def test_completion_text_usage_and_length_finish(stack, http):
-    body = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 5}).json()
+def test_completion_text_usage_and_length_finish(stack, api):
+    body = api.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 5}).json()
     (choice,) = body["choices"]
     assert choice["text"] == SCRIPT[:5] and choice["finish_reason"] == "length"
     (produced,) = stack.engine.produced.values()
@@ -56,15 +40,15 @@ def test_completion_text_usage_and_length_finish(stack, http):
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
 
 
-def test_completion_to_eos_finishes_with_stop(http):
-    choice = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 100}).json()[
+def test_completion_to_eos_finishes_with_stop(api):
+    choice = api.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 100}).json()[
         "choices"
     ][0]
     assert choice["text"] == SCRIPT and choice["finish_reason"] == "stop"
 
 
-def test_stop_string_cuts_the_text_and_counts_its_tokens(stack, http):
-    body = http.post(
+def test_stop_string_cuts_the_text_and_counts_its_tokens(stack, api):
+    body = api.post(
         "/v1/completions", json={"prompt": PROMPT, "max_tokens": 50, "stop": ["."]}
     ).json()
     assert body["choices"][0]["text"] == "Hello there"
@@ -76,19 +60,19 @@ def test_stop_string_cuts_the_text_and_counts_its_tokens(stack, http):
     assert params.stop == ["."]
 
 
-def test_include_stop_str_in_output_keeps_the_stop(http):
+def test_include_stop_str_in_output_keeps_the_stop(api):
     request = {
         "prompt": PROMPT,
         "max_tokens": 50,
         "stop": "there",
         "include_stop_str_in_output": True,
     }
-    assert http.post("/v1/completions", json=request).json()["choices"][0]["text"] == "Hello there"
+    assert api.post("/v1/completions", json=request).json()["choices"][0]["text"] == "Hello there"
 
 
-def test_n_choices_are_separate_engine_requests_with_seeds(stack, http):
+def test_n_choices_are_separate_engine_requests_with_seeds(stack, api):
     request = {"prompt": [PROMPT, "Yo"], "max_tokens": 4, "n": 2, "seed": 7}
-    body = http.post("/v1/completions", json=request).json()
+    body = api.post("/v1/completions", json=request).json()
     assert [choice["index"] for choice in body["choices"]] == [0, 1, 2, 3]
     assert all(choice["text"] == SCRIPT[:4] for choice in body["choices"])
     seeds = sorted(params.seed for params in stack.engine.params.values())
@@ -98,16 +82,16 @@ def test_n_choices_are_separate_engine_requests_with_seeds(stack, http):
     assert body["usage"]["completion_tokens"] == 4 * 4
 
 
-def test_echo_prepends_the_prompt_of_each_choice(http):
-    body = http.post(
+def test_echo_prepends_the_prompt_of_each_choice(api):
+    body = api.post(
         "/v1/completions", json={"prompt": ["ab", "cd"], "max_tokens": 2, "echo": True}
     ).json()
     assert [choice["text"] for choice in body["choices"]] == ["ab" + SCRIPT[:2], "cd" + SCRIPT[:2]]
 
 
-def test_max_tokens_zero_with_echo_scores_the_prompt_only(stack, http):
+def test_max_tokens_zero_with_echo_scores_the_prompt_only(stack, api):
     request = {"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1}
-    body = http.post("/v1/completions", json=request).json()
+    body = api.post("/v1/completions", json=request).json()
     choice = body["choices"][0]
     assert choice["text"] == PROMPT and body["usage"]["completion_tokens"] == 0
     assert choice["logprobs"]["tokens"] == list(PROMPT)
@@ -116,8 +100,8 @@ def test_max_tokens_zero_with_echo_scores_the_prompt_only(stack, http):
     assert params.max_tokens == 1 and params.prompt_logprobs == 1
 
 
-def test_completion_logprobs_have_the_top_k(stack, http):
-    body = http.post(
+def test_completion_logprobs_have_the_top_k(stack, api):
+    body = api.post(
         "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "logprobs": 2}
     ).json()
     logprobs = body["choices"][0]["logprobs"]
@@ -129,14 +113,14 @@ def test_completion_logprobs_have_the_top_k(stack, http):
     assert params.logprobs == 2
 
 
-def test_completion_stream_frames_chunks_then_done(http):
+def test_completion_stream_frames_chunks_then_done(api):
     request = {
         "prompt": PROMPT,
         "max_tokens": 6,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    chunks = stream_chunks(http.post("/v1/completions", json=request))
+    chunks = stream_chunks(api.post("/v1/completions", json=request))
     *token_chunks, usage_chunk = chunks
     assert "".join(chunk["choices"][0]["text"] for chunk in token_chunks) == SCRIPT[:6]
     assert [chunk["choices"][0]["finish_reason"] for chunk in token_chunks][-1] == "length"
@@ -145,23 +129,23 @@ def test_completion_stream_frames_chunks_then_done(http):
     assert len({chunk["id"] for chunk in chunks}) == 1
 
 
-def test_stream_without_include_usage_reports_none(http):
+def test_stream_without_include_usage_reports_none(api):
     chunks = stream_chunks(
-        http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "stream": True})
+        api.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "stream": True})
     )
     assert all(chunk.get("usage") is None for chunk in chunks)
 
 
-def test_return_token_ids_gives_prompt_and_output_ids(http):
+def test_return_token_ids_gives_prompt_and_output_ids(api):
     request = {"prompt": "ab", "max_tokens": 3, "return_token_ids": True}
-    choice = http.post("/v1/completions", json=request).json()["choices"][0]
+    choice = api.post("/v1/completions", json=request).json()["choices"][0]
     assert choice["prompt_token_ids"] == [ord("a"), ord("b")]
     assert choice["token_ids"] == [ord(char) for char in SCRIPT[:3]]
 
 
-def test_chat_completion_renders_the_template(stack, http):
+def test_chat_completion_renders_the_template(stack, api):
     messages = [{"role": "user", "content": "Hello"}]
-    body = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 5}).json()
+    body = api.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 5}).json()
     choice = body["choices"][0]
     assert choice["message"] == {"content": SCRIPT[:5], "role": "assistant", "tool_calls": []}
     assert choice["finish_reason"] == "length"
@@ -171,33 +155,33 @@ def test_chat_completion_renders_the_template(stack, http):
     assert request_id.startswith("gatemix-")
 
 
-def test_chat_max_completion_tokens_wins_over_max_tokens(http):
+def test_chat_max_completion_tokens_wins_over_max_tokens(api):
     request = {
         "messages": [{"role": "user", "content": "Hi"}],
         "max_tokens": 9,
         "max_completion_tokens": 2,
     }
     assert (
-        http.post("/v1/chat/completions", json=request).json()["choices"][0]["message"]["content"]
+        api.post("/v1/chat/completions", json=request).json()["choices"][0]["message"]["content"]
         == SCRIPT[:2]
     )
 
 
-def test_chat_logprobs_list_top_logprobs(http):
+def test_chat_logprobs_list_top_logprobs(api):
     request = {
         "messages": [{"role": "user", "content": "Hi"}],
         "max_tokens": 2,
         "logprobs": True,
         "top_logprobs": 3,
     }
-    content = http.post("/v1/chat/completions", json=request).json()["choices"][0]["logprobs"][
+    content = api.post("/v1/chat/completions", json=request).json()["choices"][0]["logprobs"][
         "content"
     ]
     assert [entry["token"] for entry in content] == list(SCRIPT[:2])
     assert all(len(entry["top_logprobs"]) == 3 for entry in content)
 
 
-def test_chat_stream_opens_each_choice_with_the_role(http):
+def test_chat_stream_opens_each_choice_with_the_role(api):
     request = {
         "messages": [{"role": "user", "content": "Hi"}],
         "max_tokens": 3,
@@ -205,7 +189,7 @@ def test_chat_stream_opens_each_choice_with_the_role(http):
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    chunks = stream_chunks(http.post("/v1/chat/completions", json=request))
+    chunks = stream_chunks(api.post("/v1/chat/completions", json=request))
     openings = chunks[:2]
     assert [c["choices"][0]["delta"] for c in openings] == [
         {"content": "", "role": "assistant"}
@@ -234,14 +218,14 @@ def test_chat_stream_opens_each_choice_with_the_role(http):
         ("/v1/chat/completions", "reasoning_effort", "high"),
     ],
 )
-def test_refused_field_is_a_400_naming_it(stack, http, path, field, value):
+def test_refused_field_is_a_400_naming_it(stack, api, path, field, value):
     request = {"max_tokens": 2, field: value}
     request |= (
         {"prompt": PROMPT}
         if path == "/v1/completions"
         else {"messages": [{"role": "user", "content": "x"}]}
     )
-    response = http.post(path, json=request)
+    response = api.post(path, json=request)
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == field and error["code"] == "unsupported_parameter"
@@ -262,23 +246,21 @@ def test_refused_field_is_a_400_naming_it(stack, http, path, field, value):
         ({"min_tokens": 5, "max_tokens": 2}, None),  # vLLM's own check on the choice's params
     ],
 )
-def test_limits_are_400s_naming_the_field(stack, http, change, param):
-    response = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, **change})
+def test_limits_are_400s_naming_the_field(stack, api, change, param):
+    response = api.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, **change})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
     assert stack.engine.params == {}
 
 
-def test_context_overflow_says_context_length_exceeded(http):
-    error = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1000}).json()[
-        "error"
-    ]
+def test_context_overflow_says_context_length_exceeded(api):
+    error = api.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1000}).json()["error"]
     assert (
         error["code"] == "context_length_exceeded"
         and "maximum context length is 256" in error["message"]
     )
 
 
-def test_unknown_model_is_a_404(http):
-    response = http.post("/v1/completions", json={"model": "nope", "prompt": PROMPT})
+def test_unknown_model_is_a_404(api):
+    response = api.post("/v1/completions", json={"model": "nope", "prompt": PROMPT})
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
