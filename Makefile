@@ -38,7 +38,10 @@ prometheus:
 demo: $(STAMP)
 	$(VENV)/bin/gatemix build-demo --out $(DEMO_DIR)
 
+# The demo is built (or reused: each stage is stamped) by its own command; the server
+# only serves projects.
 serve: $(STAMP)
+	$(VENV)/bin/gatemix build-demo --out $(DEMO_DIR)
 	$(VENV)/bin/gatemix serve --demo-dir $(DEMO_DIR)
 
 test: $(STAMP) prometheus

@@ -20,13 +20,20 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from gatemix import __version__
 from gatemix.engine.composite_folder import GATE_SUBDIR
+from gatemix.engine.pack import ensure_composite
+from gatemix.engine.engine_config import build_async_engine
+from gatemix.engine.gate_trace import GateTraceReceiver
 from gatemix.errors import UserError
+from gatemix.gate.artifact import METADATA_FILE
+from gatemix.project import PROJECT_FILE_NAMES, load_project
 from gatemix.server.chat_template import ChatRenderer
 from gatemix.server.errors import install_error_handlers
 from gatemix.server.gate_admin import GateAdmin, gate_report
 from gatemix.server.lifecycle import Lifecycle, watch_engine
 from gatemix.server.limits import Admission, LimitsMiddleware
+from gatemix.server.metrics import GateMetrics
 from gatemix.server.openapi import openapi_document
 from gatemix.server.routes import router
 from gatemix.server.served_models import ServedModels
@@ -44,7 +51,9 @@ def resolve_settings(settings: Settings) -> Settings:
 
     ``model_dir`` is served as it is. Else the project's composite (packed from
     its experts and fitted gate when missing or stale) under the project's name;
-    with no project either, the demo's project, the demo built first if missing.
+    with no project either, the project in ``demo_dir``. The server does not build
+    the demo (the serving room does not reach up into the demo's): ``make serve``
+    runs ``gatemix build-demo`` first.
     """
     if settings.model_dir is not None:
         if settings.project is not None:
@@ -52,15 +61,15 @@ def resolve_settings(settings: Settings) -> Settings:
         if not (settings.model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{settings.model_dir} is not a model folder (no config.json)")
         return settings
-    from gatemix.engine.pack import ensure_composite
-    from gatemix.project import load_project
-
     project_file = settings.project
     if project_file is None:
-        from gatemix.demo.cli import ensure_demo
-
-        logger.info("no --model-dir or --project: serving the demo in %s (built if needed)", settings.demo_dir)
-        project_file = ensure_demo(settings.demo_dir)
+        project_file = settings.demo_dir
+        if not any((Path(project_file) / name).is_file() for name in PROJECT_FILE_NAMES):
+            raise UserError(
+                f"no --model-dir or --project, and no demo project in {project_file}: build it "
+                f"with `gatemix build-demo --out {project_file}` (what `make serve` does) or name one"
+            )
+        logger.info("no --model-dir or --project: serving the demo's project in %s", project_file)
     project = load_project(project_file, check_data=False)
     info = ensure_composite(project)
     logger.info("project %s: serving %s with gate %s (%s)", project.path, info.path, info.gate_version, info.gate_method)
@@ -73,8 +82,6 @@ def resolve_settings(settings: Settings) -> Settings:
 
 def _with_gate_report(models: ServedModels, artifact_dir: Path) -> ServedModels:
     """The fit's report, when the configured artifact is the gate the composite holds."""
-    from gatemix.gate.artifact import METADATA_FILE
-
     try:
         version = json.loads((Path(artifact_dir) / METADATA_FILE).read_text())["version"]
     except (OSError, ValueError, KeyError):
@@ -86,8 +93,6 @@ def _with_gate_report(models: ServedModels, artifact_dir: Path) -> ServedModels:
 
 def _install_serving(app: FastAPI, settings: Settings, *, engine, tokenizer, models, receiver):
     """The handlers the routes find on ``app.state``, around one engine and one tokenizer."""
-    from gatemix.server.metrics import GateMetrics
-
     renderer = ChatRenderer(
         tokenizer, settings.chat_template.read_text() if settings.chat_template else None
     )
@@ -124,11 +129,9 @@ def _install_serving(app: FastAPI, settings: Settings, *, engine, tokenizer, mod
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # transformers and vLLM take seconds to import: only a starting server pays for them.
     from transformers import AutoTokenizer
     from vllm.utils.gc_utils import freeze_gc_heap
-
-    from gatemix.engine.engine_config import build_async_engine
-    from gatemix.engine.gate_trace import GateTraceReceiver
 
     settings = await asyncio.to_thread(resolve_settings, app.state.settings)
     model_dir = settings.model_dir
@@ -173,8 +176,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    from gatemix import __version__
-
     app = FastAPI(
         title="gatemix",
         version=__version__,

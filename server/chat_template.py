@@ -13,6 +13,9 @@ is the template the demo build installs: the BOS token, then per message
 
 from __future__ import annotations
 
+import jinja2
+import jinja2.meta
+
 from gatemix.server.errors import bad_request
 from gatemix.server.protocol import ChatMessage
 
@@ -27,9 +30,6 @@ FALLBACK_CHAT_TEMPLATE = (
 
 def template_renders_tools(template: str) -> bool:
     """Whether the template reads ``tools`` at all: without it, tools would never reach the model."""
-    import jinja2
-    import jinja2.meta
-
     return "tools" in jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template))
 
 

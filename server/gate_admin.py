@@ -12,12 +12,17 @@ started with, new ones get the new one, and the version in responses, in
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gatemix.engine.composite_folder import GATE_SUBDIR, CompositeInfo
+from gatemix.engine.gate_reload import RELOAD_METHOD
+from gatemix.engine.gate_versions import check_swappable
+from gatemix.gate.artifact import ArtifactError, load_router
 from gatemix.server.errors import bad_request
 
 logger = logging.getLogger(__name__)
@@ -59,10 +64,8 @@ class GateAdmin:
         artifact = await asyncio.to_thread(self._checked, artifact_dir)
         async with self._lock:
             previous = self.state.models.gate_version
-            from gatemix.engine.gate_reload import RELOAD_METHOD
-
             # Requests arriving until the swap below ends still get ``previous``.
-            in_flight = sorted({*self.state.serving_core.gate_versions_in_flight(), *([previous] if previous else [])})
+            in_flight = sorted({*self.state.serving_core.gate.gate_versions_in_flight(), *([previous] if previous else [])})
             try:
                 results = await self.engine.collective_rpc(RELOAD_METHOD, args=(str(artifact_dir), in_flight))
             except Exception as exc:  # noqa: BLE001 the worker re-checks; what it refuses is still bad input
@@ -78,12 +81,6 @@ class GateAdmin:
 
     def _checked(self, artifact_dir: Path):
         """Load and check the artifact against the served composite; a 400 if it cannot serve."""
-        import json
-
-        from gatemix.engine.composite_folder import GATE_SUBDIR, CompositeInfo
-        from gatemix.engine.gate_versions import check_swappable
-        from gatemix.gate.artifact import ArtifactError, load_router
-
         info = CompositeInfo.read(self.composite_dir)
         widths = tuple(json.loads((self.composite_dir / "config.json").read_text())["gatemix"]["expert_hidden_sizes"])
         try:

@@ -22,6 +22,8 @@ import asyncio
 import logging
 from http import HTTPStatus
 
+from fastapi.responses import JSONResponse
+
 from gatemix.server.errors import APIError, bad_request
 
 logger = logging.getLogger(__name__)
@@ -174,8 +176,6 @@ class LimitsMiddleware:
 
     @staticmethod
     async def _refuse(scope, send, error: APIError) -> None:
-        from fastapi.responses import JSONResponse
-
         app = scope.get("app")
         metrics = getattr(app.state, "metrics", None) if app is not None else None
         if metrics is not None:

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
 
+from gatemix import __version__
 from gatemix.server.errors import admin_api_off, engine_dead, invalid_api_key
 from gatemix.server.gate_admin import GateReloadRequest, GateReloadResponse
 from gatemix.server.limits import Ticket
@@ -199,12 +200,12 @@ async def health(raw_request: Request) -> HealthResponse:
     state = raw_request.app.state
     if state.engine.errored:
         raise engine_dead()
-    core = state.serving_core
+    counts = state.serving_core.recorder
     return HealthResponse(
         status="ok",
-        requests_waiting=core.waiting,
-        requests_running=core.running,
-        requests_aborted=core.aborted,
+        requests_waiting=counts.waiting,
+        requests_running=counts.running,
+        requests_aborted=counts.aborted,
         requests_admitted=state.admission.admitted,
         engine_unfinished_requests=state.engine.get_num_unfinished_requests(),
     )
@@ -223,9 +224,8 @@ async def ping(raw_request: Request) -> Response:
 
 @router.get("/version", response_model=VersionResponse)
 async def version() -> VersionResponse:
+    # Importing vllm takes seconds (its package imports torch): paid on the first /version only.
     from vllm.version import __version__ as vllm_version
-
-    from gatemix import __version__
 
     return VersionResponse(version=vllm_version, gatemix_version=__version__)
 

@@ -14,6 +14,9 @@ nobody defines are accepted and ignored.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from gatemix.server.errors import bad_request, unsupported_field
@@ -83,6 +86,7 @@ def structured_outputs(request):
     ``response_format`` overrides ``structured_outputs`` (as in vLLM), which the
     legacy ``guided_*`` fields fill in when it is absent.
     """
+    # vLLM (and torch under it) takes seconds to import: the server's modules import without it.
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import StructuredOutputsParams
 
@@ -176,12 +180,61 @@ def sampling_kwargs(request, *, stop: list[str], logprobs: int | None, vocab_siz
     }
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """A request's vLLM sampling arguments, converted once from the request and checked.
+
+    n, seed and max_tokens are per choice (``to_sampling_params``). Nothing changes
+    a settings object: ``replace`` makes a new one (the endpoint's own arguments:
+    prompt logprobs, a tool plan's grammar).
+    """
+
+    arguments: Mapping[str, Any]  # read-only: SamplingParams keyword arguments
+
+    @classmethod
+    def from_request(
+        cls, request, *, stop: list[str], logprobs: int | None, vocab_size: int
+    ) -> SamplingSettings:
+        kwargs = sampling_kwargs(request, stop=stop, logprobs=logprobs, vocab_size=vocab_size)
+        return cls(MappingProxyType(kwargs))
+
+    def replace(self, **changes: Any) -> SamplingSettings:
+        return SamplingSettings(MappingProxyType({**self.arguments, **changes}))
+
+    def verify(self, engine, structured_param: str | None) -> None:
+        verify_sampling(engine, dict(self.arguments), structured_param)
+
+    def to_sampling_params(self, *, seed: int | None, max_tokens: int, drop_output: bool):
+        """vLLM ``SamplingParams`` for one choice (built once per choice); vLLM's checks -> 400s.
+
+        ``drop_output``: max_tokens 0 asked for; the engine makes one token, never shown,
+        so that no min_tokens may force more.
+        """
+        # vLLM (and torch under it) takes seconds to import: the server's modules import without it.
+        from vllm.exceptions import VLLMClientError
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        kwargs = {**self.arguments, **({"min_tokens": 0} if drop_output else {})}
+        try:
+            return SamplingParams(
+                n=1,
+                seed=seed,
+                max_tokens=max_tokens,
+                # Deltas for both paths: the non-streaming one accumulates them.
+                output_kind=RequestOutputKind.DELTA,
+                **kwargs,
+            )
+        except (ValueError, VLLMClientError) as exc:  # vLLM's own range checks
+            raise bad_request(str(exc), getattr(exc, "parameter", None)) from exc
+
+
 def verify_sampling(engine, sampling: dict, structured_param: str | None) -> None:
     """The engine's own checks (logit_bias, token ids, the grammar) now, not mid-stream.
 
     On the request's sampling arguments, before the lengths are known; a structured
     output's error names the field it came from.
     """
+    # vLLM (and torch under it) takes seconds to import: the server's modules import without it.
     from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import SamplingParams
 

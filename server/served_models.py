@@ -45,6 +45,7 @@ class ServedModels:
     ) -> ServedModels:
         model_dir = Path(model_dir)
         name = served_model_name or model_dir.resolve().name
+        # composite_folder imports torch (seconds): the names and plans are testable without it.
         from gatemix.engine.composite_folder import CompositeInfo, is_composite_folder
 
         if not is_composite_folder(model_dir):

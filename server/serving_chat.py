@@ -6,13 +6,13 @@ constrains the output to its call format and turns the text into tool calls.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from gatemix.server.chat_template import ChatRenderer, message_dicts
 from gatemix.server.choices import ChoiceState
 from gatemix.server.errors import bad_request
-from gatemix.server.limits import Deadline, Ticket
+from gatemix.server.limits import Ticket
 from gatemix.server.logprobs import chat_logprobs, prompt_logprobs
 from gatemix.server.protocol import (
     ChatCompletionChoice,
@@ -23,9 +23,17 @@ from gatemix.server.protocol import (
     ChatDelta,
     ChatResponseMessage,
 )
-from gatemix.server.served_models import GatePlan
-from gatemix.server.serving import ServingEngine, new_response_id
+from gatemix.server.request_context import RequestContext, new_response_id
+from gatemix.server.serving import ServingEngine
+from gatemix.server.sse import sse_stream
 from gatemix.server.tools import ToolCalling, ToolPlan, finish_reason, parse_choice, parse_delta
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatContext(RequestContext):
+    request: ChatCompletionRequest
+    num_top: int | None  # top logprobs per generated token; None: no logprobs
+    tool_plan: ToolPlan | None  # with tools: the template's tools, the grammar, the parser
 
 
 class OpenAIServingChat:
@@ -44,6 +52,28 @@ class OpenAIServingChat:
     async def create_chat_completion(
         self, request: ChatCompletionRequest, ticket: Ticket
     ) -> ChatCompletionResponse | AsyncIterator[str]:
+        """Validate and plan eagerly (errors become HTTP errors); stream or collect after."""
+        context = self._context(request, ticket)
+        if request.stream:
+            return sse_stream(self._stream(context), self.core.metrics)
+        states = await self.core.generation.collect_choices(
+            context.jobs, context.plan, context.deadline
+        )
+        choices = [self._choice(context, state) for state in states]
+        prompt_ids = context.prompts[0]
+        return ChatCompletionResponse(
+            id=context.response_id,
+            choices=choices,
+            created=context.created,
+            model=context.model,
+            usage=context.usage(states),
+            mixture=choices[0].mixture,
+            prompt_logprobs=prompt_logprobs(
+                prompt_ids, states[0].prompt_logprobs, request.prompt_logprobs
+            ),
+        )
+
+    def _context(self, request: ChatCompletionRequest, ticket: Ticket) -> ChatContext:
         core = self.core
         deadline = core.deadline()
         plan = core.models.plan(request.model, request.mixture)
@@ -53,49 +83,37 @@ class OpenAIServingChat:
         sampling = core.check_request(request, chat=True, logprobs=num_top)
         messages = message_dicts(request.messages, self.tools.supported)
         tool_plan = self.tools.plan(request, messages)
+        changes: dict = {"prompt_logprobs": request.prompt_logprobs}
         if tool_plan is not None:
-            sampling["structured_outputs"] = tool_plan.structured_outputs
-            sampling["skip_special_tokens"] = tool_plan.skip_special_tokens
-        sampling["prompt_logprobs"] = request.prompt_logprobs
+            changes["structured_outputs"] = tool_plan.structured_outputs
+            changes["skip_special_tokens"] = tool_plan.skip_special_tokens
+        sampling = sampling.replace(**changes)
         prompt_ids = self.render(
             messages, request.add_generation_prompt, tool_plan.tool_dicts if tool_plan else None
         )
         use_completion_tokens = request.max_completion_tokens is not None
         jobs = core.make_jobs(
+            request,
             [prompt_ids],
-            n=request.n,
-            max_tokens=request.max_completion_tokens
-            if use_completion_tokens
-            else request.max_tokens,
+            sampling,
+            ticket,
             max_tokens_param="max_completion_tokens" if use_completion_tokens else "max_tokens",
             prompt_param="messages",
-            seed=request.seed,
-            sampling=sampling,
-            ticket=ticket,
         )
-        response_id, created = new_response_id("chatcmpl"), int(time.time())
-        if request.stream:
-            events = self._stream(
-                request, plan, tool_plan, jobs, deadline, prompt_ids, response_id, created
-            )
-            return core.sse_stream(events)
-        states = await core.collect_choices(jobs, plan, deadline)
-        choices = [self._choice(state, plan, num_top, tool_plan) for state in states]
-        return ChatCompletionResponse(
-            id=response_id,
-            choices=choices,
-            created=created,
-            model=plan.model,
-            usage=core.usage([prompt_ids], states),
-            mixture=choices[0].mixture,
-            prompt_logprobs=prompt_logprobs(
-                prompt_ids, states[0].prompt_logprobs, request.prompt_logprobs
-            ),
+        return ChatContext(
+            request=request,
+            response_id=new_response_id("chatcmpl"),
+            plan=plan,
+            sampling=sampling,
+            prompts=[prompt_ids],
+            jobs=jobs,
+            deadline=deadline,
+            num_top=num_top,
+            tool_plan=tool_plan,
         )
 
-    def _choice(
-        self, state: ChoiceState, plan: GatePlan, num_top: int | None, tool_plan: ToolPlan | None
-    ) -> ChatCompletionChoice:
+    def _choice(self, context: ChatContext, state: ChoiceState) -> ChatCompletionChoice:
+        tool_plan = context.tool_plan
         content, tool_calls = state.text, []
         if tool_plan is not None:
             parser = self.tools.parser(tool_plan)
@@ -103,9 +121,9 @@ class OpenAIServingChat:
         return ChatCompletionChoice(
             finish_reason=finish_reason(tool_plan, bool(tool_calls), state.finish_reason),
             index=state.index,
-            logprobs=self._logprobs(num_top, state.token_ids, state.logprobs),
+            logprobs=self._logprobs(context.num_top, state.token_ids, state.logprobs),
             message=ChatResponseMessage(content=content, tool_calls=tool_calls),
-            mixture=self.core.mixture_report(state, plan),
+            mixture=self.core.mixture_report(state, context.plan),
         )
 
     def _logprobs(self, num_top: int | None, token_ids: list[int], positions: list[dict] | None):
@@ -113,58 +131,49 @@ class OpenAIServingChat:
             return None
         return chat_logprobs(token_ids, positions or [], num_top, self.core.tokenizer)
 
-    async def _stream(
-        self,
-        request: ChatCompletionRequest,
-        plan: GatePlan,
-        tool_plan: ToolPlan | None,
-        jobs,
-        deadline: Deadline,
-        prompt_ids: list[int],
-        response_id: str,
-        created: int,
-    ) -> AsyncIterator[str]:
-        num_top = (request.top_logprobs or 0) if request.logprobs else None
-
-        def chunk(choices, usage=None) -> str:
-            return ChatCompletionChunk(
-                id=response_id, choices=choices, created=created, model=plan.model, usage=usage
-            ).model_dump_json()
-
+    async def _stream(self, context: ChatContext) -> AsyncIterator[str]:
+        tool_plan, jobs = context.tool_plan, context.jobs
         # Like OpenAI: each choice opens with the assistant role and empty content.
         for job in jobs:
-            yield chunk(
-                [
-                    ChatCompletionStreamChoice(
-                        delta=ChatDelta(role="assistant", content=""), index=job.index
-                    )
-                ]
-            )
+            opening = ChatDelta(role="assistant", content="")
+            yield self._chunk(context, [ChatCompletionStreamChoice(delta=opening, index=job.index)])
         parsers = {job.index: self.tools.parser(tool_plan) for job in jobs} if tool_plan else {}
         called: set[int] = set()
         states: dict[int, ChoiceState] = {}
-        async for delta, state in self.core.run_choices(jobs, plan, deadline):
+        generation = self.core.generation
+        async for delta, state in generation.run_choices(jobs, context.plan, context.deadline):
             states[state.index] = state
             if not (delta.token_ids or delta.finish_reason):
                 continue
             content, calls = delta.text, None
             if tool_plan is not None:
                 content, calls = parse_delta(
-                    parsers[state.index], tool_plan, delta.text, delta.token_ids, prompt_ids,
+                    parsers[state.index],
+                    tool_plan,
+                    delta.text,
+                    delta.token_ids,
+                    context.prompts[0],
                     finished=delta.finish_reason is not None,
                 )
                 if calls:
                     called.add(state.index)
             choice = ChatCompletionStreamChoice(
                 delta=ChatDelta(content=content, tool_calls=calls or None),
-                finish_reason=finish_reason(
-                    tool_plan, state.index in called, delta.finish_reason
-                ),
+                finish_reason=finish_reason(tool_plan, state.index in called, delta.finish_reason),
                 index=state.index,
-                logprobs=self._logprobs(num_top, delta.token_ids, delta.logprobs),
-                mixture=self.core.mixture_report(state, plan, delta),
+                logprobs=self._logprobs(context.num_top, delta.token_ids, delta.logprobs),
+                mixture=self.core.mixture_report(state, context.plan, delta),
             )
-            yield chunk([choice])
-        if request.stream_options and request.stream_options.include_usage:
-            ordered = [states[job.index] for job in jobs if job.index in states]
-            yield chunk([], usage=self.core.usage([prompt_ids], ordered))
+            yield self._chunk(context, [choice])
+        if context.include_usage:
+            yield self._chunk(context, [], usage=context.usage(context.in_order(states)))
+
+    @staticmethod
+    def _chunk(context: ChatContext, choices: list[ChatCompletionStreamChoice], usage=None) -> str:
+        return ChatCompletionChunk(
+            id=context.response_id,
+            choices=choices,
+            created=context.created,
+            model=context.model,
+            usage=usage,
+        ).model_dump_json()

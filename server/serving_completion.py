@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from gatemix.server.choices import ChoiceDelta, ChoiceState
 from gatemix.server.errors import bad_request
-from gatemix.server.limits import Deadline, Ticket
+from gatemix.server.limits import Ticket
 from gatemix.server.logprobs import completion_logprobs, prompt_logprobs
 from gatemix.server.protocol import (
     CompletionChoice,
@@ -15,8 +15,15 @@ from gatemix.server.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
-from gatemix.server.served_models import GatePlan
-from gatemix.server.serving import ServingEngine, new_response_id
+from gatemix.server.request_context import RequestContext, new_response_id
+from gatemix.server.serving import ServingEngine
+from gatemix.server.sse import sse_stream
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompletionContext(RequestContext):
+    request: CompletionRequest
+    echo_texts: list[str]  # per choice: its echoed prompt ("" without echo)
 
 
 class OpenAIServingCompletion:
@@ -27,6 +34,23 @@ class OpenAIServingCompletion:
         self, request: CompletionRequest, ticket: Ticket
     ) -> CompletionResponse | AsyncIterator[str]:
         """Validate and plan eagerly (errors become HTTP errors); stream or collect after."""
+        context = self._context(request, ticket)
+        if request.stream:
+            return sse_stream(self._stream(context), self.core.metrics)
+        states = await self.core.generation.collect_choices(
+            context.jobs, context.plan, context.deadline
+        )
+        choices = [self._choice(context, state, None, first_part=True) for state in states]
+        return CompletionResponse(
+            id=context.response_id,
+            choices=choices,
+            created=context.created,
+            model=context.model,
+            usage=context.usage(states),
+            mixture=choices[0].mixture,
+        )
+
+    def _context(self, request: CompletionRequest, ticket: Ticket) -> CompletionContext:
         core = self.core
         deadline = core.deadline()
         plan = core.models.plan(request.model, request.mixture)
@@ -35,36 +59,21 @@ class OpenAIServingCompletion:
         # The echoed prompt's logprobs and the requested prompt_logprobs come from one pass.
         echo_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
         wanted = [k for k in (echo_logprobs, request.prompt_logprobs) if k is not None]
-        sampling["prompt_logprobs"] = max(wanted) if wanted else None
+        sampling = sampling.replace(prompt_logprobs=max(wanted) if wanted else None)
         jobs = core.make_jobs(
-            prompts,
-            n=request.n,
-            max_tokens=request.max_tokens,
-            max_tokens_param="max_tokens",
-            prompt_param="prompt",
-            seed=request.seed,
-            sampling=sampling,
-            ticket=ticket,
+            request, prompts, sampling, ticket, max_tokens_param="max_tokens", prompt_param="prompt"
         )
-        echo_texts = [prompt_texts[job.index // request.n] if request.echo else "" for job in jobs]
-        response_id, created = new_response_id("cmpl"), int(time.time())
-        if request.stream:
-            events = self._stream(
-                request, plan, jobs, deadline, prompts, echo_texts, response_id, created
-            )
-            return core.sse_stream(events)
-        states = await core.collect_choices(jobs, plan, deadline)
-        choices = [
-            self._choice(request, plan, state, None, echo_texts[i], first_part=True)
-            for i, state in enumerate(states)
-        ]
-        return CompletionResponse(
-            id=response_id,
-            choices=choices,
-            created=created,
-            model=plan.model,
-            usage=core.usage(prompts, states),
-            mixture=choices[0].mixture,
+        return CompletionContext(
+            request=request,
+            response_id=new_response_id("cmpl"),
+            plan=plan,
+            sampling=sampling,
+            prompts=prompts,
+            jobs=jobs,
+            deadline=deadline,
+            echo_texts=[
+                prompt_texts[job.index // request.n] if request.echo else "" for job in jobs
+            ],
         )
 
     def _tokenize(self, prompt, add_special_tokens: bool) -> tuple[list[list[int]], list[str]]:
@@ -88,42 +97,25 @@ class OpenAIServingCompletion:
 
     def _choice(
         self,
-        request: CompletionRequest,
-        plan: GatePlan,
+        context: CompletionContext,
         state: ChoiceState,
         delta: ChoiceDelta | None,
-        echo_text: str,
         first_part: bool,
     ) -> CompletionChoice:
         """A whole choice (``delta`` None), or a stream chunk's part of it.
 
-        ``echo_text`` is the choice's echoed prompt ("" without echo). The first part
-        (the whole choice, or a stream's first chunk) carries it and the prompt's ids.
+        The first part (the whole choice, or a stream's first chunk) carries the echoed
+        prompt and the prompt's ids.
         """
+        request, echo_text = context.request, context.echo_texts[state.index]
         text = state.text if delta is None else delta.text
         token_ids = state.token_ids if delta is None else delta.token_ids
-        positions = state.logprobs if delta is None else (delta.logprobs or [])
-        logprobs = None
-        if request.logprobs is not None:
-            core, k = self.core, request.logprobs
-            offset = len(echo_text) + len(state.text) - len(text)
-            logprobs = CompletionLogProbs()
-            if request.echo and first_part:
-                logprobs = completion_logprobs(
-                    state.prompt_ids,
-                    state.prompt_logprobs or [None] * len(state.prompt_ids),
-                    k,
-                    core.tokenizer,
-                )
-            generated = completion_logprobs(token_ids, positions, k, core.tokenizer, offset)
-            for name in ("text_offset", "token_logprobs", "tokens", "top_logprobs"):
-                getattr(logprobs, name).extend(getattr(generated, name))
         return CompletionChoice(
             finish_reason=state.finish_reason if delta is None else delta.finish_reason,
             index=state.index,
-            logprobs=logprobs,
+            logprobs=self._logprobs(context, state, delta, first_part),
             text=(echo_text if first_part else "") + text,
-            mixture=self.core.mixture_report(state, plan, delta),
+            mixture=self.core.mixture_report(state, context.plan, delta),
             prompt_logprobs=prompt_logprobs(
                 state.prompt_ids, state.prompt_logprobs, request.prompt_logprobs
             )
@@ -133,35 +125,53 @@ class OpenAIServingCompletion:
             token_ids=list(token_ids) if request.return_token_ids else None,
         )
 
-    async def _stream(
+    def _logprobs(
         self,
-        request: CompletionRequest,
-        plan: GatePlan,
-        jobs,
-        deadline: Deadline,
-        prompts: list[list[int]],
-        echo_texts: list[str],
-        response_id: str,
-        created: int,
-    ) -> AsyncIterator[str]:
+        context: CompletionContext,
+        state: ChoiceState,
+        delta: ChoiceDelta | None,
+        first_part: bool,
+    ) -> CompletionLogProbs | None:
+        """The part's logprobs: the echoed prompt's (first part only), then the generated ones."""
+        request, tokenizer = context.request, self.core.tokenizer
+        if request.logprobs is None:
+            return None
+        k = request.logprobs
+        text = state.text if delta is None else delta.text
+        token_ids = state.token_ids if delta is None else delta.token_ids
+        positions = state.logprobs if delta is None else (delta.logprobs or [])
+        offset = len(context.echo_texts[state.index]) + len(state.text) - len(text)
+        logprobs = CompletionLogProbs()
+        if request.echo and first_part:
+            prompt_positions = state.prompt_logprobs or [None] * len(state.prompt_ids)
+            logprobs = completion_logprobs(state.prompt_ids, prompt_positions, k, tokenizer)
+        generated = completion_logprobs(token_ids, positions, k, tokenizer, offset)
+        for name in ("text_offset", "token_logprobs", "tokens", "top_logprobs"):
+            getattr(logprobs, name).extend(getattr(generated, name))
+        return logprobs
+
+    async def _stream(self, context: CompletionContext) -> AsyncIterator[str]:
         states: dict[int, ChoiceState] = {}
-        async for delta, state in self.core.run_choices(jobs, plan, deadline):
+        generation = self.core.generation
+        async for delta, state in generation.run_choices(
+            context.jobs, context.plan, context.deadline
+        ):
             first = state.index not in states
             states[state.index] = state
             if not (delta.token_ids or delta.finish_reason or first):
                 continue
             # The echoed prompt (and its logprobs) goes out once, with the choice's first chunk.
-            choice = self._choice(
-                request, plan, state, delta, echo_texts[state.index], first_part=first
-            )
-            chunk = CompletionResponse(
-                id=response_id, choices=[choice], created=created, model=plan.model
-            )
-            yield chunk.model_dump_json()
-        if request.stream_options and request.stream_options.include_usage:
-            ordered = [states[job.index] for job in jobs if job.index in states]
-            usage = self.core.usage(prompts, ordered)
-            chunk = CompletionResponse(
-                id=response_id, choices=[], created=created, model=plan.model, usage=usage
-            )
-            yield chunk.model_dump_json()
+            choice = self._choice(context, state, delta, first_part=first)
+            yield self._chunk(context, [choice])
+        if context.include_usage:
+            yield self._chunk(context, [], usage=context.usage(context.in_order(states)))
+
+    @staticmethod
+    def _chunk(context: CompletionContext, choices: list[CompletionChoice], usage=None) -> str:
+        return CompletionResponse(
+            id=context.response_id,
+            choices=choices,
+            created=context.created,
+            model=context.model,
+            usage=usage,
+        ).model_dump_json()

@@ -15,6 +15,7 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from gatemix.defaults import DEFAULT_PROJECT_DIR
 from gatemix.engine.engine_config import EngineSettings
 
 ENV_PREFIX = "GATEMIX_"
@@ -45,9 +46,9 @@ class Settings(BaseSettings):
         "composite, packed from its experts and fitted gate when missing or stale",
     )
     demo_dir: Path = Field(
-        Path("artifacts/demo"),
-        description="with neither --model-dir nor --project: the demo, built here if missing "
-        "(its project file included), then served as its project (`make serve`)",
+        Path(DEFAULT_PROJECT_DIR),
+        description="with neither --model-dir nor --project: the folder of the demo's project "
+        "(`gatemix build-demo --out` writes it; `make serve` builds it first), served as its project",
     )
     served_model_name: str | None = Field(
         None,
@@ -178,6 +179,7 @@ class Settings(BaseSettings):
         if self.chat_template is not None and not self.chat_template.is_file():
             raise ValueError(f"chat_template {self.chat_template} is not a file")
         if self.tool_call_parser is not None:
+            # vLLM takes seconds to import: only a server with a tool parser pays for it.
             from vllm.tool_parsers import ToolParserManager
 
             try:

@@ -19,6 +19,8 @@ import logging
 import uuid
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
 from gatemix.server.chat_template import ChatRenderer
 from gatemix.server.errors import bad_request, unsupported_field
 from gatemix.server.protocol import ChatCompletionRequest
@@ -55,6 +57,7 @@ class ToolCalling:
         elif not renderer.renders_tools:
             self.why_not = "the chat template does not render tools"
         else:
+            # vLLM takes seconds to import: only a server with a tool parser pays for it.
             from vllm.parser.parser_manager import ParserManager
 
             self.parser_cls = ParserManager.get_parser(
@@ -92,7 +95,7 @@ class ToolCalling:
         )
 
     def _vllm_request(self, request: ChatCompletionRequest, messages: list[dict]):
-        from pydantic import ValidationError
+        # vLLM takes seconds to import: only a server with a tool parser reaches here.
         from vllm.entrypoints.openai.chat_completion.protocol import (
             ChatCompletionRequest as VllmChatRequest,
         )
