@@ -22,9 +22,9 @@ from fastapi import FastAPI
 
 from gatemix import __version__
 from gatemix.engine.composite_folder import GATE_SUBDIR
-from gatemix.engine.pack import ensure_composite
 from gatemix.engine.engine_config import build_async_engine
 from gatemix.engine.gate_trace import GateTraceReceiver
+from gatemix.engine.pack import ensure_composite
 from gatemix.errors import UserError
 from gatemix.gate.artifact import METADATA_FILE
 from gatemix.project import PROJECT_FILE_NAMES, load_project
