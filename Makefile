@@ -10,7 +10,7 @@ VLLM_VERSION := 0.32.0
 DEMO_DIR ?= artifacts/demo
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: install serve test bench demo prometheus gpu-check clean fuzz soak
+.PHONY: install serve test test-fast bench demo prometheus gpu-check clean fuzz soak
 
 install: $(STAMP)
 
@@ -44,8 +44,18 @@ serve: $(STAMP)
 	$(VENV)/bin/gatemix build-demo --out $(DEMO_DIR)
 	$(VENV)/bin/gatemix serve --demo-dir $(DEMO_DIR)
 
+# Two workers: while one waits on a server or an engine starting, the other computes.
+# Tests that share a session server or a module's engine run in one worker (tests/scheduling.py).
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+
 test: $(STAMP) prometheus
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q $(XDIST) $(PYTEST_ARGS)
+
+# The fast tier: everything that builds or serves no real model (the serving logic
+# against a fake engine, the math, the project files, the house rules).
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -q -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 # Schemathesis with every check on a large budget (`make test` runs a small one); a
 # different seed each time unless GATEMIX_FUZZ_SEED is set.

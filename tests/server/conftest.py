@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from filelock import FileLock
 from server_harness import ENSEMBLE, serving
 
 API_KEY = "test-key-1"
@@ -57,7 +58,9 @@ def server_model_dir(served_project) -> Path:
     from gatemix.engine.pack import ensure_composite
     from gatemix.project import load_project
 
-    return ensure_composite(load_project(served_project)).path
+    # Under xdist another worker may pack the same project's composite at the same moment.
+    with FileLock(str(served_project.parent / ".composite.lock")):
+        return ensure_composite(load_project(served_project)).path
 
 
 @pytest.fixture(scope="session")
