@@ -167,17 +167,6 @@ def _add_dataclass_flag(parser, field: ConfigField, flag: str, dest: str, defaul
     )
 
 
-def add_dataclass_flags(
-    parser: argparse.ArgumentParser,
-    config_cls: type,
-    *,
-    skip: Iterable[str] = (),
-    defaults: dict | None = None,
-) -> None:
-    """``add_config_flags`` for a job's dataclass config (the name its callers know)."""
-    add_config_flags(parser, config_cls, skip=skip, defaults=defaults)
-
-
 def given_values(args: argparse.Namespace, config_cls: type, *, dest_prefix: str = "",
                  lists_as_tuples: bool = True) -> dict:
     """The fields of ``config_cls`` that were given on the command line (lists as tuples)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gatemix.config_cli import add_dataclass_flags, config_from_args
+from gatemix.config_cli import add_config_flags, config_from_args
 from gatemix.gate.fit.config import FIT_STAGES, FitGateConfig
 
 DEPRECATED_ALIAS = "gatemix distill-gate is deprecated; use gatemix fit-gate --stage router"
@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
         "--out-dir/--work-dir and data) and redo the router's fit, selection and evaluation "
         "(default: all)",
     )
-    add_dataclass_flags(parser, FitGateConfig)
+    add_config_flags(parser, FitGateConfig)
     parser.set_defaults(run=run)
 
 
@@ -49,7 +49,7 @@ def add_alias_parser(subparsers) -> None:
         description=f"{DEPRECATED_ALIAS}. Reuses the sequence gate of a finished `gatemix fit-gate` "
         "and redoes the router's fit, selection and evaluation with the flags given here.",
     )
-    add_dataclass_flags(parser, FitGateConfig)
+    add_config_flags(parser, FitGateConfig)
     parser.set_defaults(run=run_alias, stage="router")
 
 
