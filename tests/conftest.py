@@ -15,7 +15,13 @@ from pathlib import Path
 
 import pytest
 from filelock import FileLock
-from scheduling import record_seconds, schedule
+from scheduling import (
+    GROUPS_FILE_KEY,
+    GroupScheduling,
+    controller_groups_file,
+    record_seconds,
+    schedule,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("GATEMIX_TEST_CACHE", REPO_ROOT / ".cache"))
@@ -34,7 +40,21 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    schedule(items)
+    schedule(config, items)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    node.workerinput[GROUPS_FILE_KEY] = str(controller_groups_file())
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` runs our groups (tests/scheduling.py), longest first."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    config.option.loadscopereorder = False
+    return GroupScheduling(config, log)
 
 
 _file_seconds: dict[str, float] = defaultdict(float)
@@ -47,7 +67,10 @@ def pytest_runtest_logreport(report):
 
 def pytest_sessionfinish(session):
     config = session.config
-    if config.getoption("--record-durations") and not hasattr(config, "workerinput"):
+    if hasattr(config, "workerinput"):
+        return
+    controller_groups_file().unlink(missing_ok=True)
+    if config.getoption("--record-durations"):
         record_seconds(dict(_file_seconds))
 
 

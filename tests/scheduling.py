@@ -9,14 +9,25 @@ ones fill in at the end instead of one long group starting last.
 
 Tests that build or serve real models are marked ``slow``; ``make test-fast``
 runs the rest.
+
+The groups reach xdist through a scheduler of our own (``GroupScheduling``):
+xdist's ``loadgroup`` reads ``xdist_group`` marks by rewriting node ids, which
+pytest 9.2 no longer lets a plugin do. Every worker writes the file -> group map
+it computed at collection to a path the controller gave it; the controller's
+scheduler reads it once all workers have collected.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+from xdist.scheduler import LoadScopeScheduling
+
+from gatemix.atomic_write import write_atomically
 
 DURATIONS_FILE = Path(__file__).with_name("durations.json")
 
@@ -32,6 +43,30 @@ HEAVY_FIXTURES = frozenset({
 
 # A file never measured (a new one) is assumed to cost this many seconds.
 UNMEASURED_FILE_S = 20.0
+
+
+# workerinput key: where a worker writes the file -> group map for the controller.
+GROUPS_FILE_KEY = "gatemix_groups_file"
+
+
+def controller_groups_file() -> Path:
+    """The map's path for this run (called on the controller: its pid names the run)."""
+    return Path(tempfile.gettempdir()) / f"gatemix-xdist-groups-{os.getpid()}.json"
+
+
+class GroupScheduling(LoadScopeScheduling):
+    """xdist's scope scheduling, a scope being a group of ``file_groups``, in collection order."""
+
+    def __init__(self, config: pytest.Config, log=None, groups_file: Path | None = None) -> None:
+        super().__init__(config, log)
+        self.groups_file = groups_file or controller_groups_file()
+        self.groups: dict[str, str] | None = None
+
+    def _split_scope(self, nodeid: str) -> str:
+        if self.groups is None:  # first called once every worker has collected (and written)
+            self.groups = json.loads(self.groups_file.read_text())
+        path = nodeid.split("::")[0]
+        return self.groups.get(path, path)
 
 
 def file_groups(items: list[pytest.Item]) -> dict[str, str]:
@@ -72,15 +107,20 @@ def is_heavy(item: pytest.Item) -> bool:
     return item.get_closest_marker("slow") is not None or bool(HEAVY_FIXTURES & set(item.fixturenames))
 
 
-def schedule(items: list[pytest.Item]) -> None:
-    """Mark heavy tests slow, group tests by what they share, order groups longest first (in place)."""
+def schedule(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark heavy tests slow, group tests by what they share, order groups longest first (in place).
+
+    Under xdist the worker also writes the groups where the controller reads them.
+    """
     groups = file_groups(items)
+    groups_file = getattr(config, "workerinput", {}).get(GROUPS_FILE_KEY)
+    if groups_file:
+        write_atomically(groups_file, json.dumps(groups))
     seconds = group_seconds(groups, measured_seconds())
     group_of = {}
     for item in items:
         group = groups[item.nodeid.split("::")[0]]
         group_of[item.nodeid] = group
-        item.add_marker(pytest.mark.xdist_group(group))
         if is_heavy(item):
             item.add_marker(pytest.mark.slow)
     first_seen = {}

@@ -13,13 +13,12 @@ float64. A last composite mixes three architectures of three sizes.
 from __future__ import annotations
 
 import gc
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from arch_experts import make_expert
+from cli_runner import run_gatemix
 from vllm import SamplingParams
 
 from gatemix.engine.engine_config import build_offline_engine
@@ -60,10 +59,7 @@ def _fit_and_pack(project_file: Path, tmp_path: Path) -> Path:
     from gatemix.project import load_project
 
     fit_gate(FitGateConfig(project=str(project_file), cache_dir=str(tmp_path / "features"), **TINY_FIT))
-    result = subprocess.run(
-        [sys.executable, "-m", "gatemix.cli", "pack", "--project", str(project_file)],
-        capture_output=True, text=True, check=False,
-    )
+    result = run_gatemix("pack", "--project", str(project_file))
     assert result.returncode == 0, result.stderr
     return load_project(project_file).composite_dir
 

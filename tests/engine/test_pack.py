@@ -9,16 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import CliResult, run_gatemix
 
 from gatemix.engine.composite_folder import CompositeInfo
 from gatemix.engine.pack import pack_composite
 from gatemix.gate.artifact import load_router
 
 
-def _gatemix(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gatemix.cli", *args], capture_output=True, text=True, timeout=120, check=False
-    )
+def _gatemix(*args: str) -> CliResult:
+    """In process (``cli_runner``); the first test runs the real ``python -m gatemix.cli``."""
+    return run_gatemix(*args)
 
 
 @pytest.fixture()
@@ -29,7 +29,7 @@ def experts(demo_paths, tmp_path) -> list[Path]:
     return copies
 
 
-def _assert_refused(result: subprocess.CompletedProcess, out: Path, fragment: str) -> None:
+def _assert_refused(result: CliResult, out: Path, fragment: str) -> None:
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert lines and fragment in lines[-1], result.stderr
@@ -40,7 +40,11 @@ def _assert_refused(result: subprocess.CompletedProcess, out: Path, fragment: st
 
 def test_pack_writes_a_composite_with_names_hashes_and_gate(experts, tmp_path):
     out = tmp_path / "composite"
-    result = _gatemix("pack", *map(str, experts), "--gate", "code=0.5,legal=0.5", "--out", str(out))
+    result = subprocess.run(
+        [sys.executable, "-m", "gatemix.cli", "pack", *map(str, experts), "--gate", "code=0.5,legal=0.5",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
     assert result.returncode == 0, result.stderr
     info = CompositeInfo.read(out)
     assert info.expert_names == [p.name for p in experts]

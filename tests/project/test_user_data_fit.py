@@ -11,11 +11,10 @@ through the project file and writes a router artifact that ``gatemix pack
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import run_gatemix
 
 TINY_FIT = {
     "steps": 8, "batch_per_domain": 4, "max_length": 32, "max_sequences": 10, "gate_width": 8, "gate_layers": 1,
@@ -77,10 +76,7 @@ def test_every_data_form_goes_through_fit_gate_to_a_packed_composite(demo_paths,
     assert set(record["splits"]["code"]) == {"train", "gate", "eval"}  # the pool, split and recorded
     assert all(entry["sha256"] for entry in record["splits"]["code"]["gate"])
 
-    result = subprocess.run(
-        [sys.executable, "-m", "gatemix.cli", "pack", "--project", str(project_file)],
-        capture_output=True, text=True, check=False,
-    )
+    result = run_gatemix("pack", "--project", str(project_file))
     assert result.returncode == 0, result.stderr
     info = CompositeInfo.read(project.composite_dir)
     assert info.gate_version == artifact.version and info.gate_method == "robust"

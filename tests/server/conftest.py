@@ -99,6 +99,26 @@ def tokenizer(server):
     return AutoTokenizer.from_pretrained(str(server.model_dir))
 
 
+# ---------------------------------------------------------------- the fake stack (fast tier)
+
+
+@pytest.fixture
+def stack():
+    """The real serving classes, routes and middleware around a fake engine (``fake_engine.py``)."""
+    from fake_engine import serving_app
+
+    return serving_app()
+
+
+@pytest.fixture
+def api(stack):
+    """A client of the fake stack (not ``http``: no real server here)."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(stack.app) as client:
+        yield client
+
+
 # ---------------------------------------------------------------- the routed server
 
 TOOLS_TEMPLATE = Path(__file__).with_name("tools_chat_template.jinja")

@@ -20,7 +20,7 @@ from server_harness import ENSEMBLE, start_server, wait_until_idle
 
 pytestmark = pytest.mark.slow
 
-DRAIN_S = 3.0  # server A's --shutdown-timeout-s
+DRAIN_S = 10.0  # server A's --shutdown-timeout-s: long enough for the 500-token stream on a busy 2-core machine
 TIMEOUT_S = 0.5  # server B's --request-timeout-s
 SHUTDOWN_GRACE_S = 10.0  # gatemix.server.lifecycle.SHUTDOWN_GRACE_S
 EXIT_ENGINE_DEAD = 4

@@ -9,22 +9,9 @@ fields, through the real routes, handlers and error mapping. The fake says
 from __future__ import annotations
 
 import pytest
-from fake_engine import SCRIPT, serving_app, stream_chunks
-from fastapi.testclient import TestClient
+from fake_engine import SCRIPT, stream_chunks
 
 PROMPT = "Say hi"
-
-
-@pytest.fixture
-def stack():
-    return serving_app()
-
-
-@pytest.fixture
-def api(stack):
-    """A client of the fake stack (not conftest's ``http``: no real server here)."""
-    with TestClient(stack.app) as client:
-        yield client
 
 
 def test_completion_text_usage_and_length_finish(stack, api):

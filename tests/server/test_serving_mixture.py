@@ -26,18 +26,6 @@ from gatemix.engine.request_gates import GATE_ARGS_KEY
 PROMPT = "Say hi"
 
 
-@pytest.fixture
-def stack():
-    return serving_app()
-
-
-@pytest.fixture
-def api(stack):
-    """A client of the fake stack (not conftest's ``http``: no real server here)."""
-    with TestClient(stack.app) as client:
-        yield client
-
-
 def assert_rows_close(rows: list[list[float]], expected: list[list[float]]) -> None:
     """(tokens, K) weights equal row by row (pytest.approx takes no nesting)."""
     assert len(rows) == len(expected)
