@@ -169,11 +169,5 @@ class OpenAIServingChat:
             yield self._chunk(context, [], usage=context.usage(context.in_order(states)))
 
     @staticmethod
-    def _chunk(context: ChatContext, choices: list[ChatCompletionStreamChoice], usage=None) -> str:
-        return ChatCompletionChunk(
-            id=context.response_id,
-            choices=choices,
-            created=context.created,
-            model=context.model,
-            usage=usage,
-        ).model_dump_json()
+    def _chunk(context, choices: list, usage=None) -> str:
+        return context.chunk_json(ChatCompletionChunk, choices, usage)

@@ -167,11 +167,5 @@ class OpenAIServingCompletion:
             yield self._chunk(context, [], usage=context.usage(context.in_order(states)))
 
     @staticmethod
-    def _chunk(context: CompletionContext, choices: list[CompletionChoice], usage=None) -> str:
-        return CompletionResponse(
-            id=context.response_id,
-            choices=choices,
-            created=context.created,
-            model=context.model,
-            usage=usage,
-        ).model_dump_json()
+    def _chunk(context, choices: list, usage=None) -> str:
+        return context.chunk_json(CompletionResponse, choices, usage)
