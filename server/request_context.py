@@ -50,11 +50,16 @@ class RequestContext:
         """The choices seen so far, in choice order (a stream cut short may miss some)."""
         return [states[job.index] for job in self.jobs if job.index in states]
 
-    def chunk_json(self, response_cls: type, choices: list, usage: UsageInfo | None = None) -> str:
-        """One streamed chunk of this request's response (``response_cls``, the endpoint's), as JSON."""
+    def response(self, response_cls: type, choices: list, usage: UsageInfo | None = None, **extra):
+        """This request's response (``response_cls``, the endpoint's), or one streamed chunk of it."""
         return response_cls(
-            id=self.response_id, choices=choices, created=self.created, model=self.model, usage=usage
-        ).model_dump_json()
+            id=self.response_id, choices=choices, created=self.created, model=self.model,
+            usage=usage, **extra,
+        )
+
+    def chunk_json(self, response_cls: type, choices: list, usage: UsageInfo | None = None) -> str:
+        """One streamed chunk of this request's response, as JSON."""
+        return self.response(response_cls, choices, usage).model_dump_json()
 
     def usage(self, states: Iterable[ChoiceState]) -> UsageInfo:
         """Prompt tokens count once per prompt, whatever ``n``; completion tokens per choice."""

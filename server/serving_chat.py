@@ -61,12 +61,10 @@ class OpenAIServingChat:
         )
         choices = [self._choice(context, state) for state in states]
         prompt_ids = context.prompts[0]
-        return ChatCompletionResponse(
-            id=context.response_id,
-            choices=choices,
-            created=context.created,
-            model=context.model,
-            usage=context.usage(states),
+        return context.response(
+            ChatCompletionResponse,
+            choices,
+            context.usage(states),
             mixture=choices[0].mixture,
             prompt_logprobs=prompt_logprobs(
                 prompt_ids, states[0].prompt_logprobs, request.prompt_logprobs

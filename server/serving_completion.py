@@ -41,13 +41,8 @@ class OpenAIServingCompletion:
             context.jobs, context.plan, context.deadline
         )
         choices = [self._choice(context, state, None, first_part=True) for state in states]
-        return CompletionResponse(
-            id=context.response_id,
-            choices=choices,
-            created=context.created,
-            model=context.model,
-            usage=context.usage(states),
-            mixture=choices[0].mixture,
+        return context.response(
+            CompletionResponse, choices, context.usage(states), mixture=choices[0].mixture
         )
 
     def _context(self, request: CompletionRequest, ticket: Ticket) -> CompletionContext:

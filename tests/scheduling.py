@@ -57,14 +57,13 @@ def controller_groups_file() -> Path:
 class GroupScheduling(LoadScopeScheduling):
     """xdist's scope scheduling, a scope being a group of ``file_groups``, in collection order."""
 
-    def __init__(self, config: pytest.Config, log=None, groups_file: Path | None = None) -> None:
+    def __init__(self, config: pytest.Config, log=None) -> None:
         super().__init__(config, log)
-        self.groups_file = groups_file or controller_groups_file()
         self.groups: dict[str, str] | None = None
 
     def _split_scope(self, nodeid: str) -> str:
         if self.groups is None:  # first called once every worker has collected (and written)
-            self.groups = json.loads(self.groups_file.read_text())
+            self.groups = json.loads(controller_groups_file().read_text())
         path = nodeid.split("::")[0]
         return self.groups.get(path, path)
 
@@ -100,7 +99,7 @@ def group_seconds(groups: dict[str, str], file_seconds: dict[str, float]) -> dic
 def record_seconds(file_seconds: dict[str, float]) -> None:
     """Write what this run measured, per file, for the next run's order."""
     rounded = {path: round(seconds, 1) for path, seconds in sorted(file_seconds.items())}
-    DURATIONS_FILE.write_text(json.dumps(rounded, indent=1) + "\n")
+    write_atomically(DURATIONS_FILE, json.dumps(rounded, indent=1) + "\n")
 
 
 def is_heavy(item: pytest.Item) -> bool:
