@@ -39,7 +39,7 @@ from safetensors import safe_open
 from gatemix.bench.models import BenchModels, RandomExpertsConfig, posterior_composite
 from gatemix.config_cli import field_help
 from gatemix.defaults import DEFAULT_PROJECT_DIR
-from gatemix.engine.engine_config import EngineSettings, build_offline_engine
+from gatemix.engine.engine_config import EngineSettings, build_offline_engine, shutdown_offline_engine
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def _vllm_tokens_per_second(
                 best = max(best, sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed)
             results[concurrency] = best
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_offline_engine(llm)
         del llm
         gc.collect()
     return results

@@ -145,3 +145,25 @@ def build_offline_engine(model_dir: str | Path, settings: EngineSettings | None 
 
     settings = EngineSettings.model_validate({**(settings or EngineSettings()).model_dump(), **overrides})
     return LLM(**engine_kwargs(model_dir, settings))
+
+
+def shutdown_offline_engine(llm, timeout_s: float = 30.0) -> None:
+    """Stops an offline engine's processes, even when vLLM's own force-kill trips.
+
+    vLLM sends SIGTERM, waits ``timeout_s``, then force-kills what is left through
+    ``kill_process_tree``, which names each child with psutil before killing it: a
+    child that exits in between raises ``NoSuchProcess`` and leaves the rest undone
+    (seen with two tensor-parallel workers on a busy 2-core machine). The longer
+    wait makes that path rare; when it still runs, the processes left are killed
+    here and the client's sockets released, which is what the shutdown was for.
+    """
+    import psutil
+
+    engine_core = llm.llm_engine.engine_core
+    try:
+        engine_core.shutdown(timeout=timeout_s)
+    except psutil.NoSuchProcess:
+        for process in engine_core.resources.engine_manager.processes:
+            if process.is_alive():
+                process.kill()
+        engine_core.resources()

@@ -21,7 +21,7 @@ from arch_experts import make_expert
 from cli_runner import run_gatemix
 from vllm import SamplingParams
 
-from gatemix.engine.engine_config import build_offline_engine
+from gatemix.engine.engine_config import build_offline_engine, shutdown_offline_engine
 from gatemix.engine.request_gates import gate_request_args
 
 TOP = 20
@@ -144,7 +144,7 @@ def served(request, demo_paths, tmp_path_factory):
     composite = _fit_and_pack(project_file, root)
     llm = build_offline_engine(composite, dtype="float32", max_model_len=128, max_num_seqs=8)
     yield llm, Reference(project_file), _prompts(demo_paths, demo_paths.tokenizer_dir)
-    llm.llm_engine.engine_core.shutdown()
+    shutdown_offline_engine(llm)
     del llm
     gc.collect()
 
@@ -185,6 +185,6 @@ def test_experts_of_three_architectures_and_sizes_share_one_engine(demo_paths, t
             _check_logprobs(llm, reference, prompts, pin)
             _check_greedy(llm, reference, prompts[:2], pin)
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_offline_engine(llm)
         del llm
         gc.collect()

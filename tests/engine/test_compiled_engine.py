@@ -11,7 +11,7 @@ import gc
 
 from vllm import SamplingParams
 
-from gatemix.engine.engine_config import build_offline_engine
+from gatemix.engine.engine_config import build_offline_engine, shutdown_offline_engine
 
 PROMPTS = [list(range(20 + 7 * i, 40 + 7 * i)) for i in range(3)]
 
@@ -25,7 +25,7 @@ def _generate(model_dir, eager: bool):
         prompts = [{"prompt_token_ids": ids} for ids in PROMPTS]
         return [out.outputs[0] for out in llm.generate(prompts, params, use_tqdm=False)]
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_offline_engine(llm)
         del llm
         gc.collect()
 

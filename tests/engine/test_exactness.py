@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from vllm import SamplingParams
 
 from gatemix.demo.corpus import load_split
-from gatemix.engine.engine_config import build_offline_engine
+from gatemix.engine.engine_config import build_offline_engine, shutdown_offline_engine
 from gatemix.engine.request_gates import gate_request_args
 
 TOP = 20
@@ -31,7 +31,7 @@ WEIGHT_SETTINGS = {
 def engine(composite_dir):
     llm = build_offline_engine(composite_dir, dtype="float32", max_model_len=256, max_num_seqs=8)
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    shutdown_offline_engine(llm)
     del llm
     gc.collect()
 
@@ -151,7 +151,7 @@ def test_tensor_parallel_engine_serves_the_same_mixture(composite_dir, reference
             _params(weights, max_tokens=1, temperature=0.0, logprobs=TOP), use_tqdm=False,
         )
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_offline_engine(llm)
         del llm
         gc.collect()
     for prompt, output in zip(prompts, outputs):

@@ -21,7 +21,7 @@ from random_router import random_router_artifact
 from vllm import SamplingParams
 
 from gatemix.distill.teacher import EnsembleTeacher
-from gatemix.engine.engine_config import build_offline_engine
+from gatemix.engine.engine_config import build_offline_engine, shutdown_offline_engine
 from gatemix.engine.pack import pack_composite
 from gatemix.engine.request_gates import gate_request_args
 from gatemix.gate.router import context_config_like
@@ -70,7 +70,7 @@ def test_engine_weights_and_logprobs_match_the_offline_router(routed_composite, 
         output = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
         engine_weights = _collect_trace(socket)
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_offline_engine(llm)
         del llm
         gc.collect()
         socket.close()

@@ -23,7 +23,7 @@ import zmq
 from vllm import LLM, SamplingParams
 
 from gatemix.distill.teacher import EnsembleTeacher
-from gatemix.engine.engine_config import EngineSettings, build_offline_engine, engine_kwargs
+from gatemix.engine.engine_config import EngineSettings, build_offline_engine, engine_kwargs, shutdown_offline_engine
 from gatemix.engine.pack import pack_composite
 from gatemix.engine.request_gates import gate_request_args
 from gatemix.expert_folder import expert_hash
@@ -80,7 +80,7 @@ def chunked_engine(posterior_composite):
         posterior_composite, dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=16
     )
     yield llm
-    llm.llm_engine.engine_core.shutdown()
+    shutdown_offline_engine(llm)
     del llm
     gc.collect()
 
@@ -174,7 +174,7 @@ def test_preempted_requests_rebuild_their_state(posterior_composite, teacher):
             metric.value for metric in llm.get_metrics() if metric.name == "vllm:num_preemptions"
         )
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_offline_engine(llm)
         del llm
         gc.collect()
     assert preemptions > 0, "the tiny KV cache should have forced preemption"

@@ -112,3 +112,16 @@ def test_attention_metadata_marks_where_each_request_starts():
     )
     fields = {stmt.target.id for stmt in metadata.body if isinstance(stmt, ast.AnnAssign)}
     assert "query_start_loc" in fields
+
+
+def test_offline_engine_shutdown_reaches_the_process_manager():
+    """``shutdown_offline_engine`` finishes a tripped force-kill through these names."""
+    from vllm.v1.engine.core_client import MPClient
+    from vllm.v1.engine.utils import CoreEngineProcManager
+    from vllm.utils import system_utils
+
+    assert "timeout" in inspect.signature(MPClient.shutdown).parameters
+    assert "engine_manager" in inspect.getsource(MPClient.shutdown)
+    assert "self.processes" in inspect.getsource(CoreEngineProcManager.shutdown)
+    # The race the wrapper covers: a child named by psutil before the kill.
+    assert "child.name()" in inspect.getsource(system_utils.kill_process_tree)
