@@ -8,7 +8,10 @@ Defaults follow the device. On a GPU: vLLM's compilation and CUDA graphs on,
 the experts' own dtype (fp32 checkpoints run in bf16, vLLM's ``auto``), the
 context length the experts' configs allow. On the CPU backend: eager (compiling
 costs minutes of start-up on a small machine for little gain at these sizes),
-and the KV cache sized in GiB (``VLLM_CPU_KVCACHE_SPACE``). ``dtype="float32"``
+the KV cache sized in GiB (``VLLM_CPU_KVCACHE_SPACE``), and ``auto`` meaning the
+checkpoint's own dtype where the CPU has no native bf16 (no AVX512-BF16, no
+AMX): vLLM's CPU backend would run an fp32 checkpoint in bf16 there, emulated
+and about 3x slower. ``dtype="float32"``
 stays available everywhere for exactness checks.
 
 The settings that make the composite correct (``COMPOSITE_ENGINE_ARGS``,
@@ -18,6 +21,8 @@ The settings that make the composite correct (``COMPOSITE_ENGINE_ARGS``,
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Literal
@@ -26,6 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gatemix.engine.composite_folder import COMPILE_MIXING_KEY, GATE_SUBDIR, is_composite_folder
 from gatemix.engine.gate_reload import WORKER_EXTENSION
+from gatemix.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 # No async scheduling: its in-flight placeholder tokens would shift the per-token gate trace.
 # The worker extension lets the server swap the gate while serving (engine/gate_reload.py).
@@ -51,8 +59,8 @@ class EngineSettings(BaseModel):
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="weights/activations dtype; auto: the experts' own (fp32 checkpoints run "
-        "in bf16), float32 for exact checks",
+        description="weights/activations dtype; auto: vLLM's choice (fp32 checkpoints run in "
+        "bf16), except on a CPU without native bf16, where the checkpoint's own; float32 for exact checks",
     )
     max_model_len: int | None = Field(
         None, ge=16, description="context length in tokens; default: what the experts' configs allow"
@@ -66,6 +74,9 @@ class EngineSettings(BaseModel):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (tensor parallelism)")
     pipeline_parallel_size: int = Field(
         1, ge=1, description="pipeline stages (each holds a slice of every expert's layers)"
+    )
+    data_parallel_size: int = Field(
+        1, ge=1, description="engine replicas behind one server (a plain model folder only)"
     )
     distributed_executor_backend: Literal["mp", "ray"] | None = Field(
         None, description="vLLM executor: mp (one node) or ray (across nodes); default: vLLM's choice"
@@ -96,18 +107,57 @@ def composite_gate_has_posterior(model_dir: str | Path) -> bool:
     return read_router_form(Path(model_dir) / GATE_SUBDIR).posterior
 
 
+def cpu_has_native_bf16() -> bool:
+    import torch  # torch: deferred, as above
+
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def checkpoint_dtype(model_dir: str | Path) -> str | None:
+    """The dtype the folder's config.json names (``dtype``, or the older ``torch_dtype``)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    named = config.get("dtype") or config.get("torch_dtype")
+    return named if named in ("float32", "bfloat16", "float16") else None
+
+
+def resolved_dtype(model_dir: str | Path, dtype: str) -> str:
+    """``auto`` made concrete where vLLM's choice would be slow: see the module docstring."""
+    if dtype != "auto" or not on_cpu() or cpu_has_native_bf16():
+        return dtype
+    own = checkpoint_dtype(model_dir)
+    if own is None or own == "bfloat16":
+        return dtype
+    logger.info(
+        "dtype auto -> %s: this CPU has no native bf16 (no avx512_bf16, no AMX), where vLLM's "
+        "bf16 would be emulated and about 3x slower; the checkpoint's own dtype is kept", own,
+    )
+    return own
+
+
+def check_engine_settings(model_dir: str | Path, settings: EngineSettings) -> None:
+    """Refuse, in one line, what a composite cannot run with yet."""
+    if settings.data_parallel_size > 1 and is_composite_folder(model_dir):
+        raise UserError(
+            "--data-parallel-size > 1 is not supported for a composite yet: its per-request gates, gate "
+            "trace, posterior state and gate reload live in one engine's workers; run one server per "
+            "replica behind a load balancer instead"
+        )
+
+
 def engine_kwargs(model_dir: str | Path, settings: EngineSettings) -> dict:
     """Keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs``."""
+    check_engine_settings(model_dir, settings)
     if on_cpu():
         # The CPU backend sizes its KV cache from this variable, read at engine start.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(settings.kv_cache_gib))
     kwargs = {
         "model": str(model_dir),
-        "dtype": settings.dtype,
+        "dtype": resolved_dtype(model_dir, settings.dtype),
         "max_num_seqs": settings.max_num_seqs,
         "gpu_memory_utilization": settings.gpu_memory_utilization,
         "tensor_parallel_size": settings.tensor_parallel_size,
         "pipeline_parallel_size": settings.pipeline_parallel_size,
+        "data_parallel_size": settings.data_parallel_size,
         "enforce_eager": settings.resolved_enforce_eager(),
         "seed": settings.seed,
     }

@@ -56,11 +56,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def run_serve(args: argparse.Namespace) -> int:
     # The app and the engine import vLLM: deferred so that `gatemix serve --help` stays fast.
+    from gatemix.engine.engine_config import check_engine_settings
     from gatemix.server.app import create_app, resolve_settings
     from gatemix.server.lifecycle import serve
 
     # Resolved here too, so that a bad folder is a one-line error, not a failed startup.
     settings = resolve_settings(settings_from_args(args))
+    check_engine_settings(settings.model_dir, settings.engine)
     return serve(create_app(settings), settings)
 
 

@@ -16,3 +16,35 @@ def test_compile_mixing_reaches_the_composite_through_additional_config(composit
 def test_the_readmes_environment_switch_still_compiles_mixing(composite_dir, monkeypatch):
     monkeypatch.setenv(COMPILE_MIXING_ENV, "1")
     assert engine_kwargs(composite_dir, EngineSettings())["additional_config"] == {COMPILE_MIXING_KEY: True}
+
+
+def test_auto_dtype_keeps_an_fp32_checkpoint_on_a_cpu_without_native_bf16(composite_dir, monkeypatch, caplog):
+    from gatemix.engine import engine_config
+
+    monkeypatch.setattr(engine_config, "on_cpu", lambda: True)
+    monkeypatch.setattr(engine_config, "cpu_has_native_bf16", lambda: False)
+    assert engine_config.checkpoint_dtype(composite_dir) == "float32"
+    with caplog.at_level("INFO", logger=engine_config.__name__):
+        assert engine_kwargs(composite_dir, EngineSettings())["dtype"] == "float32"
+    assert "no native bf16" in caplog.text
+    assert engine_kwargs(composite_dir, EngineSettings(dtype="bfloat16"))["dtype"] == "bfloat16"
+
+
+def test_auto_dtype_stays_vllms_where_bf16_is_native_or_on_a_gpu(composite_dir, monkeypatch):
+    from gatemix.engine import engine_config
+
+    monkeypatch.setattr(engine_config, "on_cpu", lambda: True)
+    monkeypatch.setattr(engine_config, "cpu_has_native_bf16", lambda: True)
+    assert engine_kwargs(composite_dir, EngineSettings())["dtype"] == "auto"
+    monkeypatch.setattr(engine_config, "on_cpu", lambda: False)
+    monkeypatch.setattr(engine_config, "cpu_has_native_bf16", lambda: False)
+    assert engine_kwargs(composite_dir, EngineSettings())["dtype"] == "auto"
+
+
+def test_data_parallelism_is_refused_for_a_composite_in_one_line(composite_dir):
+    from tests.cli_runner import run_gatemix
+
+    result = run_gatemix("serve", "--model-dir", str(composite_dir), "--data-parallel-size", "2")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "--data-parallel-size" in result.stderr, result.stderr
+    assert engine_kwargs(composite_dir, EngineSettings())["data_parallel_size"] == 1
