@@ -64,8 +64,9 @@ from gatemix.engine.composite_folder import (
     expert_module_key,
 )
 from gatemix.engine.gate_versions import GateVersions, load_swappable
+from gatemix.engine.prefix_state import chunked_target_logprobs, target_chunk_rows
 from gatemix.engine.request_gates import (
-    query_start_loc_from_forward_context,
+    batch_layout_from_forward_context,
     token_rows_from_forward_context,
     worker_gate_table,
 )
@@ -222,6 +223,10 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         )
         self.gate_table = worker_gate_table()
         self.gate_table.prefix_states.current_gate_version = self.gates.current
+        cache_config = vllm_config.cache_config
+        if self.prefix_caching:
+            self.gate_table.prefix_states.configure_caching(cache_config.block_size, lambda: cache_config.num_gpu_blocks)
+        self.target_chunk_rows = target_chunk_rows(self.num_experts, vllm_config.model_config.get_vocab_size())
         self.make_empty_intermediate_tensors = self.ensemble.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -268,7 +273,6 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         artifact = load_swappable(
             artifact_dir, expert_names=self.expert_names, expert_hashes=self.expert_hashes,
             expert_widths=tuple(self.expert_widths), current=self.gates.router,
-            prefix_caching=self.prefix_caching,
         )
         self.gates.add(artifact, self.router.proj_out.weight.device, set(in_flight))
         self.gate_table.prefix_states.current_gate_version = artifact.version
@@ -290,10 +294,13 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         if input_ids is None:
             raise ValueError("a posterior gate reads the token ids; prompt embeddings are not supported")
 
-        def expert_logprobs(index: torch.Tensor) -> torch.Tensor | None:
-            logits = self._expert_logits(expert_hidden[index])
-            return None if logits is None else torch.log_softmax(logits.float(), dim=-1)
+        def target_logprobs(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+            return chunked_target_logprobs(self._expert_logits, hidden, targets, self.target_chunk_rows)
 
+        layout = batch_layout_from_forward_context()
+        if layout is None:  # vLLM's profiling run: the log-prob gather at its largest chunk, so it is counted
+            rows = self.target_chunk_rows
+            target_logprobs(expert_hidden[:rows], input_ids[:rows])
         prefix_states, no_forgetting = self.gate_table.prefix_states, torch.tensor(1.0)
 
         def forgetting_of_row(row: int) -> torch.Tensor:
@@ -301,8 +308,7 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
             return head.forgetting.detach() if head.form.posterior else no_forgetting
 
         return prefix_states.token_states(
-            input_ids, positions, query_start_loc_from_forward_context(), expert_logprobs,
-            forgetting_of_row, self.num_experts,
+            input_ids, positions, layout, target_logprobs, forgetting_of_row, expert_hidden, self.num_experts,
         )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

@@ -86,6 +86,11 @@ class EngineSettings(BaseModel):
         description="skip torch.compile and CUDA graphs; default: eager on CPU, compiled with "
         "CUDA graphs on GPU",
     )
+    enable_prefix_caching: bool = Field(
+        True,
+        description="reuse the KV cache of shared prompt prefixes (every gate, the posterior's "
+        "state included: engine/slot_logprobs.py)",
+    )
     seed: int = Field(0, description="engine seed (requests without a seed draw from it)")
     compile_mixing: bool = Field(
         False,
@@ -160,6 +165,7 @@ def engine_kwargs(model_dir: str | Path, settings: EngineSettings) -> dict:
         "data_parallel_size": settings.data_parallel_size,
         "enforce_eager": settings.resolved_enforce_eager(),
         "seed": settings.seed,
+        "enable_prefix_caching": settings.enable_prefix_caching,
     }
     optional = {
         "max_model_len": settings.max_model_len,
@@ -169,10 +175,6 @@ def engine_kwargs(model_dir: str | Path, settings: EngineSettings) -> dict:
     kwargs.update({name: value for name, value in optional.items() if value is not None})
     if is_composite_folder(model_dir):
         kwargs.update(COMPOSITE_ENGINE_ARGS)
-        if composite_gate_has_posterior(model_dir):
-            # A cached block's tokens are never recomputed, so their log-probs would be missing
-            # from the posterior state (engine/prefix_state.py): prefix caching off.
-            kwargs["enable_prefix_caching"] = False
         if not on_cpu() and not kwargs["enforce_eager"]:
             kwargs["compilation_config"] = {"cudagraph_mode": COMPOSITE_CUDAGRAPH_MODE}
         if settings.resolved_compile_mixing():

@@ -12,8 +12,9 @@ shows yet).
 
 What can be swapped in is checked here: the same experts in the same order
 with the same weights, the same hidden sizes, and no router context model
-(whose layers hold KV cache computed with the old weights); a posterior gate
-only where prefix caching is off.
+(whose layers hold KV cache computed with the old weights). A posterior gate
+swaps in with prefix caching on: the cache holds the experts' log-probs, not a
+gate's state (``engine/slot_logprobs.py``).
 """
 
 from __future__ import annotations
@@ -75,7 +76,6 @@ def check_swappable(
     expert_hashes: dict[str, str],
     expert_widths: tuple[int, ...],
     current: HiddenStateRouter,
-    prefix_caching: bool,
 ) -> None:
     """Refuse an artifact the running engine cannot switch to; ``ArtifactError``, one line."""
     artifact.check_experts(expert_names, expert_hashes)
@@ -86,11 +86,6 @@ def check_swappable(
         raise ArtifactError(
             "a router with its own context model cannot be swapped while serving (its layers hold KV "
             "cache): restart the server with the new composite"
-        )
-    if form.posterior and prefix_caching:
-        raise ArtifactError(
-            "a posterior gate needs prefix caching off, and this engine started with it on: restart the "
-            "server with the new composite"
         )
 
 

@@ -13,18 +13,25 @@ every token of the request's own sequence, prompt included
 * **How it updates.** In ``forward`` each scheduled chunk of a request (a prefill
   chunk, or the one token of a decode step) continues its state: the log-prob of
   a token whose predecessor is in the same chunk comes from the experts' logits
-  at that predecessor (computed here, over the chunk); the chunk's first token's
-  comes from the previous step's logits at its predecessor, which the engine's
-  sampling call (``compute_logits``, one row per request) left behind
-  (``store_sampled``). A decode step therefore costs no extra LM head.
+  at that predecessor, gathered at the target token in row chunks of bounded
+  size (``chunked_target_logprobs``: never a tokens x K x V log-softmax); the
+  chunk's first token's comes from the previous step's logits at its
+  predecessor, which the engine's sampling call (``compute_logits``, one row per
+  request) left behind (``store_sampled``). A decode step costs no extra LM head.
+* **Prefix caching.** With caching on, every computed token's expert log-probs
+  and every block's last hidden states go to a side table keyed by KV slot
+  (``engine/slot_logprobs.py``). A request whose first chunk starts after cached
+  blocks rebuilds its state from them with its own gate's forgetting factor,
+  and its first token's log-probs from the last cached block's hidden states.
+  Requests that hit blocks computed in the same forward pass are continued in
+  order of their cached length, after the table holds this pass's tokens.
 * **Exact under** chunked prefill (chunks continue the state); preemption with
-  recompute (the request rejoins as new and its whole sequence is prefilled
-  again, so the state is rebuilt); ``n > 1`` (each child is its own request);
-  ``echo`` prompt logprobs (each prompt position's weights travel with its own
-  hidden state from ``forward``). **Prefix caching is off** for composites whose
-  gate has a posterior (``engine_config``): a cached block's tokens are never
-  recomputed, so their log-probs would be missing; a chunk that does not start
-  where its request's state ends is an error, not a silent miss.
+  recompute (the request rejoins as new and continues from its cached blocks or
+  recomputes them); ``n > 1`` (each child is its own request); ``echo`` prompt
+  logprobs (each prompt position's weights travel with its own hidden state
+  from ``forward``; vLLM does not read the prefix cache for a request with
+  prompt logprobs). A chunk that does not start where its request's state ends,
+  or at a cached block boundary, is an error, not a silent miss.
 """
 
 from __future__ import annotations
@@ -34,7 +41,38 @@ from dataclasses import dataclass
 
 import torch
 
+from gatemix.engine.slot_logprobs import SlotLogprobs
 from gatemix.gate.posterior import forgetting_scan
+
+# Most logits (rows x K x V) the state's log-prob gather holds at once: 64 MiB of fp32.
+TARGET_CHUNK_ELEMENTS = 1 << 24
+
+
+def target_chunk_rows(num_experts: int, vocab_size: int, max_elements: int = TARGET_CHUNK_ELEMENTS) -> int:
+    return max(1, max_elements // (num_experts * vocab_size))
+
+
+def chunked_target_logprobs(
+    expert_logits: Callable[[torch.Tensor], torch.Tensor | None],
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_rows: int,
+) -> torch.Tensor | None:
+    """``(M, H)`` hidden states, ``(M,)`` next tokens -> ``(M, K)`` ``log pi_k(target | ctx)``.
+
+    ``expert_logits``: ``(m, H) -> (m, K, V)`` (None on a tensor-parallel rank
+    without logits). At most ``chunk_rows`` rows of logits exist at once, so
+    prefill memory does not grow with tokens x vocabulary.
+    """
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        logits = expert_logits(hidden[start : start + chunk_rows])
+        if logits is None:
+            return None
+        logits = logits.float()  # (m, K, V)
+        rows_targets = targets[start : start + chunk_rows, None, None].expand(-1, logits.shape[1], 1)
+        pieces.append(logits.gather(-1, rows_targets)[..., 0] - torch.logsumexp(logits, dim=-1))  # (m, K)
+    return torch.cat(pieces) if pieces else None
 
 
 @dataclass
@@ -46,9 +84,21 @@ class PrefixState:
     pending_slot: int | None = None  # row of PrefixStates.pending for the token at next_position
     gate_version: str | None = None  # the gate the request joined the batch with (gate_versions.py)
 
+    def fresh(self) -> bool:
+        return self.next_position == 0 and self.log_likelihood is None
+
 
 class PrefixStateError(RuntimeError):
-    """The engine scheduled tokens the state cannot account for (a bug, or prefix caching on)."""
+    """The engine scheduled tokens the state cannot account for (a bug)."""
+
+
+@dataclass
+class BatchLayout:
+    """Where this forward pass's tokens sit: per row (``query_start_loc``) and in the KV cache."""
+
+    query_start_loc: torch.Tensor  # (R + 1,)
+    slot_mapping: torch.Tensor  # (T,) KV slot of each token
+    block_table: torch.Tensor  # (R, max blocks) each row's KV blocks
 
 
 class PrefixStates:
@@ -59,6 +109,12 @@ class PrefixStates:
         self.pending: torch.Tensor | None = None  # (N, K, V) log-softmax of the last sampling call
         self._awaiting_sample_rows = 0  # rows of the last forward, until compute_logits stores them
         self.current_gate_version: str | None = None  # what a request joining the batch gets
+        self.slots: SlotLogprobs | None = None  # with prefix caching: the side table (configure_caching)
+        self._num_blocks: Callable[[], int | None] = lambda: None
+
+    def configure_caching(self, block_size: int, num_blocks: Callable[[], int | None]) -> None:
+        """Keep the side table prefix caching needs; ``num_blocks`` is read once the KV cache exists."""
+        self.slots, self._num_blocks = SlotLogprobs(block_size), num_blocks
 
     def update(self, batch_update) -> None:
         """Apply one logits-processor batch update: fresh state for added rows, moves, removals."""
@@ -83,34 +139,44 @@ class PrefixStates:
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        query_start_loc: torch.Tensor | None,
-        expert_logprobs: Callable[[torch.Tensor], torch.Tensor | None],
+        layout: BatchLayout | None,
+        target_logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None],
         forgetting_of_row: Callable[[int], torch.Tensor],
+        expert_hidden: torch.Tensor,
         num_experts: int,
     ) -> torch.Tensor:
         """``(T, K)`` state at every token of this forward pass, each row's state continued.
 
-        ``expert_logprobs(indices)`` -> ``(M, K, V)`` log-probs at those flat token
-        indices (None on a tensor-parallel rank that does not receive logits: its
-        gate weights are never used, so its state is left at zero).
+        ``target_logprobs(hidden, targets)`` -> ``(M, K)`` experts' log-probs of
+        ``targets`` after those ``(M, H)`` hidden states, in bounded chunks
+        (``chunked_target_logprobs``); None on a tensor-parallel rank that does
+        not receive logits: its gate weights are never used, so its state stays zero.
         """
         states = torch.zeros(input_ids.shape[0], num_experts, device=input_ids.device)
-        if query_start_loc is None:  # a profiling or warm-up run: no requests
+        if layout is None:  # a profiling or warm-up run: no requests
             return states
-        starts = query_start_loc.tolist()
+        starts = layout.query_start_loc.tolist()
         spans = [(row, starts[row], starts[row + 1]) for row in range(len(starts) - 1) if starts[row + 1] > starts[row]]
-        in_chunk = [index for _, start, end in spans for index in range(start, end - 1)]
         token_logprobs = torch.zeros_like(states)  # (T, K): log pi_k(x_t | x_<t) of each token
+        in_chunk = [index for _, start, end in spans for index in range(start, end - 1)]
         if in_chunk:
             index = torch.tensor(in_chunk, device=input_ids.device)
-            logprobs = expert_logprobs(index)
+            logprobs = target_logprobs(expert_hidden[index], input_ids[index + 1])
             if logprobs is None:
                 return states
-            next_ids = input_ids[index + 1]
-            token_logprobs[index + 1] = logprobs.gather(-1, next_ids[:, None, None].expand(-1, num_experts, 1))[..., 0]
-        first_positions = positions[query_start_loc[:-1].clamp_max(max(input_ids.shape[0] - 1, 0))].tolist()
+            token_logprobs[index + 1] = logprobs
+        first_positions = positions[layout.query_start_loc[:-1].clamp_max(max(input_ids.shape[0] - 1, 0))].tolist()
         chunks = self._known_chunks(spans, first_positions)
         self._first_token_logprobs(chunks, input_ids, token_logprobs)
+        if self.slots is not None:
+            self._continue_cached(chunks, first_positions, layout, input_ids, positions, token_logprobs,
+                                  target_logprobs, forgetting_of_row, expert_hidden)
+        self._scan(chunks, token_logprobs, states, forgetting_of_row, num_experts)
+        self._awaiting_sample_rows = len(starts) - 1
+        return states
+
+    def _scan(self, chunks, token_logprobs: torch.Tensor, states: torch.Tensor, forgetting_of_row, num_experts: int) -> None:
+        """Fold each chunk's ``(T, K)`` log-probs into its row's state; ``states`` gets every token's."""
         decode = [chunk for chunk in chunks if chunk[2] - chunk[1] == 1]
         if decode:  # one token each: S = lambda S + lp, all rows at once
             index = torch.tensor([start for _, start, _, _ in decode], device=states.device)
@@ -127,8 +193,6 @@ class PrefixStates:
                 state.log_likelihood = scanned[-1]
             state.next_position += end - start
             state.pending_slot = None
-        self._awaiting_sample_rows = len(starts) - 1
-        return states
 
     def _known_chunks(self, spans, first_positions: list[int]) -> list[tuple[int, int, int, PrefixState]]:
         """``(row, start, end, state)`` of the rows with a request, each checked to continue its state."""
@@ -137,13 +201,38 @@ class PrefixStates:
             state = self.rows.get(row)
             if state is None:  # no request there: vLLM's warm-up and graph-capture runs
                 continue
-            if first_positions[row] != state.next_position:
+            cached = self.slots is not None and state.fresh()
+            if first_positions[row] != state.next_position and not cached:
                 raise PrefixStateError(
                     f"batch row {row}: tokens from position {first_positions[row]}, but its posterior state "
-                    f"ends at {state.next_position} (prefix caching must be off for a posterior gate)"
+                    f"ends at {state.next_position}"
                 )
             chunks.append((row, start, end, state))
         return chunks
+
+    def _continue_cached(self, chunks, first_positions, layout: BatchLayout, input_ids, positions, token_logprobs,
+                         target_logprobs, forgetting_of_row, expert_hidden) -> None:
+        """Record this pass in the side table, then start each request that skipped cached blocks from them.
+
+        A request may hit blocks another request computes in this same pass
+        (vLLM caches a block when it is scheduled): those rows continue in
+        order of their cached length, each writing its first token's entry.
+        """
+        slots = self.slots
+        slots.ensure(self._num_blocks() or int(layout.block_table.max()) + 1, token_logprobs.shape[1], expert_hidden)
+        slots.write(layout.slot_mapping, positions, token_logprobs, expert_hidden, layout.query_start_loc[-1])
+        hits = [(first_positions[row], row, start, state) for row, start, _, state in chunks
+                if state.fresh() and first_positions[row] > 0]
+        for cached, row, start, state in sorted(hits, key=lambda hit: hit[0]):
+            if cached % slots.block_size:
+                raise PrefixStateError(f"batch row {row}: a cache hit of {cached} tokens ends inside a block")
+            first_slot = layout.slot_mapping[start]
+            prefix = slots.prefix_slots(layout.block_table[row], cached, int(first_slot))  # (cached,)
+            state.log_likelihood = forgetting_scan(slots.token_logprobs[prefix], forgetting_of_row(row))[-1]
+            state.next_position = cached
+            first = target_logprobs(slots.hidden_before(prefix[-1:]), input_ids[start : start + 1])  # (1, K)
+            token_logprobs[start] = first[0]
+            slots.token_logprobs[first_slot.long()] = first[0]
 
     def _first_token_logprobs(self, chunks, input_ids: torch.Tensor, token_logprobs: torch.Tensor) -> None:
         """Each chunk's first token's log-probs, from the last sampling call's rows, gathered at once."""

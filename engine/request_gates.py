@@ -24,7 +24,7 @@ import torch
 
 from gatemix.engine.composite_folder import COMPOSITE_ARCHITECTURE
 from gatemix.engine.gate_trace import TraceRecord, TraceSender
-from gatemix.engine.prefix_state import PrefixStates
+from gatemix.engine.prefix_state import BatchLayout, PrefixStates
 from gatemix.gate.mixing import LOG_WEIGHT_FLOOR, restrict_log_weights
 
 logger = logging.getLogger(__name__)
@@ -166,12 +166,8 @@ def worker_gate_table() -> BatchGateTable:
     return _WORKER_TABLE
 
 
-def query_start_loc_from_forward_context() -> torch.Tensor | None:
-    """``(num_rows + 1,)``: where each batch row's tokens start in this forward pass.
-
-    Tokens are laid out in batch-row order. None outside a forward pass with
-    requests (profiling and warm-up runs).
-    """
+def _attention_metadata():
+    """This forward pass's attention metadata (any layer's: they share the batch layout), or None."""
     # vllm: deferred, the server imports this module's request args without an engine
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
@@ -182,8 +178,25 @@ def query_start_loc_from_forward_context() -> torch.Tensor | None:
         return None
     if isinstance(attn_metadata, list):  # micro-batched: one dict per ubatch
         attn_metadata = attn_metadata[0]
-    metadata = next(iter(attn_metadata.values())) if isinstance(attn_metadata, dict) else attn_metadata
-    return getattr(metadata, "query_start_loc", None)
+    return next(iter(attn_metadata.values())) if isinstance(attn_metadata, dict) else attn_metadata
+
+
+def batch_layout_from_forward_context() -> BatchLayout | None:
+    """Rows and KV slots of this forward pass's tokens; None in profiling and warm-up runs."""
+    metadata = _attention_metadata()
+    query_start_loc = getattr(metadata, "query_start_loc", None)
+    if query_start_loc is None:
+        return None
+    return BatchLayout(query_start_loc, metadata.slot_mapping, metadata.block_table)
+
+
+def query_start_loc_from_forward_context() -> torch.Tensor | None:
+    """``(num_rows + 1,)``: where each batch row's tokens start in this forward pass.
+
+    Tokens are laid out in batch-row order. None outside a forward pass with
+    requests (profiling and warm-up runs).
+    """
+    return getattr(_attention_metadata(), "query_start_loc", None)
 
 
 def token_rows_from_forward_context(num_tokens: int, device: torch.device) -> torch.Tensor | None:

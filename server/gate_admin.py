@@ -88,7 +88,6 @@ class GateAdmin:
             check_swappable(
                 artifact, expert_names=info.expert_names, expert_hashes=info.expert_hashes,
                 expert_widths=widths, current=load_router(self.composite_dir / GATE_SUBDIR).router,
-                prefix_caching=bool(self.engine.vllm_config.cache_config.enable_prefix_caching),
             )
         except ArtifactError as exc:
             raise bad_request(str(exc), "path") from None
