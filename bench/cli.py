@@ -38,6 +38,13 @@ def add_parser(subparsers) -> None:
         "(written once under --random-cache-dir, packed with a uniform gate)")
     add_config_flags(random_group, RandomExpertsConfig)
     engine.set_defaults(run=run_engine)
+    from gatemix.bench.prefix_bench import PrefixBenchConfig
+
+    prefix = benches.add_parser("prefix", help="time to first token on prompts sharing a long prefix, caching on/off")
+    add_config_flags(prefix, PrefixBenchConfig, skip=("random",))
+    prefix_random = prefix.add_argument_group("random experts")
+    add_config_flags(prefix_random, RandomExpertsConfig)
+    prefix.set_defaults(run=run_prefix)
     mixing = benches.add_parser("mixing", help="the mixing step alone: fused vs two-pass log-softmax")
     add_config_flags(mixing, MixingBenchConfig)
     mixing.set_defaults(run=run_mixing)
@@ -60,21 +67,37 @@ def run_mixing(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(config, random):
+    from gatemix.bench.models import project_models, random_models
+
+    if random.random_experts:
+        return random_models(random)
+    return project_models(config.project, composite=getattr(config, "composite", None),
+                          expert=getattr(config, "expert", None))[1]
+
+
+def run_prefix(args: argparse.Namespace) -> int:
+    from gatemix.bench.models import RandomExpertsConfig, check_context
+    from gatemix.bench.prefix_bench import PrefixBenchConfig, format_prefix_bench, run_prefix_bench
+
+    random = config_from_args(args, RandomExpertsConfig)
+    config = config_from_args(args, PrefixBenchConfig, random=random)
+    models = _models(config, random)
+    check_context(models, config.prefix_len + config.tail_len + config.output_len)
+    result = run_prefix_bench(config, models)
+    print(format_prefix_bench(result))
+    if config.json:
+        Path(config.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def run_engine(args: argparse.Namespace) -> int:
     from gatemix.bench.engine_bench import EngineBenchConfig, format_engine_bench, run_engine_bench
-    from gatemix.bench.models import (
-        RandomExpertsConfig,
-        check_context,
-        project_models,
-        random_models,
-    )
+    from gatemix.bench.models import RandomExpertsConfig, check_context
 
     random = config_from_args(args, RandomExpertsConfig)
     config = config_from_args(args, EngineBenchConfig, random=random)
-    if random.random_experts:
-        models = random_models(random)
-    else:
-        models = project_models(config.project, composite=config.composite, expert=config.expert)[1]
+    models = _models(config, random)
     check_context(models, config.max_model_len)
     result = run_engine_bench(config, models)
     print(format_engine_bench(result, config))

@@ -168,6 +168,15 @@ def random_models(config: RandomExpertsConfig) -> BenchModels:
                        names=names)
 
 
+def hidden_router_composite(models: BenchModels) -> Path:
+    """The same experts with a random hidden-state router (no posterior), beside the composite.
+
+    Its cost is any hidden-state router's: a small head over the experts' final
+    hidden states, no per-request state. Its weights are not fitted.
+    """
+    return _composite_with_router(models, "-hidden-router", posterior=False)
+
+
 def posterior_composite(models: BenchModels) -> Path:
     """The same experts packed with a posterior gate (uniform prior, zero head), beside the composite.
 
@@ -175,13 +184,19 @@ def posterior_composite(models: BenchModels) -> Path:
     the prefill's extra LM head over every prompt token and the bookkeeping of
     each step (``engine/prefix_state.py``).
     """
+    return _composite_with_router(models, "-posterior", posterior=True)
+
+
+def _composite_with_router(models: BenchModels, suffix: str, posterior: bool) -> Path:
     info = CompositeInfo.read(models.composite_dir)
-    out = models.composite_dir.with_name(models.composite_dir.name + "-posterior")
+    out = models.composite_dir.with_name(models.composite_dir.name + suffix)
     widths = json.loads((models.composite_dir / "config.json").read_text())["gatemix"]["expert_hidden_sizes"]
-    router = HiddenStateRouter(RouterForm.for_experts(widths, posterior=True))
-    with torch.no_grad():
-        router.proj_out.weight.zero_()
-        router.proj_out.bias.zero_()
-    artifact = RouterArtifact(router, info.expert_names, info.expert_hashes, method="posterior-bench")
+    torch.manual_seed(0)
+    router = HiddenStateRouter(RouterForm.for_experts(widths, posterior=posterior))
+    if posterior:  # uniform prior, zero head: the Bayes posterior
+        with torch.no_grad():
+            router.proj_out.weight.zero_()
+            router.proj_out.bias.zero_()
+    artifact = RouterArtifact(router, info.expert_names, info.expert_hashes, method=f"bench{suffix}")
     pack.pack_composite(models.expert_dirs, out, gate=artifact, names=info.expert_names, overwrite=True)
     return out

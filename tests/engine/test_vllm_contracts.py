@@ -111,7 +111,48 @@ def test_attention_metadata_marks_where_each_request_starts():
         if isinstance(node, ast.ClassDef) and node.name == "FlashAttentionMetadata"
     )
     fields = {stmt.target.id for stmt in metadata.body if isinstance(stmt, ast.AnnAssign)}
-    assert "query_start_loc" in fields
+    # ``batch_layout_from_forward_context`` also reads each token's KV slot and each row's blocks.
+    layout = {"query_start_loc", "slot_mapping", "block_table"}
+    assert layout <= fields
+    assert layout <= set(CPUAttentionMetadata.__dataclass_fields__)
+
+
+def test_the_worker_learns_the_kv_cache_size_before_serving():
+    """The posterior's side table is sized from ``cache_config.num_gpu_blocks``, set on the worker's config."""
+    from vllm.v1.worker.cpu_worker import CPUWorker
+    from vllm.v1.worker.gpu_worker import Worker
+
+    assert issubclass(CPUWorker, Worker)
+    assert "self.cache_config.num_gpu_blocks = kv_cache_config.num_blocks" in inspect.getsource(
+        Worker.initialize_from_config
+    )
+
+
+def test_prefix_cache_hits_end_on_block_boundaries_and_blocks_are_cached_when_scheduled():
+    """What ``engine/slot_logprobs.py`` assumes of the KV cache manager.
+
+    A hit covers whole blocks (so the last cached position is a block's end,
+    where the hidden states are kept); at most ``num_tokens - 1`` tokens (so the
+    request always computes a token); and a block is cached when its tokens are
+    scheduled, before they are computed (so a request may hit blocks another
+    computes in the same step: ``PrefixStates._continue_cached`` orders them).
+    """
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
+    assert "max_cache_hit_length = request.num_tokens - 1" in inspect.getsource(KVCacheManager.get_computed_blocks)
+    assert "alignment_tokens" in inspect.signature(FullAttentionManager.find_longest_cache_hit).parameters
+    allocate = inspect.getsource(KVCacheManager.allocate_slots)
+    assert "total_computed_tokens + num_new_tokens" in allocate
+    assert "self.coordinator.cache_blocks(request, num_tokens_to_cache)" in allocate
+
+
+def test_prompt_logprobs_skip_reading_the_prefix_cache():
+    """Echo scoring recomputes every prompt position, so its log-probs never depend on cached state."""
+    from vllm import SamplingParams
+
+    assert SamplingParams(prompt_logprobs=0).skip_reading_prefix_cache is True
+    assert SamplingParams().skip_reading_prefix_cache is False
 
 
 def test_offline_engine_shutdown_reaches_the_process_manager():

@@ -1,0 +1,124 @@
+"""``gatemix bench prefix``: time to first token on traffic that shares a long prompt prefix.
+
+Chat clients resend the same system prompt, conversations resend their
+earlier turns: most of a prompt is often a prefix vLLM has cached. This bench
+sends ``requests`` prompts made of one shared prefix and a distinct tail,
+``concurrency`` at a time (closed loop, one ``generate`` call per wave), and
+reports vLLM's own per-request time to first token for four systems, one after
+another in one process:
+
+* the posterior composite (the gate that reads each expert's likelihood of the
+  prefix), prefix caching on;
+* the same, caching off (what gatemix served before its state was cached);
+* a hidden-state-router composite of the same experts (no per-request state), caching on;
+* one expert alone in the same vLLM, caching on.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from gatemix.bench.models import BenchModels, RandomExpertsConfig, hidden_router_composite, posterior_composite
+from gatemix.config_cli import field_help
+from gatemix.defaults import DEFAULT_PROJECT_DIR
+from gatemix.engine.engine_config import EngineSettings, engine_kwargs, shutdown_offline_engine
+from gatemix.gate.artifact import read_router_form
+from gatemix.engine.composite_folder import GATE_SUBDIR
+
+
+@dataclass
+class PrefixBenchConfig:
+    project: str = field(default=DEFAULT_PROJECT_DIR, **field_help("project file or folder: the experts"))
+    prefix_len: int = field(default=900, **field_help("tokens of the prefix every prompt shares"))
+    tail_len: int = field(default=16, **field_help("tokens of each prompt's own tail"))
+    output_len: int = field(default=8, **field_help("generated tokens per request"))
+    requests: int = field(default=32, **field_help("requests per system"))
+    concurrency: int = field(default=4, **field_help("requests in flight at once (one wave)"))
+    dtype: str = field(default="float32", **field_help("engine dtype"))
+    json: str | None = field(default=None, **field_help("also write the results here"))
+    random: RandomExpertsConfig = field(
+        default_factory=RandomExpertsConfig, **field_help("random-init experts instead of the project's"))
+
+    def __post_init__(self) -> None:
+        if min(self.prefix_len, self.tail_len, self.output_len, self.requests, self.concurrency) < 1:
+            raise ValueError("prefix_len, tail_len, output_len, requests and concurrency must be positive")
+
+
+def shared_prefix_prompts(vocab_size: int, config: PrefixBenchConfig, seed: int = 0) -> list[list[int]]:
+    import torch  # torch: deferred, `gatemix bench --help` imports this module for its config
+
+    generator = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(16, vocab_size, (config.prefix_len,), generator=generator).tolist()
+    tails = torch.randint(16, vocab_size, (config.requests, config.tail_len), generator=generator).tolist()
+    return [prefix + tail for tail in tails]
+
+
+def mean_ttft_ms(model_dir: Path, prompts: list[list[int]], config: PrefixBenchConfig, caching: bool) -> float:
+    """Mean of vLLM's per-request time to first token over the waves, in milliseconds."""
+    # vllm: deferred, as above
+    from vllm import LLM, SamplingParams
+
+    settings = EngineSettings(
+        dtype=config.dtype, max_model_len=config.prefix_len + config.tail_len + config.output_len + 16,
+        max_num_seqs=config.concurrency, enable_prefix_caching=caching,
+    )
+    llm = LLM(**engine_kwargs(model_dir, settings), disable_log_stats=False)
+    params = SamplingParams(max_tokens=config.output_len, temperature=0.0, ignore_eos=True)
+    try:
+        llm.generate([{"prompt_token_ids": prompts[0][: config.tail_len]}], params, use_tqdm=False)  # warm-up
+        latencies = []
+        for start in range(0, len(prompts), config.concurrency):
+            wave = [{"prompt_token_ids": p} for p in prompts[start : start + config.concurrency]]
+            latencies += [out.metrics.first_token_latency for out in llm.generate(wave, params, use_tqdm=False)]
+    finally:
+        shutdown_offline_engine(llm)
+        del llm
+        gc.collect()
+    return 1000 * statistics.fmean(latencies)
+
+
+def run_prefix_bench(config: PrefixBenchConfig, models: BenchModels) -> dict:
+    vocab_size = json.loads((models.composite_dir / "config.json").read_text())["vocab_size"]
+    prompts = shared_prefix_prompts(vocab_size, config)
+    served_is_posterior = read_router_form(models.composite_dir / GATE_SUBDIR).posterior
+    posterior = models.composite_dir if served_is_posterior else posterior_composite(models)
+    systems = {
+        "posterior composite, caching on": (posterior, True),
+        "posterior composite, caching off": (posterior, False),
+        "hidden-state-router composite, caching on": (hidden_router_composite(models), True),
+        "one expert, caching on": (models.single_dir, True),
+    }
+    ttft = {name: mean_ttft_ms(folder, prompts, config, caching) for name, (folder, caching) in systems.items()}
+    cached = ttft["posterior composite, caching on"]
+    return {
+        "config": {**asdict(config), "random": asdict(config.random) if config.random.random_experts else None},
+        "models": {**models.describe(), "posterior": str(posterior)},
+        "mean_ttft_ms": ttft,
+        "ratios": {
+            "caching_speedup": ttft["posterior composite, caching off"] / cached,
+            "vs_hidden_state_router": cached / ttft["hidden-state-router composite, caching on"],
+            "vs_one_expert": cached / ttft["one expert, caching on"],
+        },
+    }
+
+
+def format_prefix_bench(result: dict) -> str:
+    config, ratios = result["config"], result["ratios"]
+    lines = [
+        (f"mean time to first token: {config['requests']} prompts of a shared {config['prefix_len']}-token "
+         f"prefix + {config['tail_len']}-token tails, {config['concurrency']} at a time, {config['output_len']} "
+         f"output tokens, dtype {config['dtype']}"),
+        "",
+        "| system | mean TTFT (ms) |",
+        "|---|---|",
+        *(f"| {name} | {value:.1f} |" for name, value in result["mean_ttft_ms"].items()),
+        "",
+        (f"posterior composite: caching on is {ratios['caching_speedup']:.2f}x faster than off; "
+         f"{ratios['vs_hidden_state_router']:.2f}x the hidden-state router's TTFT; "
+         f"{ratios['vs_one_expert']:.2f}x one expert's"),
+    ]
+    return "\n".join(lines)
