@@ -282,12 +282,17 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
 
     def _expert_logits(self, expert_hidden: torch.Tensor) -> torch.Tensor | None:
         """``(N, sum_k H_k)`` -> ``(N, K, V)``, or None on a TP rank that receives no logits."""
+        per_expert = self._per_expert_logits(expert_hidden)
+        return None if per_expert is None else torch.stack(per_expert, dim=1)
+
+    def _per_expert_logits(self, expert_hidden: torch.Tensor) -> list[torch.Tensor] | None:
+        """``(N, sum_k H_k)`` -> K x ``(N, V)``, or None on a TP rank that receives no logits."""
         per_expert = [
             # Each expert's own compute_logits: its LM head, tensor-parallel gather and any scaling.
             expert.compute_logits(hidden)
             for expert, hidden in zip(self.ensemble.experts.values(), expert_hidden.split(self.expert_widths, dim=-1))
         ]
-        return None if per_expert[0] is None else torch.stack(per_expert, dim=1)
+        return None if per_expert[0] is None else per_expert
 
     def _posterior_states(self, input_ids, positions, expert_hidden: torch.Tensor) -> torch.Tensor:
         """``(T, K)`` posterior state of every token (``engine/prefix_state.py``)."""
@@ -295,7 +300,7 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
             raise ValueError("a posterior gate reads the token ids; prompt embeddings are not supported")
 
         def target_logprobs(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
-            return chunked_target_logprobs(self._expert_logits, hidden, targets, self.target_chunk_rows)
+            return chunked_target_logprobs(self._per_expert_logits, hidden, targets, self.target_chunk_rows)
 
         layout = batch_layout_from_forward_context()
         if layout is None:  # vLLM's profiling run: the log-prob gather at its largest chunk, so it is counted

@@ -53,25 +53,27 @@ def target_chunk_rows(num_experts: int, vocab_size: int, max_elements: int = TAR
 
 
 def chunked_target_logprobs(
-    expert_logits: Callable[[torch.Tensor], torch.Tensor | None],
+    expert_logits: Callable[[torch.Tensor], list[torch.Tensor] | None],
     hidden: torch.Tensor,
     targets: torch.Tensor,
     chunk_rows: int,
 ) -> torch.Tensor | None:
     """``(M, H)`` hidden states, ``(M,)`` next tokens -> ``(M, K)`` ``log pi_k(target | ctx)``.
 
-    ``expert_logits``: ``(m, H) -> (m, K, V)`` (None on a tensor-parallel rank
-    without logits). At most ``chunk_rows`` rows of logits exist at once, so
-    prefill memory does not grow with tokens x vocabulary.
+    ``expert_logits``: ``(m, H) -> K x (m, V)`` (None on a tensor-parallel rank
+    without logits). At most ``chunk_rows`` rows of every expert's logits exist
+    at once, so prefill memory does not grow with tokens x vocabulary.
     """
     pieces = []
     for start in range(0, hidden.shape[0], chunk_rows):
-        logits = expert_logits(hidden[start : start + chunk_rows])
-        if logits is None:
+        per_expert = expert_logits(hidden[start : start + chunk_rows])
+        if per_expert is None:
             return None
-        logits = logits.float()  # (m, K, V)
-        rows_targets = targets[start : start + chunk_rows, None, None].expand(-1, logits.shape[1], 1)
-        pieces.append(logits.gather(-1, rows_targets)[..., 0] - torch.logsumexp(logits, dim=-1))  # (m, K)
+        rows_targets = targets[start : start + chunk_rows, None]  # (m, 1)
+        # log_softmax is one fused kernel on CPU, where logsumexp is several.
+        pieces.append(torch.cat(
+            [torch.log_softmax(logits.float(), dim=-1).gather(-1, rows_targets) for logits in per_expert], dim=-1
+        ))  # (m, K)
     return torch.cat(pieces) if pieces else None
 
 
@@ -215,24 +217,31 @@ class PrefixStates:
         """Record this pass in the side table, then start each request that skipped cached blocks from them.
 
         A request may hit blocks another request computes in this same pass
-        (vLLM caches a block when it is scheduled): those rows continue in
-        order of their cached length, each writing its first token's entry.
+        (vLLM caches a block when it is scheduled): the table is written with
+        every token of the pass first, so those blocks' entries are there, and
+        the first tokens of the requests that hit are written before any of
+        them reads its prefix.
         """
         slots = self.slots
         slots.ensure(self._num_blocks() or int(layout.block_table.max()) + 1, token_logprobs.shape[1], expert_hidden)
         slots.write(layout.slot_mapping, positions, token_logprobs, expert_hidden, layout.query_start_loc[-1])
         hits = [(first_positions[row], row, start, state) for row, start, _, state in chunks
                 if state.fresh() and first_positions[row] > 0]
-        for cached, row, start, state in sorted(hits, key=lambda hit: hit[0]):
+        if not hits:
+            return
+        prefixes = []
+        for cached, row, start, _ in hits:
             if cached % slots.block_size:
                 raise PrefixStateError(f"batch row {row}: a cache hit of {cached} tokens ends inside a block")
-            first_slot = layout.slot_mapping[start]
-            prefix = slots.prefix_slots(layout.block_table[row], cached, int(first_slot))  # (cached,)
+            prefixes.append(slots.prefix_slots(layout.block_table[row], cached, int(layout.slot_mapping[start])))
+        starts = torch.tensor([start for _, _, start, _ in hits], device=input_ids.device)
+        last_cached = torch.stack([prefix[-1] for prefix in prefixes])  # (R,)
+        first = target_logprobs(slots.hidden_before(last_cached), input_ids[starts])  # (R, K)
+        token_logprobs[starts] = first
+        slots.token_logprobs[layout.slot_mapping[starts].long()] = first
+        for (cached, row, _, state), prefix in zip(hits, prefixes):
             state.log_likelihood = forgetting_scan(slots.token_logprobs[prefix], forgetting_of_row(row))[-1]
             state.next_position = cached
-            first = target_logprobs(slots.hidden_before(prefix[-1:]), input_ids[start : start + 1])  # (1, K)
-            token_logprobs[start] = first[0]
-            slots.token_logprobs[first_slot.long()] = first[0]
 
     def _first_token_logprobs(self, chunks, input_ids: torch.Tensor, token_logprobs: torch.Tensor) -> None:
         """Each chunk's first token's log-probs, from the last sampling call's rows, gathered at once."""
