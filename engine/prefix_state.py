@@ -101,6 +101,22 @@ class BatchLayout:
     query_start_loc: torch.Tensor  # (R + 1,)
     slot_mapping: torch.Tensor  # (T,) KV slot of each token
     block_table: torch.Tensor  # (R, max blocks) each row's KV blocks
+    num_tokens: int  # tokens with a request (the rest of the batch is padding); known on the host
+    max_query_len: int  # 1: a decode step, one token per row
+
+
+@dataclass
+class DecodeRun:
+    """Rows ``0 .. R-1`` decoding one token per step with no batch change: their states stay dense.
+
+    The steady state of serving. Each step is then three tensor operations
+    with no host sync and no per-row Python; the rows' ``PrefixState`` objects
+    catch up (``flush``) when the batch changes or a step is not a pure decode.
+    """
+
+    states: torch.Tensor  # (R, K) S of each row through its last token
+    forgetting: torch.Tensor  # (R, 1) each row's gate's lambda
+    steps: int = 0  # steps since the PrefixState objects were last written
 
 
 class PrefixStates:
@@ -113,6 +129,7 @@ class PrefixStates:
         self.current_gate_version: str | None = None  # what a request joining the batch gets
         self.slots: SlotLogprobs | None = None  # with prefix caching: the side table (configure_caching)
         self._num_blocks: Callable[[], int | None] = lambda: None
+        self._decode_run: DecodeRun | None = None
 
     def configure_caching(self, block_size: int, num_blocks: Callable[[], int | None]) -> None:
         """Keep the side table prefix caching needs; ``num_blocks`` is read once the KV cache exists."""
@@ -123,6 +140,8 @@ class PrefixStates:
         # vllm: deferred, the server imports this module (via request_gates) without an engine
         from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
+        if batch_update is not None:
+            self._flush_decode_run()
         process_dict_updates(
             self.rows, batch_update,
             lambda params, _prompt, _output: PrefixState(gate_version=self._version_asked(params)),
@@ -157,6 +176,9 @@ class PrefixStates:
         states = torch.zeros(input_ids.shape[0], num_experts, device=input_ids.device)
         if layout is None:  # a profiling or warm-up run: no requests
             return states
+        if self._continues_decode_run(layout):
+            return self._decode_step(input_ids, positions, layout, expert_hidden, states)
+        self._flush_decode_run()
         starts = layout.query_start_loc.tolist()
         spans = [(row, starts[row], starts[row + 1]) for row in range(len(starts) - 1) if starts[row + 1] > starts[row]]
         token_logprobs = torch.zeros_like(states)  # (T, K): log pi_k(x_t | x_<t) of each token
@@ -175,7 +197,46 @@ class PrefixStates:
                                   target_logprobs, forgetting_of_row, expert_hidden)
         self._scan(chunks, token_logprobs, states, forgetting_of_row, num_experts)
         self._awaiting_sample_rows = len(starts) - 1
+        if layout.max_query_len == 1 and [chunk[0] for chunk in chunks] == list(range(len(starts) - 1)):
+            forgetting = torch.stack([forgetting_of_row(row).to(states) for row, _, _, _ in chunks])
+            self._decode_run = DecodeRun(states[: len(chunks)].clone(), forgetting[:, None])
         return states
+
+    def _continues_decode_run(self, layout: BatchLayout) -> bool:
+        run = self._decode_run
+        return (
+            run is not None and layout.max_query_len == 1 and layout.num_tokens == run.states.shape[0]
+            and self._awaiting_sample_rows == 0  # the last step was sampled: its log-probs are the pending ones
+            and self.pending is not None and self.pending.shape[0] == run.states.shape[0]
+        )
+
+    def _decode_step(self, input_ids, positions, layout: BatchLayout, expert_hidden, states) -> torch.Tensor:
+        """``S = lambda S + lp`` for every row at once; the log-probs from the last sampling call."""
+        run = self._decode_run
+        num_rows = run.states.shape[0]
+        rows = torch.arange(num_rows, device=self.pending.device)
+        token_logprobs = self.pending[rows, :, input_ids[:num_rows]].to(states)  # (R, K)
+        run.states = run.forgetting * run.states + token_logprobs
+        run.steps += 1
+        states[:num_rows] = run.states
+        if self.slots is not None:
+            every_token = torch.zeros_like(states)
+            every_token[:num_rows] = token_logprobs
+            self.slots.write(layout.slot_mapping, positions, every_token, expert_hidden, layout.query_start_loc[-1])
+        self._awaiting_sample_rows = num_rows
+        return states
+
+    def _flush_decode_run(self) -> None:
+        """Write a decode run's dense states back to its rows' ``PrefixState`` objects, and end it."""
+        run, self._decode_run = self._decode_run, None
+        if run is None or run.steps == 0:
+            return
+        sampled = self._awaiting_sample_rows == 0  # the run's last step was sampled: its log-probs are pending
+        for row, row_state in enumerate(run.states.unbind(0)):
+            state = self.rows[row]
+            state.log_likelihood = row_state
+            state.next_position += run.steps
+            state.pending_slot = row if sampled else None
 
     def _scan(self, chunks, token_logprobs: torch.Tensor, states: torch.Tensor, forgetting_of_row, num_experts: int) -> None:
         """Fold each chunk's ``(T, K)`` log-probs into its row's state; ``states`` gets every token's."""
@@ -270,7 +331,8 @@ class PrefixStates:
         if not self._awaiting_sample_rows or expert_logprobs.shape[0] != self._awaiting_sample_rows:
             return
         self.pending = expert_logprobs.detach()
-        for row in range(expert_logprobs.shape[0]):
-            if row in self.rows:
-                self.rows[row].pending_slot = row
+        if self._decode_run is None or self._decode_run.steps == 0:  # a run's rows learn it when it ends
+            for row in range(expert_logprobs.shape[0]):
+                if row in self.rows:
+                    self.rows[row].pending_slot = row
         self._awaiting_sample_rows = 0

@@ -187,7 +187,10 @@ def batch_layout_from_forward_context() -> BatchLayout | None:
     query_start_loc = getattr(metadata, "query_start_loc", None)
     if query_start_loc is None:
         return None
-    return BatchLayout(query_start_loc, metadata.slot_mapping, metadata.block_table)
+    return BatchLayout(
+        query_start_loc, metadata.slot_mapping, metadata.block_table,
+        num_tokens=int(metadata.num_actual_tokens), max_query_len=int(metadata.max_query_len),
+    )
 
 
 def query_start_loc_from_forward_context() -> torch.Tensor | None:
