@@ -45,6 +45,13 @@ def add_parser(subparsers) -> None:
     prefix_random = prefix.add_argument_group("random experts")
     add_config_flags(prefix_random, RandomExpertsConfig)
     prefix.set_defaults(run=run_prefix)
+    from gatemix.bench.prefill_bench import PrefillBenchConfig
+
+    prefill = benches.add_parser("prefill", help="a long prompt's prefill, uniform vs posterior gate: time and memory")
+    add_config_flags(prefill, PrefillBenchConfig, skip=("random",))
+    prefill_random = prefill.add_argument_group("random experts")
+    add_config_flags(prefill_random, RandomExpertsConfig)
+    prefill.set_defaults(run=run_prefill)
     mixing = benches.add_parser("mixing", help="the mixing step alone: fused vs two-pass log-softmax")
     add_config_flags(mixing, MixingBenchConfig)
     mixing.set_defaults(run=run_mixing)
@@ -86,6 +93,21 @@ def run_prefix(args: argparse.Namespace) -> int:
     check_context(models, config.prefix_len + config.tail_len + config.output_len)
     result = run_prefix_bench(config, models)
     print(format_prefix_bench(result))
+    if config.json:
+        Path(config.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def run_prefill(args: argparse.Namespace) -> int:
+    from gatemix.bench.models import RandomExpertsConfig, check_context
+    from gatemix.bench.prefill_bench import PrefillBenchConfig, format_prefill_bench, run_prefill_bench
+
+    random = config_from_args(args, RandomExpertsConfig)
+    config = config_from_args(args, PrefillBenchConfig, random=random)
+    models = _models(config, random)
+    check_context(models, config.prompt_len + 1)
+    result = run_prefill_bench(config, models)
+    print(format_prefill_bench(result))
     if config.json:
         Path(config.json).write_text(json.dumps(result, indent=2))
     return 0

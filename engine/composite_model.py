@@ -226,7 +226,7 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         cache_config = vllm_config.cache_config
         if self.prefix_caching:
             self.gate_table.prefix_states.configure_caching(cache_config.block_size, lambda: cache_config.num_gpu_blocks)
-        self.target_chunk_rows = target_chunk_rows(self.num_experts, vllm_config.model_config.get_vocab_size())
+        self.target_chunk_rows = target_chunk_rows(vllm_config.model_config.get_vocab_size())
         self.make_empty_intermediate_tensors = self.ensemble.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -282,17 +282,15 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
 
     def _expert_logits(self, expert_hidden: torch.Tensor) -> torch.Tensor | None:
         """``(N, sum_k H_k)`` -> ``(N, K, V)``, or None on a TP rank that receives no logits."""
-        per_expert = self._per_expert_logits(expert_hidden)
-        return None if per_expert is None else torch.stack(per_expert, dim=1)
+        per_expert = [self._logits_of(k, expert_hidden) for k in range(self.num_experts)]
+        return None if per_expert[0] is None else torch.stack(per_expert, dim=1)
 
-    def _per_expert_logits(self, expert_hidden: torch.Tensor) -> list[torch.Tensor] | None:
-        """``(N, sum_k H_k)`` -> K x ``(N, V)``, or None on a TP rank that receives no logits."""
-        per_expert = [
-            # Each expert's own compute_logits: its LM head, tensor-parallel gather and any scaling.
-            expert.compute_logits(hidden)
-            for expert, hidden in zip(self.ensemble.experts.values(), expert_hidden.split(self.expert_widths, dim=-1))
-        ]
-        return None if per_expert[0] is None else per_expert
+    def _logits_of(self, expert: int, expert_hidden: torch.Tensor) -> torch.Tensor | None:
+        """``(N, sum_k H_k)`` -> ``(N, V)`` expert k's logits, or None on a TP rank that receives none."""
+        start = sum(self.expert_widths[:expert])
+        hidden = expert_hidden[:, start : start + self.expert_widths[expert]]
+        # The expert's own compute_logits: its LM head, tensor-parallel gather and any scaling.
+        return self.ensemble.experts[self.ensemble.keys[expert]].compute_logits(hidden)
 
     def _posterior_states(self, input_ids, positions, expert_hidden: torch.Tensor) -> torch.Tensor:
         """``(T, K)`` posterior state of every token (``engine/prefix_state.py``)."""
@@ -300,7 +298,7 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
             raise ValueError("a posterior gate reads the token ids; prompt embeddings are not supported")
 
         def target_logprobs(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
-            return chunked_target_logprobs(self._per_expert_logits, hidden, targets, self.target_chunk_rows)
+            return chunked_target_logprobs(self._logits_of, self.num_experts, hidden, targets, self.target_chunk_rows)
 
         layout = batch_layout_from_forward_context()
         if layout is None:  # vLLM's profiling run: the log-prob gather at its largest chunk, so it is counted

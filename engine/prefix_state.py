@@ -44,36 +44,42 @@ import torch
 from gatemix.engine.slot_logprobs import SlotLogprobs
 from gatemix.gate.posterior import forgetting_scan
 
-# Most logits (rows x K x V) the state's log-prob gather holds at once: 64 MiB of fp32.
-TARGET_CHUNK_ELEMENTS = 1 << 24
+# Most logits (rows x V, one expert at a time) the state's log-prob gather holds at once: 32 MiB of
+# fp32, as much again for their log-softmax. On CPU much larger chunks are no faster (the
+# log-softmax then reads its input back from memory, not cache), much smaller ones slow the matmul.
+TARGET_CHUNK_ELEMENTS = 1 << 23
 
 
-def target_chunk_rows(num_experts: int, vocab_size: int, max_elements: int = TARGET_CHUNK_ELEMENTS) -> int:
-    return max(1, max_elements // (num_experts * vocab_size))
+def target_chunk_rows(vocab_size: int, max_elements: int = TARGET_CHUNK_ELEMENTS) -> int:
+    return max(1, max_elements // vocab_size)
 
 
 def chunked_target_logprobs(
-    expert_logits: Callable[[torch.Tensor], list[torch.Tensor] | None],
+    expert_logits: Callable[[int, torch.Tensor], torch.Tensor | None],
+    num_experts: int,
     hidden: torch.Tensor,
     targets: torch.Tensor,
     chunk_rows: int,
 ) -> torch.Tensor | None:
     """``(M, H)`` hidden states, ``(M,)`` next tokens -> ``(M, K)`` ``log pi_k(target | ctx)``.
 
-    ``expert_logits``: ``(m, H) -> K x (m, V)`` (None on a tensor-parallel rank
-    without logits). At most ``chunk_rows`` rows of every expert's logits exist
-    at once, so prefill memory does not grow with tokens x vocabulary.
+    ``expert_logits(k, hidden)``: ``(m, H) -> (m, V)``, expert k's logits (None
+    on a tensor-parallel rank without logits). One expert's logits for at most
+    ``chunk_rows`` rows exist at once, so prefill memory does not grow with
+    tokens x vocabulary.
     """
     pieces = []
     for start in range(0, hidden.shape[0], chunk_rows):
-        per_expert = expert_logits(hidden[start : start + chunk_rows])
-        if per_expert is None:
-            return None
-        rows_targets = targets[start : start + chunk_rows, None]  # (m, 1)
-        # log_softmax is one fused kernel on CPU, where logsumexp is several.
-        pieces.append(torch.cat(
-            [torch.log_softmax(logits.float(), dim=-1).gather(-1, rows_targets) for logits in per_expert], dim=-1
-        ))  # (m, K)
+        rows, rows_targets = hidden[start : start + chunk_rows], targets[start : start + chunk_rows, None]
+        per_expert = []
+        for expert in range(num_experts):
+            logits = expert_logits(expert, rows)  # (m, V)
+            if logits is None:
+                return None
+            # log_softmax is one fused kernel on CPU, where logsumexp is several.
+            per_expert.append(torch.log_softmax(logits.float(), dim=-1).gather(-1, rows_targets))
+            del logits
+        pieces.append(torch.cat(per_expert, dim=-1))  # (m, K)
     return torch.cat(pieces) if pieces else None
 
 
@@ -220,9 +226,9 @@ class PrefixStates:
         run.steps += 1
         states[:num_rows] = run.states
         if self.slots is not None:
-            every_token = torch.zeros_like(states)
-            every_token[:num_rows] = token_logprobs
-            self.slots.write(layout.slot_mapping, positions, every_token, expert_hidden, layout.query_start_loc[-1])
+            self.slots.write_rows(
+                layout.slot_mapping[:num_rows], positions[:num_rows], token_logprobs, expert_hidden[:num_rows]
+            )
         self._awaiting_sample_rows = num_rows
         return states
 

@@ -76,6 +76,15 @@ class SlotLogprobs:
         blocks = torch.where(block_end, slots // self.block_size, scratch_block)
         self.block_hidden.index_copy_(0, blocks, expert_hidden.to(self.block_hidden))
 
+    def write_rows(self, slots: torch.Tensor, positions: torch.Tensor, token_logprobs: torch.Tensor,
+                   expert_hidden: torch.Tensor) -> None:
+        """``write`` for ``R`` real tokens (a decode step's, one per row): no padding to mask out."""
+        slots = slots.long()
+        self.token_logprobs[slots] = token_logprobs.float()
+        scratch_block = self.block_hidden.shape[0] - 1
+        blocks = torch.where((positions + 1) % self.block_size == 0, slots // self.block_size, scratch_block)
+        self.block_hidden.index_copy_(0, blocks, expert_hidden.to(self.block_hidden))
+
     def prefix_slots(self, block_row: torch.Tensor, length: int, first_slot: int) -> torch.Tensor:
         """``(length,)`` slots of positions ``0 .. length - 1`` of the request whose block table row is ``block_row``.
 

@@ -13,19 +13,20 @@ def test_the_chunked_gather_equals_the_full_log_softmax_and_stays_within_its_bou
     heads = torch.randn(num_experts, width, vocab)
     seen_rows = []
 
-    def expert_logits(hidden: torch.Tensor) -> list[torch.Tensor]:  # (m, H) -> K x (m, V)
+    def expert_logits(expert: int, hidden: torch.Tensor) -> torch.Tensor:  # (m, H) -> (m, V)
         seen_rows.append(hidden.shape[0])
-        return list(torch.einsum("mh,khv->kmv", hidden, heads))
+        return hidden @ heads[expert]
 
     hidden, targets = torch.randn(70, width), torch.randint(0, vocab, (70,))
-    rows = target_chunk_rows(num_experts, vocab, max_elements=16 * num_experts * vocab)
+    rows = target_chunk_rows(vocab, max_elements=16 * vocab)
     assert rows == 16
-    got = chunked_target_logprobs(expert_logits, hidden, targets, rows)  # (70, K)
-    full = torch.log_softmax(torch.stack(expert_logits(hidden), dim=1), dim=-1)  # (70, K, V)
+    got = chunked_target_logprobs(expert_logits, num_experts, hidden, targets, rows)  # (70, K)
+    assert seen_rows == [16] * 12 + [6] * 3  # never more than one expert's 16 rows of logits
+    full = torch.log_softmax(torch.einsum("mh,khv->mkv", hidden, heads), dim=-1)  # (70, K, V)
     expected = full.gather(-1, targets[:, None, None].expand(-1, num_experts, 1))[..., 0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    assert max(seen_rows[:-1]) == rows and seen_rows[:-1] == [16, 16, 16, 16, 6]
 
 
 def test_a_rank_without_logits_gets_none():
-    assert chunked_target_logprobs(lambda hidden: None, torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), 2) is None
+    no_logits = chunked_target_logprobs(lambda k, hidden: None, 2, torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), 2)
+    assert no_logits is None
