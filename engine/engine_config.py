@@ -29,7 +29,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gatemix.engine.composite_folder import COMPILE_MIXING_KEY, GATE_SUBDIR, is_composite_folder
+from gatemix.engine.composite_folder import COMPILE_MIXING_KEY, is_composite_folder
 from gatemix.engine.gate_reload import WORKER_EXTENSION
 from gatemix.errors import UserError
 
@@ -103,13 +103,6 @@ class EngineSettings(BaseModel):
 
     def resolved_compile_mixing(self) -> bool:
         return self.compile_mixing or os.environ.get(COMPILE_MIXING_ENV, "0") == "1"
-
-
-def composite_gate_has_posterior(model_dir: str | Path) -> bool:
-    # torch: deferred, the settings import without it (`gatemix serve --help` stays fast)
-    from gatemix.gate.artifact import read_router_form
-
-    return read_router_form(Path(model_dir) / GATE_SUBDIR).posterior
 
 
 def cpu_has_native_bf16() -> bool:

@@ -48,3 +48,9 @@ def test_data_parallelism_is_refused_for_a_composite_in_one_line(composite_dir):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "--data-parallel-size" in result.stderr, result.stderr
     assert engine_kwargs(composite_dir, EngineSettings())["data_parallel_size"] == 1
+
+
+def test_prefix_caching_is_on_for_every_composite_unless_turned_off(composite_dir):
+    """Whatever the gate: the engine arguments no longer read it (test_prefix_caching.py runs a posterior)."""
+    assert engine_kwargs(composite_dir, EngineSettings())["enable_prefix_caching"] is True
+    assert engine_kwargs(composite_dir, EngineSettings(enable_prefix_caching=False))["enable_prefix_caching"] is False
