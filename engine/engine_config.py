@@ -35,7 +35,10 @@ from gatemix.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# No async scheduling: its in-flight placeholder tokens would shift the per-token gate trace.
+# No async scheduling: the per-token gate trace indexes tokens by the output list's length,
+# which its in-flight placeholders would shift, and the posterior's first-token log-probs come
+# from the previous sampling call. Neither is verified under it: vLLM's CPU backend forces it
+# off, so only a GPU run could test it.
 # The worker extension lets the server swap the gate while serving (engine/gate_reload.py).
 COMPOSITE_ENGINE_ARGS = {"async_scheduling": False, "worker_extension_cls": WORKER_EXTENSION}
 # CUDA graphs for the experts' compiled graph only (the ensemble, captured piecewise between
