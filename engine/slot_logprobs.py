@@ -27,9 +27,11 @@ gate's forgetting factor. The side table is keyed by the same slots and blocks
 as the KV cache and costs ``K`` floats per slot plus one hidden row per block,
 about a percent of the KV cache it shadows.
 
-Speculative decoding reuses it as it is: a rejected draft token's slot is
-written with its log-probs, and the accepted token that replaces it is written
-over it by the forward that recomputes that slot, before vLLM caches the block.
+Speculative decoding (not served yet) can roll a request's state back with it:
+the table holds the log-probs of every computed position, so the state at the
+last accepted token is a scan of its prefix's slots, as for a cache hit. A
+rejected draft token's slot is rewritten by the forward pass that recomputes
+that position, and vLLM caches only blocks of accepted tokens.
 """
 
 from __future__ import annotations
