@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from gatemix.engine.slot_logprobs import SlotLogprobs
-from gatemix.gate.posterior import forgetting_scan
+from gatemix.gate.posterior import final_state, forgetting_scan
 
 # Most logits (rows x V, one expert at a time) the state's log-prob gather holds at once: 32 MiB of
 # fp32, as much again for their log-softmax. On CPU much larger chunks are no faster (the
@@ -307,7 +307,7 @@ class PrefixStates:
         token_logprobs[starts] = first
         slots.token_logprobs[layout.slot_mapping[starts].long()] = first
         for (cached, row, _, state), prefix in zip(hits, prefixes):
-            state.log_likelihood = forgetting_scan(slots.token_logprobs[prefix], forgetting_of_row(row))[-1]
+            state.log_likelihood = final_state(slots.token_logprobs[prefix], forgetting_of_row(row))
             state.next_position = cached
 
     def _first_token_logprobs(self, chunks, input_ids: torch.Tensor, token_logprobs: torch.Tensor) -> None:

@@ -43,6 +43,17 @@ def forgetting_scan(
     return torch.cat(blocks, dim=-2) if blocks else token_logprobs.clone()
 
 
+def final_state(token_logprobs: torch.Tensor, forgetting: torch.Tensor | float) -> torch.Tensor:
+    """``forgetting_scan(lp, lambda)[-1]`` alone: ``S = sum_j lambda^(T-1-j) lp[j]``. ``(T, K) -> (K,)``.
+
+    One weighted sum instead of a scan: what a request continuing from cached
+    blocks needs of the whole cached prefix (``engine/prefix_state.py``).
+    """
+    forgetting = torch.as_tensor(forgetting, dtype=token_logprobs.dtype, device=token_logprobs.device)
+    lags = torch.arange(token_logprobs.shape[0] - 1, -1, -1, device=token_logprobs.device, dtype=token_logprobs.dtype)
+    return (forgetting**lags) @ token_logprobs
+
+
 def prefix_state(next_logprobs: torch.Tensor, forgetting: torch.Tensor | float) -> torch.Tensor:
     """The state before each prediction, offline: ``S[t] = sum_{j<t} lambda^(t-1-j) lp[j]``.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gatemix.gate.posterior import SCAN_BLOCK, forgetting_scan, prefix_state
+from gatemix.gate.posterior import SCAN_BLOCK, final_state, forgetting_scan, prefix_state
 from gatemix.gate.registry import GATES
 from gatemix.gate.router import HiddenStateRouter, RouterForm
 from gatemix.gate.token_features import TokenFeatures
@@ -26,6 +26,15 @@ def test_the_blocked_scan_equals_the_step_by_step_recurrence(forgetting):
     initial = -torch.rand(2, 3, generator=generator, dtype=torch.float64)
     expected = _loop_scan(logprobs, forgetting, initial)
     assert torch.allclose(forgetting_scan(logprobs, forgetting, initial), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("forgetting", [1.0, 0.9])
+def test_the_final_state_alone_is_the_scans_last_row(forgetting):
+    """What a request continuing from cached blocks computes of its cached prefix."""
+    generator = torch.Generator().manual_seed(2)
+    logprobs = -5 * torch.rand(SCAN_BLOCK * 7, 3, generator=generator, dtype=torch.float64)
+    expected = _loop_scan(logprobs, forgetting, torch.zeros(3, dtype=torch.float64))[-1]
+    assert torch.allclose(final_state(logprobs, forgetting), expected, atol=1e-9)
 
 
 def test_bayes_state_is_the_prefix_log_likelihood_before_each_prediction():
