@@ -100,7 +100,11 @@ def run_prefix(args: argparse.Namespace) -> int:
 
 def run_prefill(args: argparse.Namespace) -> int:
     from gatemix.bench.models import RandomExpertsConfig, check_context
-    from gatemix.bench.prefill_bench import PrefillBenchConfig, format_prefill_bench, run_prefill_bench
+    from gatemix.bench.prefill_bench import (
+        PrefillBenchConfig,
+        format_prefill_bench,
+        run_prefill_bench,
+    )
 
     random = config_from_args(args, RandomExpertsConfig)
     config = config_from_args(args, PrefillBenchConfig, random=random)

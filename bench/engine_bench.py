@@ -39,7 +39,11 @@ from safetensors import safe_open
 from gatemix.bench.models import BenchModels, RandomExpertsConfig, posterior_composite
 from gatemix.config_cli import field_help
 from gatemix.defaults import DEFAULT_PROJECT_DIR
-from gatemix.engine.engine_config import EngineSettings, build_offline_engine, shutdown_offline_engine
+from gatemix.engine.engine_config import (
+    EngineSettings,
+    build_offline_engine,
+    shutdown_offline_engine,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -24,12 +24,17 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gatemix.bench.models import BenchModels, RandomExpertsConfig, hidden_router_composite, posterior_composite
+from gatemix.bench.models import (
+    BenchModels,
+    RandomExpertsConfig,
+    hidden_router_composite,
+    posterior_composite,
+)
 from gatemix.config_cli import field_help
 from gatemix.defaults import DEFAULT_PROJECT_DIR
+from gatemix.engine.composite_folder import GATE_SUBDIR
 from gatemix.engine.engine_config import EngineSettings, engine_kwargs, shutdown_offline_engine
 from gatemix.gate.artifact import read_router_form
-from gatemix.engine.composite_folder import GATE_SUBDIR
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""A posterior composite and its exact offline reference, shared by the engine's posterior-state tests.
+"""Helpers of the engine's posterior-state tests; their fixtures are in ``conftest.py``.
 
 The composite's router is random (not fitted) with a posterior of forgetting
 0.9 and a head that reads the posterior's log-weights: its weights move with
@@ -10,60 +10,14 @@ which is what the engine computes with prefix caching off.
 
 from __future__ import annotations
 
-import json
-import math
 import time
 
 import msgspec
-import pytest
 import torch
 import zmq
 
-from gatemix.distill.teacher import EnsembleTeacher
-from gatemix.engine.pack import pack_composite
-from gatemix.expert_folder import expert_hash
-from gatemix.gate.artifact import RouterArtifact
-from gatemix.gate.router import HiddenStateRouter, RouterForm
-
 GENERATED = 32
 FORGETTING = 0.9
-
-
-@pytest.fixture(scope="module")
-def posterior_composite(demo_paths, tmp_path_factory):
-    names = list(demo_paths.expert_dirs)
-    torch.manual_seed(3)
-    hidden = json.loads((demo_paths.expert_dirs[names[0]] / "config.json").read_text())["hidden_size"]
-    router = HiddenStateRouter(RouterForm(len(names), hidden, 16, posterior=True, posterior_features=True))
-    with torch.no_grad():
-        router.proj_in.weight.mul_(3.0)
-        router.proj_out.weight.mul_(3.0)
-        router.prior_logits.copy_(torch.tensor([0.8, -0.5, 0.1]))
-        router.forgetting_raw.fill_(math.log(math.expm1(-math.log(FORGETTING))))  # lambda = 0.9
-    assert abs(router.forgetting.item() - FORGETTING) < 1e-6
-    artifact = RouterArtifact(
-        router=router, expert_names=names,
-        expert_hashes={n: expert_hash(p) for n, p in demo_paths.expert_dirs.items()}, method="random-test",
-    )
-    out = tmp_path_factory.mktemp("posterior") / "composite"
-    pack_composite(list(demo_paths.expert_dirs.values()), out, gate=artifact)
-    return out
-
-
-@pytest.fixture(scope="module")
-def teacher(posterior_composite, demo_paths):
-    return EnsembleTeacher.load(posterior_composite, list(demo_paths.expert_dirs.values()))
-
-
-@pytest.fixture(scope="module")
-def trace_socket(tmp_path_factory):
-    context = zmq.Context()
-    socket = context.socket(zmq.PULL)
-    address = f"ipc://{tmp_path_factory.mktemp('trace')}/trace.sock"
-    socket.bind(address)
-    yield socket, address
-    socket.close()
-    context.term()
 
 
 def chunked_prompts() -> list[list[int]]:

@@ -17,14 +17,11 @@ from vllm import SamplingParams
 
 from gatemix.engine.engine_config import build_offline_engine, shutdown_offline_engine
 from gatemix.engine.request_gates import gate_request_args
-from tests.engine.posterior_harness import (  # noqa: F401 (fixtures)
+from tests.engine.posterior_harness import (
     GENERATED,
     check_generation,
     chunked_prompts,
     collect_trace,
-    posterior_composite,
-    teacher,
-    trace_socket,
 )
 
 

@@ -17,13 +17,10 @@ from vllm import LLM, SamplingParams
 
 from gatemix.engine.engine_config import EngineSettings, engine_kwargs, shutdown_offline_engine
 from gatemix.engine.request_gates import gate_request_args
-from tests.engine.posterior_harness import (  # noqa: F401 (fixtures)
+from tests.engine.posterior_harness import (
     GENERATED,
     check_generation,
     collect_trace,
-    posterior_composite,
-    teacher,
-    trace_socket,
 )
 
 BLOCK = 32

@@ -157,9 +157,9 @@ def test_prompt_logprobs_skip_reading_the_prefix_cache():
 
 def test_offline_engine_shutdown_reaches_the_process_manager():
     """``shutdown_offline_engine`` finishes a tripped force-kill through these names."""
+    from vllm.utils import system_utils
     from vllm.v1.engine.core_client import MPClient
     from vllm.v1.engine.utils import CoreEngineProcManager
-    from vllm.utils import system_utils
 
     assert "timeout" in inspect.signature(MPClient.shutdown).parameters
     assert "engine_manager" in inspect.getsource(MPClient.shutdown)
