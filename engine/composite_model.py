@@ -216,7 +216,6 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         self.router = HiddenStateRouter(form, build_context=False)
         self.gates = GateVersions(self.router, config.gatemix["gate_version"])
         self.expert_hashes = dict(config.gatemix["expert_hashes"])
-        self.prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
         additional_config = vllm_config.additional_config
         self.mix = MixingStep(
             compiled=isinstance(additional_config, dict) and bool(additional_config.get(COMPILE_MIXING_KEY))
@@ -224,7 +223,7 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         self.gate_table = worker_gate_table()
         self.gate_table.prefix_states.current_gate_version = self.gates.current
         cache_config = vllm_config.cache_config
-        if self.prefix_caching:
+        if cache_config.enable_prefix_caching:
             self.gate_table.prefix_states.configure_caching(cache_config.block_size, lambda: cache_config.num_gpu_blocks)
         self.target_chunk_rows = target_chunk_rows(vllm_config.model_config.get_vocab_size())
         self.make_empty_intermediate_tensors = self.ensemble.make_empty_intermediate_tensors

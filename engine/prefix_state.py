@@ -290,7 +290,10 @@ class PrefixStates:
         them reads its prefix.
         """
         slots = self.slots
-        slots.ensure(self._num_blocks() or int(layout.block_table.max()) + 1, token_logprobs.shape[1], expert_hidden)
+        num_blocks = self._num_blocks()
+        if num_blocks is None:  # vLLM sets it on the worker's config before serving (a contract test)
+            raise PrefixStateError("prefix caching is on, but the worker does not know the KV cache's size")
+        slots.ensure(num_blocks, token_logprobs.shape[1], expert_hidden)
         slots.write(layout.slot_mapping, positions, token_logprobs, expert_hidden, layout.query_start_loc[-1])
         hits = [(first_positions[row], row, start, state) for row, start, _, state in chunks
                 if state.fresh() and first_positions[row] > 0]

@@ -52,35 +52,36 @@ class SlotLogprobs:
 
     def ensure(self, num_blocks: int, num_experts: int, hidden: torch.Tensor) -> None:
         """Allocate once, when the KV cache's size is known (the first forward pass with requests)."""
-        if self.token_logprobs is not None and self.token_logprobs.shape[0] >= num_blocks * self.block_size + 1:
+        if self.token_logprobs is not None:
             return
-        num_slots = num_blocks * self.block_size
-        self.token_logprobs = torch.zeros(num_slots + 1, num_experts, device=hidden.device)
+        self.token_logprobs = torch.zeros(num_blocks * self.block_size + 1, num_experts, device=hidden.device)
         self.block_hidden = hidden.new_zeros(num_blocks + 1, hidden.shape[-1])
 
     def write(
         self, slot_mapping: torch.Tensor, positions: torch.Tensor, token_logprobs: torch.Tensor,
         expert_hidden: torch.Tensor, num_tokens: torch.Tensor,
     ) -> None:
-        """Record this forward's ``(T, K)`` log-probs per slot and block-end hidden states, without a host sync.
+        """Record a forward pass's ``(T, K)`` log-probs, padding included, without a host sync.
 
-        ``num_tokens``: a 0-d tensor, the real tokens (the rest is padding).
-        Padding and non-block-end tokens write to the scratch rows.
+        ``num_tokens``: a 0-d tensor, the real tokens; the rest, and vLLM's
+        padding slots, go to the scratch slot (whose block is the scratch block).
         """
         count = min(token_logprobs.shape[0], slot_mapping.shape[0])
-        token_logprobs, positions, expert_hidden = token_logprobs[:count], positions[:count], expert_hidden[:count]
         slots = slot_mapping[:count].long()
         real = (torch.arange(count, device=slots.device) < num_tokens) & (slots != PAD_SLOT)
         scratch_slot = self.token_logprobs.shape[0] - 1
-        self.token_logprobs.index_copy_(0, torch.where(real, slots, scratch_slot), token_logprobs.float())
-        block_end = real & ((positions + 1) % self.block_size == 0)
-        scratch_block = self.block_hidden.shape[0] - 1
-        blocks = torch.where(block_end, slots // self.block_size, scratch_block)
-        self.block_hidden.index_copy_(0, blocks, expert_hidden.to(self.block_hidden))
+        self.write_rows(
+            torch.where(real, slots, scratch_slot), positions[:count], token_logprobs[:count], expert_hidden[:count]
+        )
 
     def write_rows(self, slots: torch.Tensor, positions: torch.Tensor, token_logprobs: torch.Tensor,
                    expert_hidden: torch.Tensor) -> None:
-        """``write`` for ``R`` real tokens (a decode step's, one per row): no padding to mask out."""
+        """Record ``R`` tokens' log-probs per slot and, at a block's last position, the hidden states.
+
+        Every slot must be real or the scratch slot (a decode step's rows are
+        all real: it calls this directly). Tokens not at a block end write
+        their hidden states to the scratch block.
+        """
         slots = slots.long()
         self.token_logprobs[slots] = token_logprobs.float()
         scratch_block = self.block_hidden.shape[0] - 1
