@@ -22,36 +22,22 @@ def add_parser(subparsers) -> None:
     # The benches' modules import torch: deferred so that other commands' --help stays fast.
     from gatemix.bench.engine_bench import EngineBenchConfig
     from gatemix.bench.mixing_bench import MixingBenchConfig
-    from gatemix.bench.models import RandomExpertsConfig
+    from gatemix.bench.prefill_bench import PrefillBenchConfig
+    from gatemix.bench.prefix_bench import PrefixBenchConfig
 
     parser = subparsers.add_parser("bench", help="side-by-side speed benchmarks (ratios from one run)")
     benches = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    engine = benches.add_parser(
-        "engine", help="fused ensemble vs one expert vs a naive transformers ensemble",
+    _add_model_bench(
+        benches, "engine", EngineBenchConfig, run_engine,
+        help="fused ensemble vs one expert vs a naive transformers ensemble",
         description="Decode tokens/s of the fused ensemble (the composite in vLLM), one expert "
         "alone in vLLM and a naive transformers loop, and E = K*tps(ensemble)/tps(single). "
         "The experts are the project's, or K random-init ones of any size (--random-experts).",
     )
-    add_config_flags(engine, EngineBenchConfig, skip=("random",))
-    random_group = engine.add_argument_group(
-        "random experts", "bench K random-init experts of this shape instead of the project's "
-        "(written once under --random-cache-dir, packed with a uniform gate)")
-    add_config_flags(random_group, RandomExpertsConfig)
-    engine.set_defaults(run=run_engine)
-    from gatemix.bench.prefix_bench import PrefixBenchConfig
-
-    prefix = benches.add_parser("prefix", help="time to first token on prompts sharing a long prefix, caching on/off")
-    add_config_flags(prefix, PrefixBenchConfig, skip=("random",))
-    prefix_random = prefix.add_argument_group("random experts")
-    add_config_flags(prefix_random, RandomExpertsConfig)
-    prefix.set_defaults(run=run_prefix)
-    from gatemix.bench.prefill_bench import PrefillBenchConfig
-
-    prefill = benches.add_parser("prefill", help="a long prompt's prefill, uniform vs posterior gate: time and memory")
-    add_config_flags(prefill, PrefillBenchConfig, skip=("random",))
-    prefill_random = prefill.add_argument_group("random experts")
-    add_config_flags(prefill_random, RandomExpertsConfig)
-    prefill.set_defaults(run=run_prefill)
+    _add_model_bench(benches, "prefix", PrefixBenchConfig, run_prefix,
+                     help="time to first token on prompts sharing a long prefix, caching on/off")
+    _add_model_bench(benches, "prefill", PrefillBenchConfig, run_prefill,
+                     help="a long prompt's prefill, uniform vs posterior gate: time and memory")
     mixing = benches.add_parser("mixing", help="the mixing step alone: fused vs two-pass log-softmax")
     add_config_flags(mixing, MixingBenchConfig)
     mixing.set_defaults(run=run_mixing)
@@ -60,6 +46,19 @@ def add_parser(subparsers) -> None:
     except ImportError:  # the serve bench's HTTP and process tools are not installed
         return
     add_serve_bench_parser(benches)
+
+
+def _add_model_bench(benches, name: str, config_cls, run, **parser_kwargs) -> None:
+    """A bench over the project's experts or random ones: its own flags, then the random experts' group."""
+    from gatemix.bench.models import RandomExpertsConfig
+
+    bench = benches.add_parser(name, **parser_kwargs)
+    add_config_flags(bench, config_cls, skip=("random",))
+    random_group = bench.add_argument_group(
+        "random experts", "bench K random-init experts of this shape instead of the project's "
+        "(written once under --random-cache-dir, packed with a uniform gate)")
+    add_config_flags(random_group, RandomExpertsConfig)
+    bench.set_defaults(run=run)
 
 
 def run_mixing(args: argparse.Namespace) -> int:
@@ -74,59 +73,55 @@ def run_mixing(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models(config, random):
-    from gatemix.bench.models import project_models, random_models
-
-    if random.random_experts:
-        return random_models(random)
-    return project_models(config.project, composite=getattr(config, "composite", None),
-                          expert=getattr(config, "expert", None))[1]
-
-
-def run_prefix(args: argparse.Namespace) -> int:
-    from gatemix.bench.models import RandomExpertsConfig, check_context
-    from gatemix.bench.prefix_bench import PrefixBenchConfig, format_prefix_bench, run_prefix_bench
+def _run_model_bench(args: argparse.Namespace, config_cls, context_tokens, run_bench, format_result) -> int:
+    """Models (the project's or random), the context check, the report and its JSON, for any model bench."""
+    from gatemix.bench.models import (
+        RandomExpertsConfig,
+        check_context,
+        project_models,
+        random_models,
+    )
 
     random = config_from_args(args, RandomExpertsConfig)
-    config = config_from_args(args, PrefixBenchConfig, random=random)
-    models = _models(config, random)
-    check_context(models, config.prefix_len + config.tail_len + config.output_len)
-    result = run_prefix_bench(config, models)
-    print(format_prefix_bench(result))
+    config = config_from_args(args, config_cls, random=random)
+    if random.random_experts:
+        models = random_models(random)
+    else:
+        models = project_models(config.project, composite=getattr(config, "composite", None),
+                                expert=getattr(config, "expert", None))[1]
+    check_context(models, context_tokens(config))
+    result = run_bench(config, models)
+    print(format_result(result, config))
     if config.json:
         Path(config.json).write_text(json.dumps(result, indent=2))
     return 0
 
 
+def run_prefix(args: argparse.Namespace) -> int:
+    from gatemix.bench.prefix_bench import PrefixBenchConfig, format_prefix_bench, run_prefix_bench
+
+    return _run_model_bench(
+        args, PrefixBenchConfig, lambda config: config.prefix_len + config.tail_len + config.output_len,
+        run_prefix_bench, lambda result, _config: format_prefix_bench(result),
+    )
+
+
 def run_prefill(args: argparse.Namespace) -> int:
-    from gatemix.bench.models import RandomExpertsConfig, check_context
     from gatemix.bench.prefill_bench import (
         PrefillBenchConfig,
         format_prefill_bench,
         run_prefill_bench,
     )
 
-    random = config_from_args(args, RandomExpertsConfig)
-    config = config_from_args(args, PrefillBenchConfig, random=random)
-    models = _models(config, random)
-    check_context(models, config.prompt_len + 1)
-    result = run_prefill_bench(config, models)
-    print(format_prefill_bench(result))
-    if config.json:
-        Path(config.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return _run_model_bench(
+        args, PrefillBenchConfig, lambda config: config.prompt_len + 1,
+        run_prefill_bench, lambda result, _config: format_prefill_bench(result),
+    )
 
 
 def run_engine(args: argparse.Namespace) -> int:
     from gatemix.bench.engine_bench import EngineBenchConfig, format_engine_bench, run_engine_bench
-    from gatemix.bench.models import RandomExpertsConfig, check_context
 
-    random = config_from_args(args, RandomExpertsConfig)
-    config = config_from_args(args, EngineBenchConfig, random=random)
-    models = _models(config, random)
-    check_context(models, config.max_model_len)
-    result = run_engine_bench(config, models)
-    print(format_engine_bench(result, config))
-    if config.json:
-        Path(config.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return _run_model_bench(
+        args, EngineBenchConfig, lambda config: config.max_model_len, run_engine_bench, format_engine_bench,
+    )
