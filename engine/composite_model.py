@@ -64,14 +64,22 @@ from gatemix.engine.composite_folder import (
     expert_module_key,
 )
 from gatemix.engine.gate_versions import GateVersions, load_swappable
+from gatemix.engine.mixing_step import MixingStep
 from gatemix.engine.prefix_state import chunked_target_logprobs, target_chunk_rows
 from gatemix.engine.request_gates import (
     batch_layout_from_forward_context,
+    query_start_loc_from_forward_context,
     token_rows_from_forward_context,
     worker_gate_table,
 )
+from gatemix.engine.row_payload import (
+    decode_log_weights,
+    decode_token_index,
+    encode_log_weights,
+    encode_token_index,
+)
 from gatemix.gate.artifact import load_router, read_router_form
-from gatemix.gate.mixing import LOG_WEIGHT_FLOOR, mix_logits, mix_logits_two_pass, mix_logprobs
+from gatemix.gate.mixing import mix_logprobs
 from gatemix.gate.router import HiddenStateRouter, check_context_fits
 
 logger = logging.getLogger(__name__)
@@ -244,10 +252,15 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
             return router_inputs  # IntermediateTensors for the next pipeline stage
         expert_hidden = router_inputs[:, : sum(self.expert_widths)]
         state = self._posterior_states(input_ids, positions, expert_hidden) if self.gates.any_posterior else None
-        token_rows = token_rows_from_forward_context(expert_hidden.shape[0], expert_hidden.device)
+        num_tokens, device = expert_hidden.shape[0], expert_hidden.device
+        query_start_loc = query_start_loc_from_forward_context()
+        self.gate_table.forward_batch = None if query_start_loc is None else (query_start_loc, input_ids, positions)
+        token_rows = token_rows_from_forward_context(num_tokens, device)
         log_weights = self._gate(router_inputs.float(), state, token_rows)  # (T, K) float32
         log_weights = self.gate_table.apply_overrides(log_weights, token_rows)
-        return torch.cat([expert_hidden, *encode_log_weights(log_weights, expert_hidden.dtype)], dim=-1)
+        payload = [*encode_log_weights(log_weights, expert_hidden.dtype),
+                   encode_token_index(num_tokens, expert_hidden.dtype, device)]
+        return torch.cat([expert_hidden, *payload], dim=-1)  # (T, sum_k H_k + payload_width(K))
 
     def _gate(self, features: torch.Tensor, state: torch.Tensor | None, token_rows: torch.Tensor | None) -> torch.Tensor:
         """Each token's log weights from the gate its request joined with (one head, almost always)."""
@@ -314,17 +327,18 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """``(N, sum_k H_k + 2K)`` -> ``(N, V)`` mixture log-probs, float32."""
-        split = sum(self.expert_widths)
-        log_weights = decode_log_weights(hidden_states[:, split:], self.num_experts)  # (N, K)
+        """``(N, sum_k H_k + payload_width(K))`` -> ``(N, V)`` mixture log-probs, float32."""
+        split, num_experts = sum(self.expert_widths), self.num_experts
+        log_weights = decode_log_weights(hidden_states[:, split : split + 2 * num_experts], num_experts)  # (N, K)
         expert_logits = self._expert_logits(hidden_states[:, :split])  # (N, K, V)
         if expert_logits is None:  # tensor-parallel rank that does not receive the gathered logits
             return None
-        self.gate_table.last_sample_log_weights = log_weights
+        token_index = decode_token_index(hidden_states[:, split + 2 * num_experts :])  # (N,)
+        sampled = self.gate_table.note_sampling_call(log_weights, token_index)
         if self.gates.any_posterior:
             # The sampling call's log-probs are the next step's first-token log-probs.
             expert_logprobs = torch.log_softmax(expert_logits.float(), dim=-1)
-            self.gate_table.prefix_states.store_sampled(expert_logprobs)
+            self.gate_table.prefix_states.store_sampled(expert_logprobs, sampled)
             return mix_logprobs(expert_logprobs, log_weights)
         return self.mix(expert_logits, log_weights)
 
@@ -358,42 +372,3 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
             loaded |= {f"ensemble.{CONTEXT_KEY}.{name}" for name in names}
         logger.info("gatemix router %s (%s) loaded for %s", artifact.version, artifact.method, self.expert_names)
         return loaded
-
-
-class MixingStep:
-    """The mixing step: two-pass eager by default, the fused form compiled on request.
-
-    In eager PyTorch the fused form (no K x V log-softmax) is no faster than
-    log-softmax-then-mix on CPU (``logsumexp`` is several kernels,
-    ``log_softmax`` one), so eager mixing stays two-pass. Compiled
-    (``GATEMIX_COMPILE_MIXING=1``) the fused form is faster, but mixing is a
-    small part of a step at small vocabularies, so it is opt-in (the README's
-    benchmark section has the figures). It compiles on the first call (vLLM's
-    warm-up run) and falls back to eager, logging once, if compiling fails (no
-    C++ compiler or Triton).
-    """
-
-    def __init__(self, compiled: bool = False) -> None:
-        self.compiled = torch.compile(mix_logits, dynamic=True) if compiled else None
-
-    def __call__(self, expert_logits: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
-        if self.compiled is not None:
-            try:
-                return self.compiled(expert_logits, log_weights)
-            except Exception as exc:  # noqa: BLE001 inductor needs a C++ compiler (CPU) or Triton (GPU)
-                logger.warning("compiled mixing failed (%s); mixing eagerly from now on", exc)
-                self.compiled = None
-        return mix_logits_two_pass(expert_logits, log_weights)
-
-
-def encode_log_weights(log_weights: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(T, K)`` float32 -> (high, low) in ``dtype``, with ``high + low`` ~ the input."""
-    log_weights = log_weights.float().clamp_min(LOG_WEIGHT_FLOOR)
-    high = log_weights.to(dtype)
-    low = (log_weights - high.float()).to(dtype)
-    return high, low
-
-
-def decode_log_weights(packed: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Inverse of ``encode_log_weights``: ``(N, 2K)`` -> ``(N, K)`` float32."""
-    return packed[:, :num_experts].float() + packed[:, num_experts:].float()

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gatemix.engine.composite_folder import COMPILE_MIXING_KEY, is_composite_folder
 from gatemix.engine.gate_reload import WORKER_EXTENSION
+from gatemix.engine.spec_decode import check_draft, speculative_config
 from gatemix.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,12 @@ class EngineSettings(BaseModel):
         description="reuse the KV cache of shared prompt prefixes (every gate, the posterior's "
         "state included: engine/slot_logprobs.py)",
     )
+    draft: str | None = Field(
+        None,
+        description="a small causal LM with the experts' tokenizer (the distilled student, say) that "
+        "proposes tokens the composite verifies in one pass: vLLM's speculative decoding, outputs unchanged",
+    )
+    num_draft_tokens: int = Field(3, ge=1, le=16, description="tokens the draft proposes per step (with --draft)")
     seed: int = Field(0, description="engine seed (requests without a seed draw from it)")
     compile_mixing: bool = Field(
         False,
@@ -137,6 +144,8 @@ def resolved_dtype(model_dir: str | Path, dtype: str) -> str:
 
 def check_engine_settings(model_dir: str | Path, settings: EngineSettings) -> None:
     """Refuse, in one line, what a composite cannot run with yet."""
+    if settings.draft is not None:
+        check_draft(model_dir, settings.draft)
     if settings.data_parallel_size > 1 and is_composite_folder(model_dir):
         raise UserError(
             "--data-parallel-size > 1 is not supported for a composite yet: its per-request gates, gate "
@@ -169,6 +178,8 @@ def engine_kwargs(model_dir: str | Path, settings: EngineSettings) -> dict:
         "distributed_executor_backend": settings.distributed_executor_backend,
     }
     kwargs.update({name: value for name, value in optional.items() if value is not None})
+    if settings.draft is not None:
+        kwargs["speculative_config"] = speculative_config(settings.draft, settings.num_draft_tokens)
     if is_composite_folder(model_dir):
         kwargs.update(COMPOSITE_ENGINE_ARGS)
         if not on_cpu() and not kwargs["enforce_eager"]:

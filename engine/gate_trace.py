@@ -28,7 +28,8 @@ import zmq.asyncio
 
 logger = logging.getLogger(__name__)
 
-TraceRecord = tuple[str, int, list[float]]  # (trace_id, token_index, gate weights over experts)
+# (trace_id, token_index, gate weights over experts, the draft tokens before token_index they assume)
+TraceRecord = tuple[str, int, list[float], list[int]]
 
 
 class TraceSender:
@@ -63,8 +64,16 @@ class _Trace:
     __slots__ = ("changed", "weights")
 
     def __init__(self) -> None:
-        self.weights: dict[int, list[float]] = {}
+        self.weights: dict[int, tuple[list[float], list[int]]] = {}  # index -> (weights, conditioning)
         self.changed = asyncio.Event()
+
+    def valid(self, index: int, output_ids: list[int] | None) -> bool:
+        """Whether ``index`` has weights, conditioned on the output the request really has."""
+        entry = self.weights.get(index)
+        if entry is None:
+            return False
+        conditioning = entry[1]
+        return not conditioning or output_ids is None or output_ids[index - len(conditioning) : index] == conditioning
 
 
 class GateTraceReceiver:
@@ -122,10 +131,10 @@ class GateTraceReceiver:
                 logger.warning("dropping an undecodable gate trace message")
                 continue
             touched: set[str] = set()
-            for trace_id, token_index, weights in records:
+            for trace_id, token_index, weights, conditioning in records:
                 trace = self._traces.get(trace_id)
                 if trace is not None:
-                    trace.weights[token_index] = weights  # a re-sampled index overwrites
+                    trace.weights[token_index] = (weights, conditioning)  # a re-sampled index overwrites
                     touched.add(trace_id)
             for trace_id in touched:
                 self._traces[trace_id].changed.set()
@@ -136,15 +145,22 @@ class GateTraceReceiver:
         return trace_id
 
     async def wait_for(
-        self, trace_id: str, num_tokens: int, start: int = 0, timeout: float = 5.0
+        self, trace_id: str, num_tokens: int, start: int = 0, timeout: float = 5.0,
+        output_ids: list[int] | None = None,
     ) -> list[list[float]] | None:
-        """The weights of tokens ``start..num_tokens-1``, or None if they do not all arrive in time."""
+        """The weights of tokens ``start..num_tokens-1``, or None if they do not all arrive in time.
+
+        ``output_ids``: the request's output tokens through ``num_tokens - 1``. With a
+        draft the workers also send weights of positions after draft tokens that were
+        then rejected; a record counts only if the draft tokens it assumes are the output's
+        (the record of the step that accepted the token comes after, and overwrites it).
+        """
         trace = self._traces.get(trace_id)
         if trace is None:
             return None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while any(i not in trace.weights for i in range(start, num_tokens)):
+        while not all(trace.valid(i, output_ids) for i in range(start, num_tokens)):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 logger.warning("gate weights for trace %s did not arrive in %.1fs", trace_id, timeout)
@@ -154,7 +170,7 @@ class GateTraceReceiver:
                 await asyncio.wait_for(trace.changed.wait(), remaining)
             except asyncio.TimeoutError:
                 pass
-        return [trace.weights[i] for i in range(start, num_tokens)]
+        return [trace.weights[i][0] for i in range(start, num_tokens)]
 
     def release(self, trace_id: str) -> None:
         self._traces.pop(trace_id, None)

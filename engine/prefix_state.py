@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gatemix.engine.sampled_rows import SampledRows
 from gatemix.engine.slot_logprobs import SlotLogprobs
 from gatemix.gate.posterior import final_state, forgetting_scan
 
@@ -91,9 +92,29 @@ class PrefixState:
     next_position: int = 0  # the position of the first token not yet folded into S
     pending_slot: int | None = None  # row of PrefixStates.pending for the token at next_position
     gate_version: str | None = None  # the gate the request joined the batch with (gate_versions.py)
+    # With a draft: S after each token of the last chunk, from position recent_start, and the
+    # pending rows of the last sampling call's earlier positions, to roll back to the last accepted.
+    recent_states: torch.Tensor | None = None  # (L, K)
+    recent_start: int = 0
+    pending_earlier: dict[int, int] | None = None  # position -> row of PrefixStates.pending
 
     def fresh(self) -> bool:
         return self.next_position == 0 and self.log_likelihood is None
+
+    def roll_back(self, position: int) -> bool:
+        """Forget the tokens from ``position`` on (rejected draft tokens); False if they cannot be.
+
+        The state through ``position - 1`` is one of the last chunk's; the experts'
+        log-probs at ``position - 1`` are a row of the last sampling call.
+        """
+        earlier = self.pending_earlier or {}
+        if self.recent_states is None or not self.recent_start < position < self.next_position:
+            return False
+        if position - 1 not in earlier:
+            return False
+        self.log_likelihood = self.recent_states[position - 1 - self.recent_start]
+        self.next_position, self.pending_slot = position, earlier[position - 1]
+        return True
 
 
 class PrefixStateError(RuntimeError):
@@ -243,6 +264,7 @@ class PrefixStates:
             state.log_likelihood = row_state
             state.next_position += run.steps
             state.pending_slot = row if sampled else None
+            state.recent_states, state.pending_earlier = None, None
 
     def _scan(self, chunks, token_logprobs: torch.Tensor, states: torch.Tensor, forgetting_of_row, num_experts: int) -> None:
         """Fold each chunk's ``(T, K)`` log-probs into its row's state; ``states`` gets every token's."""
@@ -256,12 +278,13 @@ class PrefixStates:
             for (_, _, _, state), row_state in zip(decode, updated.unbind(0)):
                 state.log_likelihood = row_state
         for row, start, end, state in chunks:
-            if end - start > 1:  # a prefill chunk: the scan over its tokens
+            if end - start > 1:  # a prefill chunk, or a token and its draft: the scan over its tokens
                 scanned = forgetting_scan(token_logprobs[start:end], forgetting_of_row(row), state.log_likelihood)
                 states[start:end] = scanned
                 state.log_likelihood = scanned[-1]
+            state.recent_states, state.recent_start = states[start:end], state.next_position
             state.next_position += end - start
-            state.pending_slot = None
+            state.pending_slot, state.pending_earlier = None, None
 
     def _known_chunks(self, spans, first_positions: list[int]) -> list[tuple[int, int, int, PrefixState]]:
         """``(row, start, end, state)`` of the rows with a request, each checked to continue its state."""
@@ -271,7 +294,7 @@ class PrefixStates:
             if state is None:  # no request there: vLLM's warm-up and graph-capture runs
                 continue
             cached = self.slots is not None and state.fresh()
-            if first_positions[row] != state.next_position and not cached:
+            if first_positions[row] != state.next_position and not cached and not state.roll_back(first_positions[row]):
                 raise PrefixStateError(
                     f"batch row {row}: tokens from position {first_positions[row]}, but its posterior state "
                     f"ends at {state.next_position}"
@@ -330,18 +353,36 @@ class PrefixStates:
             return like.new_zeros(num_experts)
         return state.log_likelihood
 
-    def store_sampled(self, expert_logprobs: torch.Tensor) -> None:
-        """Keep the sampling call's ``(N, K, V)`` log-probs (row i: batch row i's last token).
+    def store_sampled(self, expert_logprobs: torch.Tensor, sampled: SampledRows | None = None) -> None:
+        """Keep the sampling call's ``(N, K, V)`` log-probs.
 
         Only the first ``compute_logits`` after a forward pass is the sampling
-        call (vLLM computes prompt logprobs after sampling), and it has one row
-        per request of that pass.
+        call (vLLM computes prompt logprobs after sampling). Without a draft it
+        has one row per request of that pass (row i: batch row i's last token,
+        ``sampled`` None); with one, a row per verified position (``sampled``).
         """
-        if not self._awaiting_sample_rows or expert_logprobs.shape[0] != self._awaiting_sample_rows:
+        if not self._awaiting_sample_rows:
+            return
+        if sampled is not None:
+            self._store_verified(expert_logprobs, sampled)
+            return
+        if expert_logprobs.shape[0] != self._awaiting_sample_rows:
             return
         self.pending = expert_logprobs.detach()
         if self._decode_run is None or self._decode_run.steps == 0:  # a run's rows learn it when it ends
             for row in range(expert_logprobs.shape[0]):
                 if row in self.rows:
                     self.rows[row].pending_slot = row
+        self._awaiting_sample_rows = 0
+
+    def _store_verified(self, expert_logprobs: torch.Tensor, sampled: SampledRows) -> None:
+        """Rows of several positions per request: the last is the next token's, the rest for a roll-back."""
+        self.pending = expert_logprobs.detach()
+        for index, (row, position) in enumerate(zip(sampled.batch_rows, sampled.positions)):
+            state = self.rows.get(row)
+            if state is None:
+                continue
+            if position == state.next_position - 1:
+                state.pending_slot = index
+            state.pending_earlier = {**(state.pending_earlier or {}), position: index}
         self._awaiting_sample_rows = 0

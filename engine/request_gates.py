@@ -25,11 +25,13 @@ import torch
 from gatemix.engine.composite_folder import COMPOSITE_ARCHITECTURE
 from gatemix.engine.gate_trace import TraceRecord, TraceSender
 from gatemix.engine.prefix_state import BatchLayout, PrefixStates
+from gatemix.engine.sampled_rows import SampledRows, sampled_rows
 from gatemix.gate.mixing import LOG_WEIGHT_FLOOR, restrict_log_weights
 
 logger = logging.getLogger(__name__)
 
 GATE_ARGS_KEY = "gatemix"
+COMPOSITE_LAYER_PREFIX = "ensemble."  # the composite's modules (composite_model.ExpertEnsemble)
 
 
 def gate_request_args(
@@ -93,6 +95,9 @@ class BatchGateTable:
     def __init__(self) -> None:
         self.rows: dict[int, RequestGate] = {}
         self.last_sample_log_weights: torch.Tensor | None = None  # (N, K) of the last sampling call
+        # With a draft, which request and position each of its rows is (None: row i is batch row i).
+        self.last_sampled: SampledRows | None = None
+        self.forward_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # qsl, ids, positions
         self.prefix_states = PrefixStates()  # every row's posterior state (used by posterior gates)
         self.sender = TraceSender()
         self._dense: tuple[torch.Tensor, ...] | None = None  # row tensors, rebuilt when rows change
@@ -138,19 +143,42 @@ class BatchGateTable:
         token_masks = masks[rows] | ~in_table.unsqueeze(-1)  # (T, K); rows past the table keep all experts
         return restrict_log_weights(log_weights, token_masks)
 
+    def note_sampling_call(self, log_weights: torch.Tensor, token_index: torch.Tensor) -> SampledRows | None:
+        """Keep a ``compute_logits`` call's ``(N, K)`` weights; its rows' requests when several per request.
+
+        ``token_index``: ``(N,)`` each row's token in the last forward pass. With
+        one row per request (no draft, or no draft tokens this step) row i is batch
+        row i and nothing is read back from the device.
+        """
+        self.last_sample_log_weights, self.last_sampled = log_weights, None
+        if self.forward_batch is None:  # profiling and warm-up runs
+            return None
+        query_start_loc, input_ids, positions = self.forward_batch
+        if log_weights.shape[0] != query_start_loc.shape[0] - 1:
+            self.last_sampled = sampled_rows(token_index, query_start_loc, input_ids, positions)
+        return self.last_sampled
+
     def trace_records(self, num_rows: int) -> dict[str, list[TraceRecord]]:
-        """The last sampling call's weights, grouped by destination address."""
-        log_weights = self.last_sample_log_weights
-        if log_weights is None or log_weights.shape[0] != num_rows:
+        """The last sampling call's weights, grouped by destination address.
+
+        ``num_rows``: the rows the sampler applies logits processors to, one per
+        request. Each record names the draft tokens its weights are conditioned
+        on (none without a draft), so the server keeps it only if they were accepted.
+        """
+        log_weights, sampled = self.last_sample_log_weights, self.last_sampled
+        if log_weights is None or (sampled is None and log_weights.shape[0] != num_rows):
             return {}
+        if sampled is None:
+            sampled = SampledRows(list(range(num_rows)), [0] * num_rows, [0] * num_rows, [[] for _ in range(num_rows)])
         by_address: dict[str, list[TraceRecord]] = {}
         weights = None
-        for row, gate in self.rows.items():
-            if gate.trace_id is None or row >= num_rows:
+        for index, (row, offset) in enumerate(zip(sampled.batch_rows, sampled.offsets)):
+            gate = self.rows.get(row)
+            if gate is None or gate.trace_id is None:
                 continue
             if weights is None:
                 weights = log_weights.float().exp().cpu().tolist()
-            record = (gate.trace_id, len(gate.output_token_ids), weights[row])
+            record = (gate.trace_id, len(gate.output_token_ids) + offset, weights[index], sampled.conditioning[index])
             by_address.setdefault(gate.trace_to, []).append(record)
         return by_address
 
@@ -178,7 +206,11 @@ def _attention_metadata():
         return None
     if isinstance(attn_metadata, list):  # micro-batched: one dict per ubatch
         attn_metadata = attn_metadata[0]
-    return next(iter(attn_metadata.values())) if isinstance(attn_metadata, dict) else attn_metadata
+    if not isinstance(attn_metadata, dict):
+        return attn_metadata
+    # An expert's layer: a draft model's layers may sit in another KV cache group (other slots).
+    name = next((name for name in attn_metadata if name.startswith(COMPOSITE_LAYER_PREFIX)), None)
+    return attn_metadata[name] if name is not None else next(iter(attn_metadata.values()))
 
 
 def batch_layout_from_forward_context() -> BatchLayout | None:

@@ -135,7 +135,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     settings = await asyncio.to_thread(resolve_settings, app.state.settings)
     model_dir = settings.model_dir
-    models = ServedModels.from_folder(model_dir, settings.served_model_name)
+    models = ServedModels.from_folder(model_dir, settings.served_model_name).with_draft(
+        settings.engine.draft, settings.engine.num_draft_tokens
+    )
+    if settings.engine.draft is not None:
+        logger.info("speculative decoding: draft %s proposes %d tokens per step (vLLM's draft_model)",
+                    settings.engine.draft, settings.engine.num_draft_tokens)
     if models.is_composite:
         models = _with_gate_report(models, settings.gate_artifact or model_dir / GATE_SUBDIR)
         logger.info("gate %s (%s) serves %s; report: %s", models.gate_version, models.gate_method,

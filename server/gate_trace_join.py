@@ -77,5 +77,6 @@ class GateTraceJoin:
             return None
         start = len(state.token_ids)
         return await self.receiver.wait_for(
-            trace.trace_id, start + len(token_ids), start=start, timeout=self.timeout_s
+            trace.trace_id, start + len(token_ids), start=start, timeout=self.timeout_s,
+            output_ids=[*state.token_ids, *token_ids],
         )

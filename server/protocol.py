@@ -153,6 +153,13 @@ class GateCard(BaseModel):
     report: str | None = None  # the fit's report, where the server can see it
 
 
+class DraftCard(BaseModel):
+    """gatemix extension: the draft model the engine decodes speculatively behind (every name)."""
+
+    model: str  # the draft's folder
+    num_draft_tokens: int  # tokens it proposes per step
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -162,6 +169,7 @@ class ModelCard(BaseModel):
     root: str | None = None  # the model folder
     experts: list[str] | None = None  # what the name serves: all experts, or one
     gate: GateCard | None = None  # on the ensemble's card
+    draft: DraftCard | None = None  # with --draft
 
 
 class ModelList(BaseModel):

@@ -239,6 +239,7 @@ def verify_sampling(engine, sampling: dict, structured_param: str | None) -> Non
     from vllm.sampling_params import SamplingParams
 
     config = engine.vllm_config
+    refuse_cpu_sampling_with_draft(config, sampling)
     try:
         SamplingParams(n=1, max_tokens=None, **sampling).verify(
             engine.model_config,
@@ -251,3 +252,15 @@ def verify_sampling(engine, sampling: dict, structured_param: str | None) -> Non
         if param is None and sampling.get("structured_outputs") is not None:
             param = structured_param
         raise bad_request(str(exc), param) from exc
+
+
+def refuse_cpu_sampling_with_draft(config, sampling: dict) -> None:
+    """A 400 for temperature > 0 with a draft on vLLM's CPU backend, whose rejection sampler is not exact."""
+    temperature = sampling.get("temperature")
+    if config.speculative_config is None or (temperature is not None and temperature <= 0):
+        return
+    from gatemix.engine.engine_config import on_cpu  # vLLM's platform: deferred, as above
+    from gatemix.engine.spec_decode import CPU_SAMPLING_WITH_DRAFT
+
+    if on_cpu():
+        raise bad_request(CPU_SAMPLING_WITH_DRAFT, "temperature")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gatemix.server.errors import bad_request, model_not_found
-from gatemix.server.protocol import GateCard, MixtureRequest, ModelCard, ModelList
+from gatemix.server.protocol import DraftCard, GateCard, MixtureRequest, ModelCard, ModelList
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class ServedModels:
     root: str
     gate_method: str | None = None
     gate_report: str | None = None  # the fit's report.md, when the served artifact has one
+    draft: DraftCard | None = None  # the engine's draft model (--draft), for every name
 
     @classmethod
     def from_folder(
@@ -65,6 +66,10 @@ class ServedModels:
             self, gate_version=version, gate_method=method, gate_report=report, gate_loaded_at=time.time()
         )
 
+    def with_draft(self, draft: str | None, num_draft_tokens: int) -> ServedModels:
+        card = None if draft is None else DraftCard(model=str(draft), num_draft_tokens=num_draft_tokens)
+        return dataclasses.replace(self, draft=card)
+
     def gate_card(self) -> GateCard | None:
         if self.gate_version is None:
             return None
@@ -75,11 +80,12 @@ class ServedModels:
 
     def model_list(self) -> ModelList:
         cards = [
-            ModelCard(id=self.ensemble_name, root=self.root, experts=list(self.expert_names), gate=self.gate_card())
+            ModelCard(id=self.ensemble_name, root=self.root, experts=list(self.expert_names), gate=self.gate_card(),
+                      draft=self.draft)
         ]
         if self.is_composite:
             cards += [
-                ModelCard(id=name, root=self.root, experts=[name]) for name in self.expert_names
+                ModelCard(id=name, root=self.root, experts=[name], draft=self.draft) for name in self.expert_names
             ]
         return ModelList(data=cards)
 

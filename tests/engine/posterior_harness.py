@@ -24,26 +24,41 @@ def chunked_prompts() -> list[list[int]]:
     return [list(range(40 + 3 * i, 40 + 3 * i + 37)) for i in range(2)]
 
 
-def collect_trace(socket, expected: dict[str, int]) -> dict[str, dict[int, list[float]]]:
-    weights: dict[str, dict[int, list[float]]] = {trace: {} for trace in expected}
+def collect_trace(socket, expected: dict[str, int]) -> dict[str, dict[int, tuple[list[float], list[int]]]]:
+    """Each trace's records, index -> (weights, the draft tokens they assume), the socket drained.
+
+    A later record of an index overwrites an earlier one, as in the server's receiver.
+    """
+    records: dict[str, dict[int, tuple[list[float], list[int]]]] = {trace: {} for trace in expected}
     deadline = time.time() + 10
-    while time.time() < deadline and any(len(weights[t]) < n for t, n in expected.items()):
+    while time.time() < deadline:
         try:
             payload = socket.recv(zmq.NOBLOCK)
         except zmq.Again:
+            if all(len(records[t]) >= n for t, n in expected.items()):
+                return records
             time.sleep(0.05)
             continue
-        for trace_id, index, row in msgspec.msgpack.decode(payload):
-            weights.setdefault(trace_id, {})[index] = row
-    return weights
+        for trace_id, index, row, conditioning in msgspec.msgpack.decode(payload):
+            records.setdefault(trace_id, {})[index] = (row, conditioning)
+    return records
 
 
-def check_generation(teacher, prompt, output, traced: dict[int, list[float]] | None, greedy: bool = False) -> None:
+def accepted_weights(records: dict[int, tuple[list[float], list[int]]], output_ids: list[int]) -> dict[int, list[float]]:
+    """The weights of the output's tokens: records whose assumed draft tokens are the output's."""
+    return {
+        index: row for index, (row, conditioning) in records.items()
+        if index < len(output_ids) and output_ids[index - len(conditioning) : index] == conditioning
+    }
+
+
+def check_generation(teacher, prompt, output, traced: dict | None, greedy: bool = False) -> None:
     """Per-token weights within 1e-4 (when traced), returned top logprobs within 1e-3, greedy tokens the argmax."""
     sequence = torch.tensor([prompt + list(output.token_ids)])
     mixture, log_weights = teacher(sequence)
     offline = log_weights[0].exp()  # position p's weights decide token p + 1
     if traced is not None:
+        traced = accepted_weights(traced, list(output.token_ids))
         assert sorted(traced) == list(range(len(output.token_ids)))
         assert offline.std(0).max() > 0.01, "the weights should move with the prefix"
         for index, row in traced.items():

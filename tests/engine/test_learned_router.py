@@ -50,7 +50,7 @@ def _collect_trace(socket) -> dict[int, list[float]]:
                 break
             time.sleep(0.05)
             continue
-        for _trace_id, index, row in msgspec.msgpack.decode(payload):
+        for _trace_id, index, row, _conditioning in msgspec.msgpack.decode(payload):
             weights[index] = row
     return weights
 

@@ -44,6 +44,6 @@ def test_trace_records_carry_the_next_token_index_per_destination():
     table.rows[0].output_token_ids.extend([5, 6])
     table.last_sample_log_weights = torch.log(torch.tensor([[0.25, 0.75], [0.5, 0.5], [1.0, 0.0]]))
     records = table.trace_records(num_rows=3)
-    assert records["ipc://x"] == [("a", 2, [0.25, 0.75])]
+    assert records["ipc://x"] == [("a", 2, [0.25, 0.75], [])]
     assert records["ipc://y"][0][:2] == ("b", 0) and math.isclose(records["ipc://y"][0][2][0], 1.0)
     assert table.trace_records(num_rows=2) == {}  # a call of another shape is not this step's sample

@@ -166,3 +166,50 @@ def test_offline_engine_shutdown_reaches_the_process_manager():
     assert "self.processes" in inspect.getsource(CoreEngineProcManager.shutdown)
     # The race the wrapper covers: a child named by psutil before the kill.
     assert "child.name()" in inspect.getsource(system_utils.kill_process_tree)
+
+
+def test_a_draft_drops_installed_logits_processors_and_the_runner_binds_build_logitsprocs():
+    """With a speculative config vLLM builds MinTokens alone (so ``spec_decode`` adds the gate processor),
+    and the model runner calls the ``build_logitsprocs`` name bound in its own module."""
+    from vllm.v1.sample import logits_processor
+    from vllm.v1.worker import gpu_model_runner
+
+    source = inspect.getsource(logits_processor.build_logitsprocs)
+    assert "if vllm_config.speculative_config:" in source and "MinTokensLogitsProcessor" in source
+    assert "build_logitsprocs(" in inspect.getsource(gpu_model_runner.GPUModelRunner.__init__)
+    assert list(inspect.signature(logits_processor.build_logitsprocs).parameters)[:5] == [
+        "vllm_config", "device", "is_pin_memory", "is_pooling_model", "custom_logitsprocs",
+    ]
+
+
+def test_the_plugin_keeps_the_gate_processor_wherever_the_runner_finds_it():
+    from vllm.v1.sample import logits_processor
+    from vllm.v1.worker import gpu_model_runner
+
+    from gatemix.engine.spec_decode import keep_request_gates_with_drafts
+
+    keep_request_gates_with_drafts()
+    keep_request_gates_with_drafts()  # idempotent: one wrapper, not two
+    for module in (logits_processor, gpu_model_runner):
+        wrapper = module.build_logitsprocs
+        assert wrapper.gatemix_keeps_request_gates
+        assert not getattr(wrapper.__wrapped__, "gatemix_keeps_request_gates", False)
+
+
+def test_spec_decode_samples_every_verified_row_and_applies_processors_to_bonus_rows_only():
+    """compute_logits gets one row per verified position; custom processors' apply sees the bonus rows."""
+    from vllm.v1.sample import rejection_sampler
+
+    source = inspect.getsource(rejection_sampler.RejectionSampler.forward)
+    assert "bonus_logits = logits[bonus_logits_indices]" in source
+    assert "self.sampler(" in source and "logits=bonus_logits" in source
+    apply_source = inspect.getsource(rejection_sampler.RejectionSampler.apply_logits_processors)
+    assert "MinTokensLogitsProcessor" in apply_source  # the only processor applied to draft rows
+
+
+def test_logit_bias_and_min_p_are_refused_with_a_draft():
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    with pytest.raises(VLLMValidationError, match="logit_bias"):
+        SamplingParams(logit_bias={1: 1.0})._validate_spec_decode(object())

@@ -90,7 +90,7 @@ class FakeReceiver:
         if trace_id in self.traces:
             self.traces[trace_id][token_index] = weights
 
-    async def wait_for(self, trace_id, num_tokens, start=0, timeout=5.0):
+    async def wait_for(self, trace_id, num_tokens, start=0, timeout=5.0, output_ids=None):
         trace = self.traces.get(trace_id, {})
         if any(i not in trace for i in range(start, num_tokens)):
             return None

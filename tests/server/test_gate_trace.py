@@ -40,14 +40,14 @@ def test_out_of_order_records_are_returned_in_token_order(tmp_path):
             trace = receiver.new_trace_id()
             waiter = asyncio.create_task(receiver.wait_for(trace, 4, timeout=5))
             # Three messages, no two in order; token 1 comes last, alone.
-            sender.send(receiver.address, [(trace, 3, _weights(3)), (trace, 0, _weights(0))])
-            sender.send(receiver.address, [(trace, 2, _weights(2))])
+            sender.send(receiver.address, [(trace, 3, _weights(3), []), (trace, 0, _weights(0), [])])
+            sender.send(receiver.address, [(trace, 2, _weights(2), [])])
             await asyncio.sleep(0.05)
             assert not waiter.done()  # token 1 is still missing
-            sender.send(receiver.address, [(trace, 1, _weights(1))])
+            sender.send(receiver.address, [(trace, 1, _weights(1), [])])
             assert await waiter == [_weights(i) for i in range(4)]
             # A later window of the same trace: only tokens start..num_tokens-1.
-            sender.send(receiver.address, [(trace, 5, _weights(5)), (trace, 4, _weights(4))])
+            sender.send(receiver.address, [(trace, 5, _weights(5), []), (trace, 4, _weights(4), [])])
             assert await receiver.wait_for(trace, 6, start=4, timeout=5) == [
                 _weights(4), _weights(5)
             ]
@@ -65,7 +65,7 @@ def test_a_resampled_index_overwrites_and_other_traces_stay_apart(tmp_path):
             first, second = receiver.new_trace_id(), receiver.new_trace_id()
             sender.send(
                 receiver.address,
-                [(first, 0, [0.9, 0.1]), (second, 0, [0.2, 0.8]), (first, 0, [0.5, 0.5])],
+                [(first, 0, [0.9, 0.1], []), (second, 0, [0.2, 0.8], []), (first, 0, [0.5, 0.5], [])],
             )
             assert await receiver.wait_for(first, 1, timeout=5) == [[0.5, 0.5]]
             assert await receiver.wait_for(second, 1, timeout=5) == [[0.2, 0.8]]
@@ -81,7 +81,7 @@ def test_dropped_records_report_the_weights_missing_in_time(tmp_path):
         sender = TraceSender()
         try:
             trace = receiver.new_trace_id()
-            sender.send(receiver.address, [(trace, 0, _weights(0)), (trace, 2, _weights(2))])
+            sender.send(receiver.address, [(trace, 0, _weights(0), []), (trace, 2, _weights(2), [])])
             # Token 1 was dropped on the way: the wait ends at its timeout with None.
             loop = asyncio.get_running_loop()
             started = loop.time()
@@ -118,7 +118,7 @@ def test_an_aborted_request_releases_its_trace_and_late_records_are_dropped(tmp_
         try:
             trace = receiver.new_trace_id()
             waiter = asyncio.create_task(receiver.wait_for(trace, 2, timeout=5))
-            sender.send(receiver.address, [(trace, 0, _weights(0))])
+            sender.send(receiver.address, [(trace, 0, _weights(0), [])])
             await asyncio.sleep(0.05)
             # The client went away: the request is aborted, its waiter cancelled, its trace released.
             waiter.cancel()
@@ -127,9 +127,9 @@ def test_an_aborted_request_releases_its_trace_and_late_records_are_dropped(tmp_
             receiver.release(trace)
             assert receiver.open_traces == 0
             # The worker still had records in flight for it: they must not resurrect the trace.
-            sender.send(receiver.address, [(trace, 1, _weights(1)), (trace, 2, _weights(2))])
+            sender.send(receiver.address, [(trace, 1, _weights(1), []), (trace, 2, _weights(2), [])])
             other = receiver.new_trace_id()
-            sender.send(receiver.address, [(other, 0, _weights(7))])
+            sender.send(receiver.address, [(other, 0, _weights(7), [])])
             assert await receiver.wait_for(other, 1, timeout=5) == [_weights(7)]
             assert receiver.open_traces == 1
             assert await receiver.wait_for(trace, 1, timeout=0.1) is None
@@ -155,7 +155,7 @@ def test_a_malformed_message_does_not_stop_the_receiver(tmp_path):
             push.send(b"\xc1 not msgpack")
             push.send(msgspec.msgpack.encode([["only", "two"]]))  # msgpack, but not records
             push.send(msgspec.msgpack.encode({"a": 1}))
-            sender.send(receiver.address, [(trace, 0, _weights(0))])
+            sender.send(receiver.address, [(trace, 0, _weights(0), [])])
             assert await receiver.wait_for(trace, 1, timeout=5) == [_weights(0)]
         finally:
             push.close()
@@ -163,3 +163,22 @@ def test_a_malformed_message_does_not_stop_the_receiver(tmp_path):
             await receiver.close()
 
     run(scenario())
+
+
+def test_a_record_assuming_rejected_draft_tokens_waits_for_the_accepted_one(tmp_path):
+    """With a draft, index 1's first record assumed draft token 9 at index 0; the output has 5 there."""
+
+    async def main():
+        receiver = GateTraceReceiver(f"ipc://{tmp_path}/t.sock")
+        await receiver.start()
+        sender = TraceSender()
+        try:
+            trace = receiver.new_trace_id()
+            sender.send(receiver.address, [(trace, 0, _weights(0), []), (trace, 1, _weights(8), [9])])
+            assert await receiver.wait_for(trace, 2, timeout=0.3, output_ids=[5, 6]) is None
+            sender.send(receiver.address, [(trace, 1, _weights(1), [5])])
+            assert await receiver.wait_for(trace, 2, timeout=5, output_ids=[5, 6]) == [_weights(0), _weights(1)]
+        finally:
+            await receiver.close()
+
+    asyncio.run(main())

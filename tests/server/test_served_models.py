@@ -71,3 +71,30 @@ def test_choice_running_means_match_the_mean_of_every_token_so_far():
         expected = {name: sum(token[k] for token in seen) / len(seen) for k, name in enumerate(experts)}
         assert state.mean_weights(experts) == pytest.approx(expected)
         assert state.weight_sums(experts) == pytest.approx({n: w * len(seen) for n, w in expected.items()})
+
+
+def test_every_name_lists_the_draft_the_engine_decodes_behind():
+    models = MODELS.with_draft("/models/student", 4)
+    cards = models.model_list().data
+    assert all(card.draft.model == "/models/student" and card.draft.num_draft_tokens == 4 for card in cards)
+    assert all(card.draft is None for card in MODELS.model_list().data)
+
+
+@pytest.mark.parametrize(("temperature", "refused"), [(None, True), (0.7, True), (0.0, False)])
+def test_sampling_with_a_draft_is_refused_where_vllm_cannot_sample_exactly(temperature, refused, monkeypatch):
+    from types import SimpleNamespace
+
+    from gatemix.engine import engine_config
+    from gatemix.server.sampling import refuse_cpu_sampling_with_draft
+
+    monkeypatch.setattr(engine_config, "on_cpu", lambda: True)
+    refuse_cpu_sampling_with_draft(SimpleNamespace(speculative_config=None), {"temperature": temperature})
+    with_draft = SimpleNamespace(speculative_config=object())
+    if not refused:
+        refuse_cpu_sampling_with_draft(with_draft, {"temperature": temperature})
+        return
+    with pytest.raises(APIError) as error:
+        refuse_cpu_sampling_with_draft(with_draft, {"temperature": temperature})
+    assert error.value.status_code == 400 and error.value.param == "temperature"
+    monkeypatch.setattr(engine_config, "on_cpu", lambda: False)
+    refuse_cpu_sampling_with_draft(with_draft, {"temperature": temperature})

@@ -1,0 +1,284 @@
+"""Speculative decoding behind a draft model leaves every output of the composite exact.
+
+Two engines, fp32, each with vLLM's own draft-model speculative decoding:
+
+* the posterior composite (``conftest.posterior_composite``: a random head over
+  the experts' hidden states and their posterior, forgetting 0.9) with one of the
+  demo's trained experts as the draft, which is often right, so drafts are
+  accepted and rejected and the state is rolled back; its KV cache is tiny, so
+  requests are preempted;
+* a composite whose router has its own causal context model, with a random-init
+  one-layer draft that disagrees on purpose.
+
+The reference is the offline router over ``transformers`` experts
+(``posterior_harness``), which the engine without a draft matches
+(``test_posterior_state.py``, ``test_learned_router.py``): per-token weights
+within 1e-4, returned top-20 log-probs within 1e-3, greedy tokens the
+mixture's argmax.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+from vllm import LLM, SamplingParams
+from vllm.exceptions import VLLMValidationError
+
+from gatemix.demo.corpus import load_split
+from gatemix.distill.teacher import EnsembleTeacher
+from gatemix.engine.engine_config import (
+    EngineSettings,
+    engine_kwargs,
+    on_cpu,
+    shutdown_offline_engine,
+)
+from gatemix.engine.pack import pack_composite
+from gatemix.engine.request_gates import gate_request_args
+from gatemix.engine.spec_decode import CPU_SAMPLING_WITH_DRAFT
+from gatemix.gate.mixing import mix_logits, restrict_log_weights
+from gatemix.gate.router import context_config_like
+from tests.engine.arch_experts import make_expert
+from tests.engine.posterior_harness import accepted_weights, check_generation, collect_trace
+from tests.random_router import random_router_artifact
+
+BLOCK = 32
+TOP = 20
+DECODED = 48
+DRAFT_TOKENS = 3
+
+
+def _engine(composite, draft, **overrides) -> LLM:
+    settings = EngineSettings(dtype="float32", max_model_len=192, max_num_seqs=4, draft=str(draft),
+                              num_draft_tokens=DRAFT_TOKENS)
+    return LLM(**engine_kwargs(composite, settings), block_size=BLOCK, disable_log_stats=False, **overrides)
+
+
+@pytest.fixture(scope="module")
+def spec_engine(posterior_composite, demo_paths):
+    """12 blocks of 32 tokens (one is vLLM's null block), shared with the draft's layers: 5 requests of 90 preempt."""
+    llm = _engine(posterior_composite, demo_paths.expert_dirs["code"], num_gpu_blocks_override=12)
+    yield llm
+    shutdown_offline_engine(llm)
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def context_composite(demo_paths, tmp_path_factory):
+    config = json.loads((demo_paths.expert_dirs["code"] / "config.json").read_text())
+    artifact = random_router_artifact(demo_paths.expert_dirs, context_config_like(config, num_layers=1))
+    out = tmp_path_factory.mktemp("spec-context") / "composite"
+    pack_composite(list(demo_paths.expert_dirs.values()), out, gate=artifact)
+    return out
+
+
+@pytest.fixture(scope="module")
+def random_draft_engine(context_composite, demo_paths, tmp_path_factory):
+    draft = make_expert(tmp_path_factory.mktemp("draft") / "random", "llama", demo_paths.expert_dirs["code"],
+                        seed=11, num_hidden_layers=1)
+    llm = _engine(context_composite, draft)
+    yield llm
+    shutdown_offline_engine(llm)
+    del llm
+    gc.collect()
+
+
+def _counter(llm: LLM, name: str) -> float:
+    return sum(getattr(metric, "value", 0) for metric in llm.get_metrics() if metric.name == name)
+
+
+def _prompts(count: int = 5, length: int = 40) -> list[list[int]]:
+    return [[(17 + 7 * i + 13 * j) % 1900 + 20 for i in range(length)] for j in range(count)]
+
+
+def _generate(llm, prompts, address, tag, max_tokens=DECODED, **gate_args):
+    params = [
+        SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=TOP,
+            extra_args=gate_request_args(trace_id=f"{tag}{i}", trace_to=address, **gate_args),
+        )
+        for i in range(len(prompts))
+    ]
+    return [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+
+
+def _check_traced(teacher, llm, prompts, trace_socket, tag):
+    socket, address = trace_socket
+    outputs = _generate(llm, prompts, address, tag)
+    traced = collect_trace(socket, {f"{tag}{i}": DECODED for i in range(len(prompts))})
+    for i, (prompt, output) in enumerate(zip(prompts, outputs)):
+        assert len(output.token_ids) == DECODED
+        check_generation(teacher, prompt, output, traced[f"{tag}{i}"], greedy=True)
+
+
+@pytest.mark.slow
+def test_greedy_decodes_weights_and_logprobs_are_exact_with_a_draft(spec_engine, teacher, trace_socket):
+    """48 tokens for 5 prompts; drafts are accepted and rejected, and some requests are preempted."""
+    accepted = _counter(spec_engine, "vllm:spec_decode_num_accepted_tokens")
+    drafted = _counter(spec_engine, "vllm:spec_decode_num_draft_tokens")
+    preemptions = _counter(spec_engine, "vllm:num_preemptions")
+    _check_traced(teacher, spec_engine, _prompts(), trace_socket, "greedy")
+    accepted = _counter(spec_engine, "vllm:spec_decode_num_accepted_tokens") - accepted
+    drafted = _counter(spec_engine, "vllm:spec_decode_num_draft_tokens") - drafted
+    assert 0 < accepted < drafted, "drafts should be both accepted and rejected, so the state rolls back"
+    assert _counter(spec_engine, "vllm:num_preemptions") > preemptions, "the small KV cache should preempt"
+
+
+def _fixed_mixture(teacher, sequence: torch.Tensor, pinned=None, mask=None) -> torch.Tensor:
+    """``(T, V)`` mixture log-probs with pinned weights, or the router's restricted to ``mask``."""
+    _, log_weights = teacher(sequence)
+    with torch.no_grad():
+        logits = torch.stack([expert(input_ids=sequence).logits.float() for expert in teacher.experts], dim=-2)
+    if pinned is not None:
+        log_weights = torch.log(torch.tensor(pinned)).expand_as(log_weights)
+    if mask is not None:
+        log_weights = restrict_log_weights(log_weights, torch.tensor(mask).expand_as(log_weights))
+    return mix_logits(logits, log_weights)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gate", [{"pinned_weights": [0.2, 0.0, 0.8]}, {"expert_mask": [True, False, True]}])
+def test_pinned_and_subset_requests_are_exact_with_a_draft(spec_engine, teacher, trace_socket, gate):
+    socket, address = trace_socket
+    prompts = _prompts(2, 30)
+    tag = "pin" if "pinned_weights" in gate else "subset"
+    outputs = _generate(spec_engine, prompts, address, tag, **gate)
+    traced = collect_trace(socket, {f"{tag}{i}": DECODED for i in range(len(prompts))})
+    for i, (prompt, output) in enumerate(zip(prompts, outputs)):
+        sequence = torch.tensor([prompt + list(output.token_ids)])
+        mixture = _fixed_mixture(teacher, sequence, gate.get("pinned_weights"), gate.get("expert_mask"))
+        weights = accepted_weights(traced[f"{tag}{i}"], list(output.token_ids))
+        assert sorted(weights) == list(range(DECODED))
+        if "expert_mask" in gate:
+            assert all(row[1] == 0.0 for row in weights.values())
+        for index, top in enumerate(output.logprobs):
+            step = mixture[len(prompt) - 1 + index]
+            assert step[output.token_ids[index]] >= step.max() - 1e-4, index
+            for token_id, logprob in top.items():
+                assert abs(logprob.logprob - step[token_id].item()) < 1e-3
+
+
+@pytest.mark.slow
+def test_n_and_echo_prompt_logprobs_with_a_draft(spec_engine, teacher):
+    prompt = _prompts(1, 33)[0]
+    params = SamplingParams(n=2, max_tokens=16, temperature=1.0, seed=7, ignore_eos=True, logprobs=TOP,
+                            prompt_logprobs=TOP)
+    (request,) = spec_engine.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    mixture, _ = teacher(torch.tensor([prompt]))
+    for position in range(1, len(prompt)):
+        for token_id, logprob in request.prompt_logprobs[position].items():
+            assert abs(logprob.logprob - mixture[0, position - 1, token_id].item()) < 1e-3, position
+    assert len(request.outputs) == 2
+    for output in request.outputs:  # each sample's log-probs are the mixture's after its own tokens
+        check_generation(teacher, prompt, output, None)
+
+
+def _gammaincc_p(statistic: float, dof: int) -> float:
+    """Chi-square survival function (the p-value)."""
+    return torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                   torch.tensor(statistic / 2, dtype=torch.float64)).item()
+
+
+def _chi_square(counts: dict, probs: dict, samples: int) -> tuple[float, int]:
+    """Pearson's statistic over the cells expected at least 5 times, the rest lumped into one."""
+    big = {cell for cell, p in probs.items() if p * samples >= 5}
+    statistic, rest_seen, rest_p = 0.0, samples, 1.0
+    for cell in big:
+        expected = probs[cell] * samples
+        statistic += (counts.get(cell, 0) - expected) ** 2 / expected
+        rest_seen -= counts.get(cell, 0)
+        rest_p -= probs[cell]
+    if rest_p * samples >= 5:
+        statistic += (rest_seen - rest_p * samples) ** 2 / (rest_p * samples)
+        return statistic, len(big)
+    return statistic, len(big) - 1
+
+
+def _pair_probs(teacher, prompt: list[int], second_of) -> dict[tuple[int, int], float]:
+    """P(first two tokens) with the mixture's first token and ``second_of(sequence)`` ``(V,)`` for the second."""
+    first = teacher(torch.tensor([prompt]))[0][0, -1].exp()  # (V,)
+    probs = {}
+    for token in (first > 1e-3).nonzero().flatten().tolist():
+        second = second_of(torch.tensor([prompt + [token]]))
+        for token2 in (second > 1e-4).nonzero().flatten().tolist():
+            probs[(token, token2)] = (first[token] * second[token2]).item()
+    return probs
+
+
+def _spread_prompt(teacher, demo_paths, samples: int) -> list[int]:
+    """Of a few real texts' openings, the one whose first two tokens fall in the most well-filled cells."""
+    tokenizer = AutoTokenizer.from_pretrained(demo_paths.expert_dirs["code"])
+    candidates = []
+    for domain in demo_paths.expert_dirs:
+        for text in load_split(demo_paths.root, domain, "eval")[:3]:
+            candidates.append(tokenizer(text[:120], add_special_tokens=False).input_ids[:20])
+
+    def mixture_second(sequence):
+        return teacher(sequence)[0][0, -1].exp()
+
+    def filled(prompt):
+        return sum(p * samples >= 5 for p in _pair_probs(teacher, prompt, mixture_second).values())
+
+    return max((c for c in candidates if len(c) >= 8), key=filled)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(on_cpu(), strict=True, reason=CPU_SAMPLING_WITH_DRAFT)
+def test_sampled_pairs_follow_the_mixture_not_the_draft(spec_engine, teacher, demo_paths):
+    """600 samples of the first two tokens at temperature 1: the second comes out of rejection sampling.
+
+    Pearson's chi-square against the exact mixture must not reject (p > 0.001);
+    against the same composite with the draft's own distribution for the second
+    token it must, which shows that the test can fail. On vLLM 0.32's CPU
+    backend it fails, with a plain model as target too: sampled requests are
+    refused there (``spec_decode.CPU_SAMPLING_WITH_DRAFT``), and this strict
+    xfail says when vLLM's CPU sampler becomes exact.
+    """
+    samples = 600
+    prompt = _spread_prompt(teacher, demo_paths, samples)
+    params = SamplingParams(max_tokens=2, temperature=1.0, ignore_eos=True)
+    outputs = spec_engine.generate([{"prompt_token_ids": prompt}] * samples, params, use_tqdm=False)
+    counts: dict[tuple[int, int], int] = {}
+    for output in outputs:
+        pair = tuple(output.outputs[0].token_ids)
+        counts[pair] = counts.get(pair, 0) + 1
+    draft_expert = teacher.experts[list(demo_paths.expert_dirs).index("code")]
+
+    def mixture_second(sequence):
+        return teacher(sequence)[0][0, -1].exp()
+
+    def draft_second(sequence):
+        with torch.no_grad():
+            return torch.softmax(draft_expert(input_ids=sequence).logits[0, -1].float(), -1)
+
+    statistic, dof = _chi_square(counts, _pair_probs(teacher, prompt, mixture_second), samples)
+    assert dof >= 8, "the prompt should spread the pairs over many cells"
+    assert _gammaincc_p(statistic, dof) > 1e-3, (statistic, dof)
+    wrong, wrong_dof = _chi_square(counts, _pair_probs(teacher, prompt, draft_second), samples)
+    assert _gammaincc_p(wrong, wrong_dof) < 1e-6, (wrong, wrong_dof)
+
+
+@pytest.mark.slow
+def test_logit_bias_is_refused_with_a_draft(spec_engine):
+    with pytest.raises(VLLMValidationError, match="logit_bias"):
+        spec_engine.generate(["x"], SamplingParams(max_tokens=1, logit_bias={5: 1.0}), use_tqdm=False)
+
+
+@pytest.fixture(scope="module")
+def context_teacher(context_composite, demo_paths):
+    return EnsembleTeacher.load(context_composite, list(demo_paths.expert_dirs.values()))
+
+
+@pytest.mark.slow
+def test_a_random_draft_is_mostly_rejected_and_outputs_stay_exact(random_draft_engine, context_teacher, trace_socket):
+    """The context-model router with a draft that knows nothing: exactness does not rest on the draft."""
+    accepted = _counter(random_draft_engine, "vllm:spec_decode_num_accepted_tokens")
+    drafted = _counter(random_draft_engine, "vllm:spec_decode_num_draft_tokens")
+    _check_traced(context_teacher, random_draft_engine, _prompts(), trace_socket, "random")
+    accepted = _counter(random_draft_engine, "vllm:spec_decode_num_accepted_tokens") - accepted
+    drafted = _counter(random_draft_engine, "vllm:spec_decode_num_draft_tokens") - drafted
+    assert drafted > 0 and accepted / drafted < 0.3, (accepted, drafted)
