@@ -41,7 +41,7 @@ from gatemix.config_cli import field_help
 from gatemix.defaults import DEFAULT_PROJECT_DIR
 from gatemix.engine.engine_config import (
     EngineSettings,
-    build_offline_engine,
+    engine_kwargs,
     shutdown_offline_engine,
 )
 
@@ -76,6 +76,11 @@ class EngineBenchConfig:
         default=True,
         **field_help("also run the ensemble with a posterior gate (the per-request state of the prefix "
                 "likelihood), to measure what the state costs"))
+    draft: str | None = field(
+        default=None,
+        **field_help("also run the ensemble behind this draft model (vLLM's speculative decoding; greedy, "
+                "so exact), e.g. the distilled student"))
+    num_draft_tokens: int = field(default=3, **field_help("tokens the draft proposes per step"))
     naive_max_concurrency: int = field(
         default=16, **field_help("run the slow naive transformers loop up to this concurrency (0: never)"))
     repeats: int = field(default=2, **field_help("timed repeats per point; the best is kept"))
@@ -120,12 +125,14 @@ def _prompts(vocab_size: int, count: int, length: int, seed: int = 0) -> list[li
 
 
 def _vllm_tokens_per_second(
-    model_dir: str, settings: EngineSettings, config: EngineBenchConfig, vocab_size: int
+    model_dir: str, settings: EngineSettings, config: EngineBenchConfig, vocab_size: int,
+    acceptance: dict | None = None,
 ) -> dict[int, float]:
+    """Best tokens/s per concurrency; ``acceptance`` (with a draft) gets the mean acceptance length."""
     # vllm: deferred, `gatemix bench --help` imports this module for its config
-    from vllm import SamplingParams
+    from vllm import LLM, SamplingParams
 
-    llm = build_offline_engine(model_dir, settings)
+    llm = LLM(**engine_kwargs(model_dir, settings), disable_log_stats=acceptance is None)
     params = SamplingParams(max_tokens=config.output_len, temperature=0.0, ignore_eos=True)
     results = {}
     try:
@@ -141,11 +148,25 @@ def _vllm_tokens_per_second(
                 elapsed = time.perf_counter() - start
                 best = max(best, sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed)
             results[concurrency] = best
+        if acceptance is not None:
+            acceptance.update(_acceptance(llm))
     finally:
         shutdown_offline_engine(llm)
         del llm
         gc.collect()
     return results
+
+
+def _acceptance(llm) -> dict:
+    """vLLM's speculative counters over the whole run: acceptance rate and mean acceptance length."""
+    counters = {metric.name: getattr(metric, "value", 0) for metric in llm.get_metrics()}
+    drafts = counters.get("vllm:spec_decode_num_drafts", 0)
+    draft_tokens = counters.get("vllm:spec_decode_num_draft_tokens", 0)
+    accepted = counters.get("vllm:spec_decode_num_accepted_tokens", 0)
+    return {
+        "acceptance_rate": accepted / draft_tokens if draft_tokens else None,
+        "mean_acceptance_length": 1 + accepted / drafts if drafts else None,  # tokens per verify step
+    }
 
 
 def _compiled_mixing_tokens_per_second(
@@ -217,6 +238,10 @@ def run_engine_bench(config: EngineBenchConfig, models: BenchModels) -> dict:
     if config.posterior_state:
         tps["fused ensemble, posterior gate"] = _vllm_tokens_per_second(
             str(posterior_composite(models)), settings, config, vocab_size)
+    speculative = {}
+    if config.draft is not None:
+        drafted = settings.model_copy(update={"draft": config.draft, "num_draft_tokens": config.num_draft_tokens})
+        tps["fused ensemble, draft"] = _vllm_tokens_per_second(composite, drafted, config, vocab_size, speculative)
     tps["single expert (vLLM)"] = _vllm_tokens_per_second(single, settings, config, vocab_size)
     tps["naive transformers ensemble"] = _naive_tokens_per_second(config, models.expert_dirs, vocab_size)
     return {
@@ -227,6 +252,7 @@ def run_engine_bench(config: EngineBenchConfig, models: BenchModels) -> dict:
         "config": {**asdict(config), "random": asdict(config.random) if config.random.random_experts else None},
         "tokens_per_second": tps,
         "ratios": _ratios(tps, config.concurrency, num_experts),
+        "speculative": speculative or None,
     }
 
 
@@ -237,11 +263,13 @@ def _ratios(tps: dict[str, dict[int, float]], concurrencies, num_experts: int) -
         naive = tps["naive transformers ensemble"].get(concurrency)
         compiled = tps.get("fused ensemble, compiled mixing", {}).get(concurrency)
         posterior = tps.get("fused ensemble, posterior gate", {}).get(concurrency)
+        drafted = tps.get("fused ensemble, draft", {}).get(concurrency)
         ratios[concurrency] = {
             "efficiency_E": num_experts * ensemble / single,
             "speedup_over_naive": ensemble / naive if naive else None,
             "compiled_mixing_speedup": compiled / ensemble if compiled else None,
             "posterior_state_throughput": posterior / ensemble if posterior else None,
+            "draft_speedup": drafted / ensemble if drafted else None,
         }
     return ratios
 
@@ -284,5 +312,11 @@ def format_engine_bench(result: dict, config: EngineBenchConfig) -> str:
             line += f"; compiled vs eager mixing: {ratio['compiled_mixing_speedup']:.2f}x"
         if ratio["posterior_state_throughput"] is not None:
             line += f"; with the posterior state: {ratio['posterior_state_throughput']:.3f}x the throughput"
+        if ratio.get("draft_speedup") is not None:
+            line += f"; behind the draft: {ratio['draft_speedup']:.2f}x"
         lines.append(line)
+    if result.get("speculative"):
+        spec = result["speculative"]
+        lines.append(f"draft {config.draft}, N = {config.num_draft_tokens}: acceptance rate "
+                     f"{spec['acceptance_rate']:.3f}, mean acceptance length {spec['mean_acceptance_length']:.2f}")
     return "\n".join(lines)
