@@ -69,7 +69,7 @@ from gatemix.engine.prefix_state import chunked_target_logprobs, target_chunk_ro
 from gatemix.engine.request_gates import (
     batch_layout_from_forward_context,
     query_start_loc_from_forward_context,
-    token_rows_from_forward_context,
+    token_rows,
     worker_gate_table,
 )
 from gatemix.engine.row_payload import (
@@ -234,6 +234,7 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         if cache_config.enable_prefix_caching:
             self.gate_table.prefix_states.configure_caching(cache_config.block_size, lambda: cache_config.num_gpu_blocks)
         self.target_chunk_rows = target_chunk_rows(vllm_config.model_config.get_vocab_size())
+        self.with_draft = vllm_config.speculative_config is not None  # engine/spec_decode.py
         self.make_empty_intermediate_tensors = self.ensemble.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -255,19 +256,20 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         num_tokens, device = expert_hidden.shape[0], expert_hidden.device
         query_start_loc = query_start_loc_from_forward_context()
         self.gate_table.forward_batch = None if query_start_loc is None else (query_start_loc, input_ids, positions)
-        token_rows = token_rows_from_forward_context(num_tokens, device)
-        log_weights = self._gate(router_inputs.float(), state, token_rows)  # (T, K) float32
-        log_weights = self.gate_table.apply_overrides(log_weights, token_rows)
-        payload = [*encode_log_weights(log_weights, expert_hidden.dtype),
-                   encode_token_index(num_tokens, expert_hidden.dtype, device)]
-        return torch.cat([expert_hidden, *payload], dim=-1)  # (T, sum_k H_k + payload_width(K))
+        rows = token_rows(query_start_loc, num_tokens, device)
+        log_weights = self._gate(router_inputs.float(), state, rows)  # (T, K) float32
+        log_weights = self.gate_table.apply_overrides(log_weights, rows)
+        payload = encode_log_weights(log_weights, expert_hidden.dtype)  # 2 x (T, K)
+        if self.with_draft:  # several sampled rows per request: each says which token it is
+            payload = (*payload, encode_token_index(num_tokens, expert_hidden.dtype, device))
+        return torch.cat([expert_hidden, *payload], dim=-1)  # (T, sum_k H_k + 2K [+ TOKEN_INDEX_DIGITS])
 
-    def _gate(self, features: torch.Tensor, state: torch.Tensor | None, token_rows: torch.Tensor | None) -> torch.Tensor:
+    def _gate(self, features: torch.Tensor, state: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
         """Each token's log weights from the gate its request joined with (one head, almost always)."""
-        if len(self.gates.heads) == 1 or token_rows is None:
+        if len(self.gates.heads) == 1 or rows is None:
             return self.gates.router.gate(features, state)
         prefix_states = self.gate_table.prefix_states
-        row_versions = [prefix_states.version_of(row) for row in token_rows.tolist()]
+        row_versions = [prefix_states.version_of(row) for row in rows.tolist()]
         self.gates.retire(set(row_versions) | {s.gate_version for s in prefix_states.rows.values()})
         log_weights = features.new_empty(features.shape[0], self.num_experts)
         for version in set(row_versions):
@@ -327,13 +329,13 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        """``(N, sum_k H_k + payload_width(K))`` -> ``(N, V)`` mixture log-probs, float32."""
+        """``(N, sum_k H_k + 2K [+ TOKEN_INDEX_DIGITS])`` -> ``(N, V)`` mixture log-probs, float32."""
         split, num_experts = sum(self.expert_widths), self.num_experts
         log_weights = decode_log_weights(hidden_states[:, split : split + 2 * num_experts], num_experts)  # (N, K)
         expert_logits = self._expert_logits(hidden_states[:, :split])  # (N, K, V)
         if expert_logits is None:  # tensor-parallel rank that does not receive the gathered logits
             return None
-        token_index = decode_token_index(hidden_states[:, split + 2 * num_experts :])  # (N,)
+        token_index = decode_token_index(hidden_states[:, split + 2 * num_experts :]) if self.with_draft else None
         sampled = self.gate_table.note_sampling_call(log_weights, token_index)
         if self.gates.any_posterior:
             # The sampling call's log-probs are the next step's first-token log-probs.

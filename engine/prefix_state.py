@@ -92,10 +92,10 @@ class PrefixState:
     next_position: int = 0  # the position of the first token not yet folded into S
     pending_slot: int | None = None  # row of PrefixStates.pending for the token at next_position
     gate_version: str | None = None  # the gate the request joined the batch with (gate_versions.py)
-    # With a draft: S after each token of the last chunk, from position recent_start, and the
-    # pending rows of the last sampling call's earlier positions, to roll back to the last accepted.
+    # With a draft: S after each token of the last chunk (the L positions before next_position),
+    # and the pending rows of the last sampling call's earlier positions, to roll back to the last
+    # accepted token.
     recent_states: torch.Tensor | None = None  # (L, K)
-    recent_start: int = 0
     pending_earlier: dict[int, int] | None = None  # position -> row of PrefixStates.pending
 
     def fresh(self) -> bool:
@@ -108,11 +108,12 @@ class PrefixState:
         log-probs at ``position - 1`` are a row of the last sampling call.
         """
         earlier = self.pending_earlier or {}
-        if self.recent_states is None or not self.recent_start < position < self.next_position:
+        if self.recent_states is None:
             return False
-        if position - 1 not in earlier:
+        recent_start = self.next_position - self.recent_states.shape[0]
+        if not recent_start < position < self.next_position or position - 1 not in earlier:
             return False
-        self.log_likelihood = self.recent_states[position - 1 - self.recent_start]
+        self.log_likelihood = self.recent_states[position - 1 - recent_start]
         self.next_position, self.pending_slot = position, earlier[position - 1]
         return True
 
@@ -282,7 +283,7 @@ class PrefixStates:
                 scanned = forgetting_scan(token_logprobs[start:end], forgetting_of_row(row), state.log_likelihood)
                 states[start:end] = scanned
                 state.log_likelihood = scanned[-1]
-            state.recent_states, state.recent_start = states[start:end], state.next_position
+            state.recent_states = states[start:end]
             state.next_position += end - start
             state.pending_slot, state.pending_earlier = None, None
 
@@ -384,5 +385,7 @@ class PrefixStates:
                 continue
             if position == state.next_position - 1:
                 state.pending_slot = index
-            state.pending_earlier = {**(state.pending_earlier or {}), position: index}
+            if state.pending_earlier is None:
+                state.pending_earlier = {}
+            state.pending_earlier[position] = index
         self._awaiting_sample_rows = 0

@@ -143,15 +143,16 @@ class BatchGateTable:
         token_masks = masks[rows] | ~in_table.unsqueeze(-1)  # (T, K); rows past the table keep all experts
         return restrict_log_weights(log_weights, token_masks)
 
-    def note_sampling_call(self, log_weights: torch.Tensor, token_index: torch.Tensor) -> SampledRows | None:
+    def note_sampling_call(self, log_weights: torch.Tensor, token_index: torch.Tensor | None) -> SampledRows | None:
         """Keep a ``compute_logits`` call's ``(N, K)`` weights; its rows' requests when several per request.
 
-        ``token_index``: ``(N,)`` each row's token in the last forward pass. With
-        one row per request (no draft, or no draft tokens this step) row i is batch
-        row i and nothing is read back from the device.
+        ``token_index``: ``(N,)`` each row's token in the last forward pass, with a
+        draft (None without one: one row per request). With one row per request
+        (no draft tokens this step) row i is batch row i and nothing is read back
+        from the device.
         """
         self.last_sample_log_weights, self.last_sampled = log_weights, None
-        if self.forward_batch is None:  # profiling and warm-up runs
+        if self.forward_batch is None or token_index is None:  # profiling and warm-up runs; no draft
             return None
         query_start_loc, input_ids, positions = self.forward_batch
         if log_weights.shape[0] != query_start_loc.shape[0] - 1:
@@ -234,9 +235,11 @@ def query_start_loc_from_forward_context() -> torch.Tensor | None:
     return getattr(_attention_metadata(), "query_start_loc", None)
 
 
-def token_rows_from_forward_context(num_tokens: int, device: torch.device) -> torch.Tensor | None:
-    """Batch row of each of the ``num_tokens`` tokens in this forward pass; padding maps past the last row."""
-    query_start_loc = query_start_loc_from_forward_context()
+def token_rows(query_start_loc: torch.Tensor | None, num_tokens: int, device: torch.device) -> torch.Tensor | None:
+    """Batch row of each of a forward pass's ``num_tokens`` tokens; padding maps past the last row.
+
+    ``query_start_loc``: ``query_start_loc_from_forward_context()`` (None: no requests, None back).
+    """
     if query_start_loc is None:
         return None
     positions = torch.arange(num_tokens, device=query_start_loc.device)

@@ -7,10 +7,11 @@ appends to every token, after the experts' ``(sum_k H_k)`` hidden states:
 
 * its log gate weights ``(K,)``, as a (high, low) pair in the model's dtype, so
   half-precision models keep ~16 bits of precision in the weights (``2K`` columns);
-* its index in the forward pass, in base-256 digits, exact in bf16 and fp16
-  (``TOKEN_INDEX_DIGITS`` columns). With a draft, vLLM samples several rows per
-  request (every verified position); the index says which token, hence which
-  request and position, each row is.
+* with a draft only, its index in the forward pass, in base-256 digits, exact
+  in bf16 and fp16 (``TOKEN_INDEX_DIGITS`` columns). With a draft, vLLM samples
+  several rows per request (every verified position); the index says which
+  token, hence which request and position, each row is. Without one, row i of
+  the sampling call is batch row i, and the columns would be dead weight.
 """
 
 from __future__ import annotations
@@ -48,7 +49,3 @@ def decode_token_index(digits: torch.Tensor) -> torch.Tensor:
     scale = torch.tensor([_DIGIT_BASE**d for d in range(TOKEN_INDEX_DIGITS)], device=digits.device)
     return (digits.round().long() * scale).sum(-1)
 
-
-def payload_width(num_experts: int) -> int:
-    """Columns appended after the experts' hidden states."""
-    return 2 * num_experts + TOKEN_INDEX_DIGITS

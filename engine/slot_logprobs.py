@@ -27,11 +27,10 @@ gate's forgetting factor. The side table is keyed by the same slots and blocks
 as the KV cache and costs ``K`` floats per slot plus one hidden row per block,
 about a percent of the KV cache it shadows.
 
-Speculative decoding (not served yet) can roll a request's state back with it:
-the table holds the log-probs of every computed position, so the state at the
-last accepted token is a scan of its prefix's slots, as for a cache hit. A
-rejected draft token's slot is rewritten by the forward pass that recomputes
-that position, and vLLM caches only blocks of accepted tokens.
+With speculative decoding (``--draft``) the table needs nothing more: a request
+rolls its state back from its last chunk (``PrefixState.roll_back``), a rejected
+draft token's slot is rewritten by the forward pass that recomputes that
+position, and vLLM caches only blocks of accepted tokens.
 """
 
 from __future__ import annotations

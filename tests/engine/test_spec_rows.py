@@ -49,7 +49,7 @@ def test_trace_records_of_verified_rows_carry_their_index_and_assumed_drafts():
 def test_a_state_rolls_back_to_the_last_accepted_token_and_no_further():
     state = PrefixState(log_likelihood=torch.tensor([4.0, 4.0]), next_position=14, pending_slot=3)
     state.recent_states = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]])  # after 10..13
-    state.recent_start, state.pending_earlier = 10, {10: 0, 11: 1, 12: 2, 13: 3}
+    state.pending_earlier = {10: 0, 11: 1, 12: 2, 13: 3}
     assert not state.roll_back(10)  # a verify step always commits at least one token
     assert not state.roll_back(14)  # nothing to forget
     assert state.roll_back(12)  # tokens 10, 11 accepted: S through 11, the logits at 11 next

@@ -99,7 +99,7 @@ def test_logits_processors_see_batch_updates_by_row():
 
 
 def test_attention_metadata_marks_where_each_request_starts():
-    """``token_rows_from_forward_context`` maps tokens to batch rows through ``query_start_loc``."""
+    """``token_rows`` maps tokens to batch rows through ``query_start_loc``."""
     from vllm.v1.attention.backends import cpu_attn
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
 
