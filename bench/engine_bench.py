@@ -42,7 +42,7 @@ from gatemix.defaults import DEFAULT_PROJECT_DIR
 from gatemix.engine.engine_config import (
     EngineSettings,
     engine_kwargs,
-    shutdown_offline_engine,
+    stopping,
 )
 
 logger = logging.getLogger(__name__)
@@ -132,10 +132,9 @@ def _vllm_tokens_per_second(
     # vllm: deferred, `gatemix bench --help` imports this module for its config
     from vllm import LLM, SamplingParams
 
-    llm = LLM(**engine_kwargs(model_dir, settings), disable_log_stats=acceptance is None)
     params = SamplingParams(max_tokens=config.output_len, temperature=0.0, ignore_eos=True)
     results = {}
-    try:
+    with stopping(LLM(**engine_kwargs(model_dir, settings), disable_log_stats=acceptance is None)) as llm:
         warm_up = [{"prompt_token_ids": p} for p in _prompts(vocab_size, 2, config.prompt_len)]
         llm.generate(warm_up, params, use_tqdm=False)
         for concurrency in config.concurrency:
@@ -150,10 +149,6 @@ def _vllm_tokens_per_second(
             results[concurrency] = best
         if acceptance is not None:
             acceptance.update(_acceptance(llm))
-    finally:
-        shutdown_offline_engine(llm)
-        del llm
-        gc.collect()
     return results
 
 

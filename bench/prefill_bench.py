@@ -18,7 +18,6 @@ cache and weights are already resident then).
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ from gatemix.defaults import DEFAULT_PROJECT_DIR
 from gatemix.engine.engine_config import (
     EngineSettings,
     build_offline_engine,
-    shutdown_offline_engine,
+    stopping,
 )
 
 
@@ -62,10 +61,9 @@ def measure_prefill(model_dir: Path, vocab_size: int, config: PrefillBenchConfig
         dtype=config.dtype, max_model_len=config.prompt_len + 16, max_num_seqs=1,
         max_num_batched_tokens=config.prompt_len + 16,
     )
-    llm = build_offline_engine(model_dir, settings)
     params = SamplingParams(max_tokens=1, temperature=0.0)
     generator = torch.Generator().manual_seed(1)
-    try:
+    with stopping(build_offline_engine(model_dir, settings)) as llm:
         llm.generate([{"prompt_token_ids": [20, 21, 22]}], params, use_tqdm=False)  # warm-up
         times, extra_mib, peak_mib = [], [], []
         for _ in range(config.repeats):
@@ -77,10 +75,6 @@ def measure_prefill(model_dir: Path, vocab_size: int, config: PrefillBenchConfig
                 times.append(time.perf_counter() - start)
             extra_mib.append(usage.peak_mib - before)
             peak_mib.append(usage.peak_mib)
-    finally:
-        shutdown_offline_engine(llm)
-        del llm
-        gc.collect()
     return {"prefill_s": min(times), "peak_extra_mib": max(extra_mib), "peak_mib": max(peak_mib)}
 
 

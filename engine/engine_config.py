@@ -21,6 +21,8 @@ The settings that make the composite correct (``COMPOSITE_ENGINE_ARGS``,
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import os
@@ -226,3 +228,17 @@ def shutdown_offline_engine(llm, timeout_s: float = 30.0) -> None:
             if process.is_alive():
                 process.kill()
         engine_core.resources()
+
+
+@contextlib.contextmanager
+def stopping(llm):
+    """``with stopping(LLM(...)) as llm``: the offline engine, stopped when the block ends.
+
+    Like ``contextlib.closing``: ``shutdown_offline_engine`` on the way out, then a
+    collection, so the engine's cyclic objects go with it and not at some later gc.
+    """
+    try:
+        yield llm
+    finally:
+        shutdown_offline_engine(llm)
+        gc.collect()

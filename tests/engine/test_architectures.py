@@ -12,7 +12,6 @@ float64. A last composite mixes three architectures of three sizes.
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from arch_experts import make_expert
 from cli_runner import run_gatemix
 from vllm import SamplingParams
 
-from gatemix.engine.engine_config import build_offline_engine, shutdown_offline_engine
+from gatemix.engine.engine_config import build_offline_engine, stopping
 from gatemix.engine.request_gates import gate_request_args
 
 TOP = 20
@@ -142,11 +141,8 @@ def served(request, demo_paths, tmp_path_factory):
         root, demo_paths, {"code": (architecture, {}), "legal": (architecture, BIGGER)}
     )
     composite = _fit_and_pack(project_file, root)
-    llm = build_offline_engine(composite, dtype="float32", max_model_len=128, max_num_seqs=8)
-    yield llm, Reference(project_file), _prompts(demo_paths, demo_paths.tokenizer_dir)
-    shutdown_offline_engine(llm)
-    del llm
-    gc.collect()
+    with stopping(build_offline_engine(composite, dtype="float32", max_model_len=128, max_num_seqs=8)) as llm:
+        yield llm, Reference(project_file), _prompts(demo_paths, demo_paths.tokenizer_dir)
 
 
 @pytest.mark.slow
@@ -179,12 +175,7 @@ def test_experts_of_three_architectures_and_sizes_share_one_engine(demo_paths, t
     composite = _fit_and_pack(project_file, tmp_path)
     reference = Reference(project_file)
     prompts = _prompts(demo_paths, demo_paths.tokenizer_dir)
-    llm = build_offline_engine(composite, dtype="float32", max_model_len=128, max_num_seqs=8)
-    try:
+    with stopping(build_offline_engine(composite, dtype="float32", max_model_len=128, max_num_seqs=8)) as llm:
         for pin in (None, [0.2, 0.3, 0.5]):
             _check_logprobs(llm, reference, prompts, pin)
             _check_greedy(llm, reference, prompts[:2], pin)
-    finally:
-        shutdown_offline_engine(llm)
-        del llm
-        gc.collect()

@@ -7,27 +7,20 @@ is Inductor's C++ backend; CUDA graphs are not exercised here (no GPU).
 
 from __future__ import annotations
 
-import gc
-
 from vllm import SamplingParams
 
-from gatemix.engine.engine_config import build_offline_engine, shutdown_offline_engine
+from gatemix.engine.engine_config import build_offline_engine, stopping
 
 PROMPTS = [list(range(20 + 7 * i, 40 + 7 * i)) for i in range(3)]
 
 
 def _generate(model_dir, eager: bool):
-    llm = build_offline_engine(
+    with stopping(build_offline_engine(
         model_dir, dtype="float32", max_model_len=128, max_num_seqs=4, enforce_eager=eager
-    )
-    try:
+    )) as llm:
         params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=10)
         prompts = [{"prompt_token_ids": ids} for ids in PROMPTS]
         return [out.outputs[0] for out in llm.generate(prompts, params, use_tqdm=False)]
-    finally:
-        shutdown_offline_engine(llm)
-        del llm
-        gc.collect()
 
 
 def test_compiled_composite_matches_eager(composite_dir):

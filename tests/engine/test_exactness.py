@@ -7,7 +7,6 @@ probability space in float64.
 
 from __future__ import annotations
 
-import gc
 import os
 
 import pytest
@@ -16,7 +15,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from vllm import SamplingParams
 
 from gatemix.demo.corpus import load_split
-from gatemix.engine.engine_config import build_offline_engine, shutdown_offline_engine
+from gatemix.engine.engine_config import build_offline_engine, stopping
 from gatemix.engine.request_gates import gate_request_args
 
 TOP = 20
@@ -29,11 +28,8 @@ WEIGHT_SETTINGS = {
 
 @pytest.fixture(scope="module")
 def engine(composite_dir):
-    llm = build_offline_engine(composite_dir, dtype="float32", max_model_len=256, max_num_seqs=8)
-    yield llm
-    shutdown_offline_engine(llm)
-    del llm
-    gc.collect()
+    with stopping(build_offline_engine(composite_dir, dtype="float32", max_model_len=256, max_num_seqs=8)) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")
@@ -142,18 +138,13 @@ def test_tensor_parallel_engine_serves_the_same_mixture(composite_dir, reference
         pytest.skip("tensor parallelism needs two GPUs")
     _, experts = reference
     weights = WEIGHT_SETTINGS["skewed"]
-    llm = build_offline_engine(
+    with stopping(build_offline_engine(
         composite_dir, dtype="float32", max_model_len=256, max_num_seqs=4, tensor_parallel_size=2
-    )
-    try:
+    )) as llm:
         outputs = llm.generate(
             [{"prompt_token_ids": p} for p in prompts[:2]],
             _params(weights, max_tokens=1, temperature=0.0, logprobs=TOP), use_tqdm=False,
         )
-    finally:
-        shutdown_offline_engine(llm)
-        del llm
-        gc.collect()
     for prompt, output in zip(prompts, outputs):
         expected = _reference_logprobs(experts, prompt, weights)
         for token_id, logprob in output.outputs[0].logprobs[0].items():

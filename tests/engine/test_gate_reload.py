@@ -8,15 +8,13 @@ transformers experts mixed with each gate's fixed weights.
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from vllm import SamplingParams
 
 from gatemix.engine.composite_folder import GATE_SUBDIR, CompositeInfo
-from gatemix.engine.engine_config import build_offline_engine, shutdown_offline_engine
+from gatemix.engine.engine_config import build_offline_engine, stopping
 from gatemix.engine.gate_reload import RELOAD_METHOD
 from gatemix.engine.pack import pack_composite, parse_gate_spec
 from gatemix.engine.request_gates import gate_request_args
@@ -39,11 +37,8 @@ def reload_setup(demo_paths, tmp_path_factory):
     (root / "corrupt").mkdir()
     (root / "corrupt" / "router.json").write_text("{not json")
     (root / "corrupt" / "router.safetensors").write_bytes(b"\0" * 16)
-    llm = build_offline_engine(composite, dtype="float32", max_model_len=256, max_num_seqs=4)
-    yield llm, root, new_gate.version
-    shutdown_offline_engine(llm)
-    del llm
-    gc.collect()
+    with stopping(build_offline_engine(composite, dtype="float32", max_model_len=256, max_num_seqs=4)) as llm:
+        yield llm, root, new_gate.version
 
 
 def _reference(demo_paths, tokens: list[int], weights: list[float]) -> torch.Tensor:

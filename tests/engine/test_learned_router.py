@@ -9,7 +9,6 @@ layers live in vLLM's paged KV cache next to the experts'.
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 
@@ -21,7 +20,7 @@ from random_router import random_router_artifact
 from vllm import SamplingParams
 
 from gatemix.distill.teacher import EnsembleTeacher
-from gatemix.engine.engine_config import build_offline_engine, shutdown_offline_engine
+from gatemix.engine.engine_config import build_offline_engine, stopping
 from gatemix.engine.pack import pack_composite
 from gatemix.engine.request_gates import gate_request_args
 from gatemix.gate.router import context_config_like
@@ -60,19 +59,17 @@ def test_engine_weights_and_logprobs_match_the_offline_router(routed_composite, 
     socket = context.socket(zmq.PULL)
     address = f"ipc://{tmp_path}/trace.sock"
     socket.bind(address)
-    llm = build_offline_engine(routed_composite, dtype="float32", max_model_len=256, max_num_seqs=4)
     try:
-        prompt = list(range(40, 60))
-        params = SamplingParams(
-            max_tokens=STEPS, temperature=0.0, ignore_eos=True, logprobs=5,
-            extra_args=gate_request_args(trace_id="t", trace_to=address),
-        )
-        output = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
-        engine_weights = _collect_trace(socket)
+        with stopping(build_offline_engine(routed_composite, dtype="float32", max_model_len=256,
+                                           max_num_seqs=4)) as llm:
+            prompt = list(range(40, 60))
+            params = SamplingParams(
+                max_tokens=STEPS, temperature=0.0, ignore_eos=True, logprobs=5,
+                extra_args=gate_request_args(trace_id="t", trace_to=address),
+            )
+            output = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
+            engine_weights = _collect_trace(socket)
     finally:
-        shutdown_offline_engine(llm)
-        del llm
-        gc.collect()
         socket.close()
         context.term()
 

@@ -9,13 +9,11 @@ one to.
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 from vllm import SamplingParams
 
-from gatemix.engine.engine_config import build_offline_engine, shutdown_offline_engine
+from gatemix.engine.engine_config import build_offline_engine, stopping
 from gatemix.engine.request_gates import gate_request_args
 from tests.engine.posterior_harness import (
     GENERATED,
@@ -28,14 +26,11 @@ from tests.engine.posterior_harness import (
 @pytest.fixture(scope="module")
 def chunked_engine(posterior_composite):
     """Every prompt longer than 16 tokens is prefilled in chunks."""
-    llm = build_offline_engine(
+    with stopping(build_offline_engine(
         posterior_composite, dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=16,
         enable_prefix_caching=False,
-    )
-    yield llm
-    shutdown_offline_engine(llm)
-    del llm
-    gc.collect()
+    )) as llm:
+        yield llm
 
 
 @pytest.mark.slow

@@ -9,13 +9,11 @@ case asserts that vLLM's prefix cache did hit, so none passes by recomputing.
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 from vllm import LLM, SamplingParams
 
-from gatemix.engine.engine_config import EngineSettings, engine_kwargs, shutdown_offline_engine
+from gatemix.engine.engine_config import EngineSettings, engine_kwargs, stopping
 from gatemix.engine.request_gates import gate_request_args
 from tests.engine.posterior_harness import (
     GENERATED,
@@ -35,21 +33,15 @@ def _engine(composite, max_model_len: int = 256, **overrides) -> LLM:
 
 @pytest.fixture(scope="module")
 def cached_engine(posterior_composite):
-    llm = _engine(posterior_composite, max_num_batched_tokens=256)
-    yield llm
-    shutdown_offline_engine(llm)
-    del llm
-    gc.collect()
+    with stopping(_engine(posterior_composite, max_num_batched_tokens=256)) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")
 def tiny_cache_engine(posterior_composite):
     """8 blocks of 32 tokens (one of them vLLM's null block) for requests of up to 131 tokens: eviction, preemption."""
-    llm = _engine(posterior_composite, max_model_len=192, num_gpu_blocks_override=8)
-    yield llm
-    shutdown_offline_engine(llm)
-    del llm
-    gc.collect()
+    with stopping(_engine(posterior_composite, max_model_len=192, num_gpu_blocks_override=8)) as llm:
+        yield llm
 
 
 def _counter(llm: LLM, name: str) -> float:

@@ -19,7 +19,6 @@ mixture's argmax.
 
 from __future__ import annotations
 
-import gc
 import json
 
 import pytest
@@ -34,7 +33,7 @@ from gatemix.engine.engine_config import (
     EngineSettings,
     engine_kwargs,
     on_cpu,
-    shutdown_offline_engine,
+    stopping,
 )
 from gatemix.engine.pack import pack_composite
 from gatemix.engine.request_gates import gate_request_args
@@ -60,11 +59,8 @@ def _engine(composite, draft, **overrides) -> LLM:
 @pytest.fixture(scope="module")
 def spec_engine(posterior_composite, demo_paths):
     """12 blocks of 32 tokens (one is vLLM's null block), shared with the draft's layers: 5 requests of 90 preempt."""
-    llm = _engine(posterior_composite, demo_paths.expert_dirs["code"], num_gpu_blocks_override=12)
-    yield llm
-    shutdown_offline_engine(llm)
-    del llm
-    gc.collect()
+    with stopping(_engine(posterior_composite, demo_paths.expert_dirs["code"], num_gpu_blocks_override=12)) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +76,8 @@ def context_composite(demo_paths, tmp_path_factory):
 def random_draft_engine(context_composite, demo_paths, tmp_path_factory):
     draft = make_expert(tmp_path_factory.mktemp("draft") / "random", "llama", demo_paths.expert_dirs["code"],
                         seed=11, num_hidden_layers=1)
-    llm = _engine(context_composite, draft)
-    yield llm
-    shutdown_offline_engine(llm)
-    del llm
-    gc.collect()
+    with stopping(_engine(context_composite, draft)) as llm:
+        yield llm
 
 
 def _counter(llm: LLM, name: str) -> float:
