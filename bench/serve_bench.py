@@ -34,6 +34,7 @@ from pathlib import Path
 from gatemix.bench.models import BenchModels, check_context, project_models
 from gatemix.bench.serve_report import (
     compute_ratios,
+    draft_acceptance,
     format_serve_bench,
     median_point,
     plot_serve_bench,
@@ -45,6 +46,7 @@ from gatemix.bench.servers import (
     ServerOptions,
     ServerStartError,
     launch,
+    spec_decode_counters,
 )
 from gatemix.config_cli import add_config_flags, config_from_args, field_help
 from gatemix.defaults import DEFAULT_PROJECT_DIR
@@ -79,6 +81,11 @@ class ServeBenchConfig:
         default=None,
         **field_help("distilled student folder (None: the project's student/ when it holds a "
                 "config.json; without one the student system is skipped)"))
+    draft: str | None = field(
+        default=None,
+        **field_help("the draft the `draft` system decodes behind (None: the student, as above; "
+                "without either that system is skipped)"))
+    num_draft_tokens: int = field(default=3, **field_help("tokens the draft proposes per step"))
     systems: tuple[str, ...] = field(
         default=SYSTEMS, **field_help(f"systems to run, in order: {' '.join(SYSTEMS)}", choices=SYSTEMS))
     concurrency: tuple[int, ...] = field(
@@ -114,6 +121,8 @@ class ServeBenchConfig:
             raise ValueError("num_prompts and lockstep_num_prompts must be positive")
         if self.lockstep_max_concurrency < 1 or self.kv_cache_gib < 1:
             raise ValueError("lockstep_max_concurrency and kv_cache_gib must be positive")
+        if not 1 <= self.num_draft_tokens <= 16:
+            raise ValueError("num_draft_tokens must be 1 to 16")
 
     def prompts_for(self, system: str, concurrency: int) -> int:
         """Long enough points that the ramp-up and drain of the first and last waves are a small part;
@@ -166,10 +175,12 @@ def run_serve_bench(config: ServeBenchConfig, models: BenchModels) -> dict:
         enforce_eager=config.enforce_eager, log_dir=out_dir / "logs",
     )
     points, notes = [], []
-    systems = [system for system in config.systems if system != "student" or student_dir]
-    if "student" in config.systems and not student_dir:
-        notes.append("student: skipped, no distilled student folder (the project's student/ "
-                     "has no config.json; pass --student)")
+    draft_dir = config.draft or student_dir
+    needs = {"student": student_dir, "draft": draft_dir}
+    systems = [system for system in config.systems if needs.get(system, True)]
+    for system in set(config.systems) - set(systems):
+        notes.append(f"{system}: skipped, no distilled student folder (the project's student/ "
+                     "has no config.json; pass --student" + (" or --draft)" if system == "draft" else ")"))
     groups = [systems] if config.interleave else [[system] for system in systems]
     for group in groups:
         with contextlib.ExitStack() as stack:
@@ -179,7 +190,8 @@ def run_serve_bench(config: ServeBenchConfig, models: BenchModels) -> dict:
                 try:
                     running.append(stack.enter_context(launch(
                         system, composite_dir=str(models.composite_dir), expert_dirs=expert_dirs,
-                        options=options, student_dir=student_dir)))
+                        options=options, student_dir=student_dir, draft_dir=draft_dir,
+                        num_draft_tokens=config.num_draft_tokens)))
                 except ServerStartError as exc:
                     logger.error("%s did not start: %s", system, exc)
                     notes.append(f"{system}: did not start ({str(exc).splitlines()[0]})")
@@ -223,12 +235,14 @@ def _measure_point(config: ServeBenchConfig, running: RunningSystem, prompt_len:
     start = time.perf_counter()
     log_path = out_dir / "logs" / f"load-{running.name}.log"
     try:
+        drafts_before = spec_decode_counters(running.base_url)
         with ProcessUsage([p.pid for p in running.processes]) as usage:
             point.update(run_load(
                 running, tokenizer_dir=tokenizer_dir, concurrency=concurrency,
                 prompt_len=prompt_len, output_len=config.output_len, num_prompts=point["num_prompts"],
                 seed=config.seed, log_path=log_path,
             ))
+        point.update(draft_acceptance(drafts_before, spec_decode_counters(running.base_url)))
     except Exception as exc:  # one bad point must not lose the others' figures
         logger.exception("%s c=%d p=%d failed", running.name, concurrency, prompt_len)
         notes.append(f"{running.name}: c={concurrency} p={prompt_len} failed: {exc!r} (see {log_path})")

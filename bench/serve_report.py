@@ -30,6 +30,7 @@ SYSTEM_LABELS = {
     "single": "gatemix, one expert",
     "vllm": "vllm serve, one expert",
     "student": "gatemix student",
+    "draft": "gatemix ensemble behind the draft",
     "lockstep": "lockstep ensemble (K vLLM + mixer)",
 }
 # Figures kept for every run of a repeated point, in round order.
@@ -62,6 +63,17 @@ def paired_ratios(numerator: dict | None, denominator: dict | None, key: str = "
     return [a / b for a, b in zip(num, den) if a and b]
 
 
+def draft_acceptance(before: dict[str, float], after: dict[str, float]) -> dict:
+    """A point's acceptance rate and mean acceptance length, from vLLM's totals around it."""
+    drafts = after.get("vllm:spec_decode_num_drafts", 0) - before.get("vllm:spec_decode_num_drafts", 0)
+    if drafts <= 0:
+        return {}
+    proposed, accepted = (after[name] - before.get(name, 0) for name in (
+        "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens"))
+    return {"acceptance_rate": accepted / proposed if proposed else None,
+            "mean_acceptance_length": 1 + accepted / drafts}  # tokens per verify step
+
+
 def _summary(ratios: list[float], scale: float = 1.0) -> tuple[float | None, list[float] | None]:
     """(median, [min, max] when there are several rounds)."""
     if not ratios:
@@ -75,8 +87,9 @@ def compute_ratios(points: list[dict], num_experts: int) -> list[dict]:
     by_key = {(p["system"], p["prompt_len"], p["concurrency"]): p for p in points}
     ratios = []
     for prompt_len, concurrency in sorted({(p["prompt_len"], p["concurrency"]) for p in points}):
-        ensemble, single, vllm, lockstep, student = (
-            by_key.get((s, prompt_len, concurrency)) for s in ("ensemble", "single", "vllm", "lockstep", "student")
+        ensemble, single, vllm, lockstep, student, draft = (
+            by_key.get((s, prompt_len, concurrency))
+            for s in ("ensemble", "single", "vllm", "lockstep", "student", "draft")
         )
         row = {"prompt_len": prompt_len, "concurrency": concurrency}
         for name, values, scale in (
@@ -85,6 +98,7 @@ def compute_ratios(points: list[dict], num_experts: int) -> list[dict]:
             ("api_cpu_overhead", paired_ratios(vllm, single, "api_cpu_us_per_token"), 1.0),
             ("speedup_over_lockstep", paired_ratios(ensemble, lockstep), 1.0),
             ("student_speedup", paired_ratios(student, ensemble), 1.0),
+            ("draft_speedup", paired_ratios(draft, ensemble), 1.0),
         ):
             row[name], row[f"{name}_range"] = _summary(values, scale)
         ratios.append(row)
@@ -108,6 +122,14 @@ def _ratio_cell(row: dict, name: str, digits: int = 3, suffix: str = "") -> str:
         return "n/a"
     cell = f"{value:.{digits}f}{suffix}"
     return f"{cell} ({spread[0]:.{digits}f}-{spread[1]:.{digits}f})" if spread else cell
+
+
+def _draft_length(points: list[dict], row: dict) -> float | None:
+    for point in points:
+        if (point["system"], point["prompt_len"], point["concurrency"]) == (
+                "draft", row["prompt_len"], row["concurrency"]):
+            return point.get("mean_acceptance_length")
+    return None
 
 
 def format_serve_bench(result: dict) -> str:
@@ -134,15 +156,17 @@ def format_serve_bench(result: dict) -> str:
         "",
         ("| concurrency | prompt len | E = K*tps(ensemble)/tps(single) | overhead = tps(single)/tps(vllm) "
          "| API CPU overhead = cpu(vllm)/cpu(single) | speed-up = tps(ensemble)/tps(lockstep) "
-         "| student = tps(student)/tps(ensemble) |"),
-        "|---:|---:|---:|---:|---:|---:|---:|",
+         "| student = tps(student)/tps(ensemble) | draft = tps(behind the draft)/tps(ensemble) "
+         "| mean acceptance length |"),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["ratios"]:
         lines.append(
             f"| {r['concurrency']} | {r['prompt_len']} | {_ratio_cell(r, 'efficiency_E')} "
             f"| {_ratio_cell(r, 'server_overhead')} | {_ratio_cell(r, 'api_cpu_overhead')} "
             f"| {_ratio_cell(r, 'speedup_over_lockstep', 1, 'x')} "
-            f"| {_ratio_cell(r, 'student_speedup', 2, 'x')} |"
+            f"| {_ratio_cell(r, 'student_speedup', 2, 'x')} | {_ratio_cell(r, 'draft_speedup', 2, 'x')} "
+            f"| {_cell(_draft_length(result['points'], r), 2)} |"
         )
     if config["repeats"] > 1:
         lines += ["", "Ratios: median over rounds of each round's ratio, (min-max) over rounds."]

@@ -12,6 +12,7 @@ Systems (``SYSTEMS``):
 * ``single``: ``gatemix serve`` of one expert's plain Hugging Face folder;
 * ``vllm``: vLLM's own OpenAI server of the same expert folder;
 * ``student``: ``gatemix serve`` of a distilled student folder, when given;
+* ``draft``: the ensemble again, decoding behind a draft model (``--draft``, the student by default);
 * ``lockstep``: K vLLM servers, one per expert, behind the lockstep server.
 """
 
@@ -38,7 +39,7 @@ from gatemix.server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-SYSTEMS = ("ensemble", "single", "vllm", "student", "lockstep")
+SYSTEMS = ("ensemble", "single", "vllm", "student", "draft", "lockstep")
 
 
 class ServerStartError(RuntimeError):
@@ -211,9 +212,16 @@ def _lockstep(expert_dirs: list[str], options: ServerOptions,
 
 
 def launch(system: str, *, composite_dir: str | None, expert_dirs: list[str], options: ServerOptions,
-           student_dir: str | None = None, lockstep_weights: list[float] | None = None):
+           student_dir: str | None = None, lockstep_weights: list[float] | None = None,
+           draft_dir: str | None = None, num_draft_tokens: int = 3):
     """A context manager that starts ``system`` and yields a :class:`RunningSystem`."""
     expert = str(expert_dirs[0])
+    if system == "draft":
+        if not (composite_dir and draft_dir):
+            raise ValueError("the draft system needs a composite and a draft folder")
+        drafted = ["--draft", str(draft_dir), "--num-draft-tokens", str(num_draft_tokens)]
+        return _single_server(system, lambda port: gatemix_serve_command(
+            composite_dir, port, options, "gatemix-draft") + drafted, options, "gatemix-draft")
     gatemix_folders = {"ensemble": composite_dir, "single": expert, "student": student_dir}
     if system in gatemix_folders:
         folder = gatemix_folders[system]
@@ -226,6 +234,22 @@ def launch(system: str, *, composite_dir: str | None, expert_dirs: list[str], op
     if system == "lockstep":
         return _lockstep([str(d) for d in expert_dirs], options, lockstep_weights)
     raise ValueError(f"unknown system {system!r}; choose from {', '.join(SYSTEMS)}")
+
+
+SPEC_DECODE_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
+                        "vllm:spec_decode_num_accepted_tokens")
+
+
+def spec_decode_counters(base_url: str) -> dict[str, float]:
+    """vLLM's speculative-decoding totals on a server's ``/metrics`` (empty without a draft)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = httpx.get(f"{base_url}/metrics", timeout=10.0).text
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(body):
+        if family.name in SPEC_DECODE_COUNTERS:
+            totals[family.name] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return totals
 
 
 class ProcessUsage:

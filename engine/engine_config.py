@@ -182,6 +182,8 @@ def engine_kwargs(model_dir: str | Path, settings: EngineSettings) -> dict:
     kwargs.update({name: value for name, value in optional.items() if value is not None})
     if settings.draft is not None:
         kwargs["speculative_config"] = speculative_config(settings.draft, settings.num_draft_tokens)
+        # Each output then carries its own acceptance, which /metrics counts per dominant expert.
+        kwargs["per_request_spec_decode_metrics"] = "summary"
     if is_composite_folder(model_dir):
         kwargs.update(COMPOSITE_ENGINE_ARGS)
         if not on_cpu() and not kwargs["enforce_eager"]:

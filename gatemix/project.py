@@ -13,6 +13,8 @@ documents are the gate's and which are held out::
     [data.code]                 # train/gate/eval lists, or one pool `files` split with the seed
     [out_of_domain]             # optional: eval = [sources] of text from none of the domains,
                                 # read only by reports (how the gate does on what no expert knows)
+    [serve]                     # optional: draft = "<folder>" (e.g. the student), num_draft_tokens = 3:
+                                # `gatemix serve --project` decodes behind that draft unless --draft is given
 
 Paths are relative to the project file's folder (``~`` expanded, absolute allowed);
 ``gatemix.data_sources`` says what a source is. YAML holds the same schema;
@@ -71,7 +73,8 @@ except ModuleNotFoundError:  # Python 3.10
 logger = logging.getLogger(__name__)
 
 PROJECT_FILE_NAMES = ("gatemix.toml", "gatemix.yaml", "gatemix.yml")
-TOP_LEVEL_KEYS = ("name", "work_dir", "experts", "baselines", "data", "out_of_domain")
+TOP_LEVEL_KEYS = ("name", "work_dir", "experts", "baselines", "data", "out_of_domain", "serve")
+SERVE_KEYS = ("draft", "num_draft_tokens")
 OUT_OF_DOMAIN = "out_of_domain"  # the report's name for the [out_of_domain] text
 DEFAULT_WORK_DIR = "gatemix-work"
 SPLIT_RECORD_FILE = "splits.json"
@@ -96,6 +99,8 @@ class Project:
     baselines: dict[str, Path]
     data: dict[str, DomainData]
     out_of_domain: tuple[DataSource, ...] | None = None  # [out_of_domain] eval sources, if any
+    draft: Path | None = None  # [serve] draft: the folder the served ensemble decodes behind
+    num_draft_tokens: int | None = None  # [serve] num_draft_tokens: None leaves the server's default
     _documents: dict[tuple[str, str], list[Document]] = field(
         default_factory=dict, init=False, repr=False)
     _expert_folders: list[ExpertFolder] = field(default_factory=list, init=False, repr=False)
@@ -335,9 +340,27 @@ def _project_from_table(file: Path, table: dict) -> Project:
         defaults = {**DATA_DEFAULTS, **{key: value for key, value in table.get("data", {}).items()
                                         if key in DATA_DEFAULTS}}
         out_of_domain = parse_out_of_domain(table[OUT_OF_DOMAIN], defaults, root)
+    draft, num_draft_tokens = _serve_table(table.get("serve", {}), root)
     return Project(path=file, name=name, work_dir=resolve_path(work_dir, root), experts=experts,
                    baselines=_model_table(table, "baselines", root), data=data,
-                   out_of_domain=out_of_domain)
+                   out_of_domain=out_of_domain, draft=draft, num_draft_tokens=num_draft_tokens)
+
+
+def _serve_table(serve: object, root: Path) -> tuple[Path | None, int | None]:
+    """``[serve]``: the draft folder and the tokens it proposes per step (either may be absent)."""
+    serve = expect_type(serve, dict, "[serve]")
+    reject_unknown_keys(serve, SERVE_KEYS, "in [serve]")
+    draft = serve.get("draft")
+    if draft is not None and not expect_type(draft, str, "[serve] draft").strip():
+        raise TableError("[serve] draft must name a model folder")
+    num_draft_tokens = serve.get("num_draft_tokens")
+    if num_draft_tokens is not None:
+        expect_type(num_draft_tokens, int, "[serve] num_draft_tokens")
+        if not 1 <= num_draft_tokens <= 16:
+            raise TableError(f"[serve] num_draft_tokens must be 1 to 16, got {num_draft_tokens}")
+        if draft is None:
+            raise TableError("[serve] num_draft_tokens needs a draft")
+    return (None if draft is None else resolve_path(draft, root)), num_draft_tokens
 
 
 def _model_table(table: dict, key: str, root: Path) -> dict[str, Path]:

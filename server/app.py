@@ -22,12 +22,12 @@ from fastapi import FastAPI
 
 from gatemix import __version__
 from gatemix.engine.composite_folder import GATE_SUBDIR
-from gatemix.engine.engine_config import build_async_engine
+from gatemix.engine.engine_config import EngineSettings, build_async_engine
 from gatemix.engine.gate_trace import GateTraceReceiver
 from gatemix.engine.pack import ensure_composite
 from gatemix.errors import UserError
 from gatemix.gate.artifact import METADATA_FILE
-from gatemix.project import PROJECT_FILE_NAMES, load_project
+from gatemix.project import PROJECT_FILE_NAMES, Project, load_project
 from gatemix.server.chat_template import ChatRenderer
 from gatemix.server.errors import install_error_handlers
 from gatemix.server.gate_admin import GateAdmin, gate_report
@@ -77,7 +77,18 @@ def resolve_settings(settings: Settings) -> Settings:
     update = {"model_dir": info.path, "project": None, "served_model_name": name}
     if settings.gate_artifact is None:  # SIGHUP re-reads what fit-gate rewrites
         update["gate_artifact"] = project.gate_dir
+    if project.draft is not None and settings.engine.draft is None:
+        update["engine"] = _with_project_draft(settings.engine, project)
     return settings.model_copy(update=update)
+
+
+def _with_project_draft(engine: EngineSettings, project: Project) -> EngineSettings:
+    """The project's ``[serve]`` draft; a ``--num-draft-tokens`` flag or variable wins over its N."""
+    update = {"draft": str(project.draft)}
+    if project.num_draft_tokens is not None and "num_draft_tokens" not in engine.model_fields_set:
+        update["num_draft_tokens"] = project.num_draft_tokens
+    logger.info("project %s: decoding behind its [serve] draft %s", project.path, project.draft)
+    return engine.model_copy(update=update)
 
 
 def _with_gate_report(models: ServedModels, artifact_dir: Path) -> ServedModels:

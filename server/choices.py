@@ -37,6 +37,24 @@ class ChoiceDelta:
     finish_reason: str | None
 
 
+@dataclass(frozen=True)
+class DraftAcceptance:
+    """One choice's speculative steps under a draft (vLLM's per-request spec-decode metrics)."""
+
+    steps: int  # verify steps
+    draft_tokens: int  # tokens the draft proposed
+    accepted_tokens: int  # of those, accepted by the ensemble
+
+    @classmethod
+    def of(cls, completion) -> DraftAcceptance | None:
+        """From a vLLM ``CompletionOutput``; None without a draft (or before the choice ends)."""
+        metrics = getattr(completion, "spec_decode_metrics", None)
+        if metrics is None:
+            return None
+        accepted = sum(j * count for j, count in enumerate(metrics.histogram))
+        return cls(sum(metrics.histogram), metrics.num_draft_tokens, accepted)
+
+
 @dataclass
 class ChoiceState:
     """A choice's output so far."""
@@ -49,6 +67,7 @@ class ChoiceState:
     prompt_logprobs: list[dict | None] | None = None  # (prompt tokens,), first entry None
     gate_weights: list[list[float]] | None = field(default_factory=list)  # (tokens, K)
     finish_reason: str | None = None
+    draft_acceptance: DraftAcceptance | None = None  # set when the choice ends, with a draft
     # (K,) running sum of gate_weights over tokens: every streamed chunk reports the mean
     # so far, and re-summing all tokens per chunk would cost O(tokens^2) per request.
     _weight_totals: list[float] = field(default_factory=list, repr=False)

@@ -22,6 +22,7 @@ from gatemix.server.choices import (
     ChoiceJob,
     ChoiceState,
     ChoiceTiming,
+    DraftAcceptance,
     merge_streams,
 )
 from gatemix.server.errors import bad_request, engine_dead
@@ -88,6 +89,7 @@ class Generation:
                 timing.tick(len(delta.token_ids), finished)
                 state.add(delta)
                 if finished:
+                    state.draft_acceptance = DraftAcceptance.of(output.outputs[0])
                     self.recorder.observe_choice(state, plan, timing)
                 yield delta, state
         finally:

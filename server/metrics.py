@@ -11,6 +11,12 @@ records its gate weights three ways:
   mixture, the share of generated text each expert carried;
 * ``gatemix_dominant_expert_requests_total`` - the expert with the largest mean.
 
+Served behind a draft (``--draft``), each finished choice also adds its
+speculative steps, proposed and accepted draft tokens under its dominant expert
+(``gatemix_spec_decode_*_total``), so acceptance shows per kind of traffic:
+a draft distilled from the ensemble is accepted more on some domains than on
+others. vLLM's own ``vllm:spec_decode_*`` counters give the engine-wide figure.
+
 Several processes: with ``PROMETHEUS_MULTIPROC_DIR`` set *before*
 ``prometheus_client`` is imported (uvicorn workers, vLLM API-server processes),
 every process writes its values to memory-mapped files there and ``render()``
@@ -38,6 +44,8 @@ from prometheus_client import (
     values,
 )
 from prometheus_client.metrics_core import Metric
+
+from gatemix.server.choices import DraftAcceptance
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +78,11 @@ def multiprocess_dir() -> str | None:
                        "imported; metrics stay per-process", path)
         return None
     return path
+
+
+def dominant_expert(mean_weights: dict[str, float]) -> str | None:
+    """The expert with the largest mean weight; None when the weights are unknown."""
+    return max(mean_weights, key=mean_weights.__getitem__) if mean_weights else None
 
 
 class _Union:
@@ -139,6 +152,16 @@ class GateMetrics:
         self.itl = Histogram(
             PREFIX + "inter_token_latency_seconds", "Time between consecutive output tokens.",
             ["model"], buckets=ITL_BUCKETS, registry=r)
+        by_dominant = ["expert", "model"]  # the choice's dominant expert ("none": weights unknown)
+        self.spec_steps = Counter(
+            PREFIX + "spec_decode_steps", "Speculative verify steps of finished choices, by "
+            "the choice's dominant expert.", by_dominant, registry=r)
+        self.spec_draft_tokens = Counter(
+            PREFIX + "spec_decode_draft_tokens", "Tokens the draft proposed for finished choices, "
+            "by the choice's dominant expert.", by_dominant, registry=r)
+        self.spec_accepted_tokens = Counter(
+            PREFIX + "spec_decode_accepted_tokens", "Draft tokens the ensemble accepted for "
+            "finished choices, by the choice's dominant expert.", by_dominant, registry=r)
         self.errors = Counter(
             PREFIX + "request_errors", "Requests answered with an error, by HTTP status code.",
             ["code"], registry=r)
@@ -172,7 +195,7 @@ class GateMetrics:
     def observe_request(self, *, model: str, mean_weights: dict[str, float],
                         token_weight_sums: dict[str, float], prompt_tokens: int,
                         generation_tokens: int, ttft_s: float | None, itl_s: list[float],
-                        e2e_s: float) -> None:
+                        e2e_s: float, draft_acceptance: DraftAcceptance | None = None) -> None:
         """Record one finished choice.
 
         Args:
@@ -184,6 +207,7 @@ class GateMetrics:
             ttft_s: seconds to the first token, None when none was generated.
             itl_s: seconds between consecutive tokens (generation_tokens - 1 entries).
             e2e_s: seconds from arrival to the end.
+            draft_acceptance: the choice's speculative steps; None without a draft.
         """
         self.requests.labels(model=model).inc()
         self.prompt_tokens.labels(model=model).inc(prompt_tokens)
@@ -197,6 +221,8 @@ class GateMetrics:
             itl.observe(seconds)
         for expert, weight_sum in token_weight_sums.items():
             self.weighted_tokens.labels(expert=expert, model=model).inc(weight_sum)
+        if draft_acceptance is not None:
+            self._observe_draft(model, dominant_expert(mean_weights) or "none", draft_acceptance)
         if not mean_weights:
             return
         for expert in self.expert_names:
@@ -205,9 +231,13 @@ class GateMetrics:
                 mean_weights.get(expert, 0.0))
         for expert in mean_weights.keys() - set(self.expert_names):
             self.gate_weight.labels(expert=expert, model=model).observe(mean_weights[expert])
-        dominant = max(mean_weights, key=mean_weights.__getitem__)
-        self.dominant.labels(expert=dominant, model=model).inc()
+        self.dominant.labels(expert=dominant_expert(mean_weights), model=model).inc()
         self._touch_experts(model)
+
+    def _observe_draft(self, model: str, expert: str, acceptance: DraftAcceptance) -> None:
+        self.spec_steps.labels(expert=expert, model=model).inc(acceptance.steps)
+        self.spec_draft_tokens.labels(expert=expert, model=model).inc(acceptance.draft_tokens)
+        self.spec_accepted_tokens.labels(expert=expert, model=model).inc(acceptance.accepted_tokens)
 
     def _touch_experts(self, model: str) -> None:
         """Create every expert's series for ``model`` so that rates and shares

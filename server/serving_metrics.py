@@ -40,6 +40,7 @@ class ServingMetrics:
             ttft_s=timing.ttft_s if state.token_ids else None,
             itl_s=timing.itl_s if state.token_ids else [],
             e2e_s=timing.last - timing.arrival,
+            draft_acceptance=state.draft_acceptance,
         )
 
     def _set_queue(self, waiting: int = 0, running: int = 0) -> None:

@@ -8,6 +8,7 @@ from gatemix.bench.serve_bench import ServeBenchConfig, add_serve_bench_parser
 from gatemix.bench.serve_report import (
     _tps_cell,
     compute_ratios,
+    draft_acceptance,
     format_serve_bench,
     median_point,
     plot_serve_bench,
@@ -27,6 +28,7 @@ def _fake_result():
         _point("lockstep", 1, 10.0),
         _point("ensemble", 16, 900.0), _point("single", 16, 2000.0, api_cpu=150.0), _point("vllm", 16, 2000.0),
         _point("lockstep", 16, 30.0), _point("student", 16, 2400.0),
+        {**_point("draft", 16, 450.0), "mean_acceptance_length": 2.25, "acceptance_rate": 0.41},
         _point("ensemble", 64, 1000.0), _point("single", 64, 2400.0), _point("vllm", 64, 2500.0),
     ]
     config = ServeBenchConfig(concurrency=(1, 16, 64), prompt_lens=(32,))
@@ -45,15 +47,26 @@ def test_ratios_are_efficiency_overhead_and_speedup_per_point():
     assert ratios[64]["speedup_over_lockstep"] is None  # lockstep skipped there
     assert ratios[16]["student_speedup"] == pytest.approx(2400.0 / 900.0)
     assert ratios[1]["student_speedup"] is None  # no student point there
+    assert ratios[16]["draft_speedup"] == pytest.approx(450.0 / 900.0)
+    assert ratios[64]["draft_speedup"] is None
+
+
+def test_draft_acceptance_is_the_point_s_share_of_vllm_s_totals():
+    before = {"vllm:spec_decode_num_drafts": 10, "vllm:spec_decode_num_draft_tokens": 30,
+              "vllm:spec_decode_num_accepted_tokens": 12}
+    after = {"vllm:spec_decode_num_drafts": 30, "vllm:spec_decode_num_draft_tokens": 90,
+             "vllm:spec_decode_num_accepted_tokens": 42}
+    assert draft_acceptance(before, after) == {"acceptance_rate": 0.5, "mean_acceptance_length": 2.5}
+    assert draft_acceptance({}, {}) == {}  # no draft: nothing to report
 
 
 def test_table_has_one_row_per_point_the_ratios_and_the_notes():
     report = format_serve_bench(_fake_result())
     rows = [line for line in report.splitlines() if line.startswith(("| gatemix", "| vllm", "| lockstep"))]
-    assert len(rows) == 12
+    assert len(rows) == 13
     assert "| gatemix ensemble (K experts) | 16 | 32 | 900.0 | 10.0 | 20.0 | 1.50 | 3.25 | 200 | 2048 |" in report
-    assert "| 16 | 32 | 0.900 | 1.000 | 1.333 | 30.0x | 2.67x |" in report
-    assert "| 64 | 32 | 0.833 | 0.960 | 1.000 | n/a | n/a |" in report
+    assert "| 16 | 32 | 0.900 | 1.000 | 1.333 | 30.0x | 2.67x | 0.50x | 2.25 |" in report
+    assert "| 64 | 32 | 0.833 | 0.960 | 1.000 | n/a | n/a | n/a | n/a |" in report
     assert "skipped (above --lockstep-max-concurrency 16)" in report
 
 

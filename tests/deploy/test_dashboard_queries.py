@@ -31,6 +31,7 @@ from prometheus_harness import (
 )
 from render_dashboard import render_dashboard
 
+from gatemix.server.choices import DraftAcceptance
 from gatemix.server.metrics import GateMetrics
 
 pytestmark = pytest.mark.skipif(prometheus_binary() is None,
@@ -48,6 +49,13 @@ TICK = [
     (ENSEMBLE, {"code": 0.2, "legal": 0.2, "medical": 0.6}, 4),
     ("code", {"code": 1.0, "legal": 0.0, "medical": 0.0}, 6),
 ]
+# Served behind a draft: per tick, (steps, proposed, accepted) by the choice's dominant expert.
+ACCEPTANCE = {
+    (ENSEMBLE, "code"): DraftAcceptance(2, 6, 4),
+    (ENSEMBLE, "legal"): DraftAcceptance(2, 6, 1),
+    (ENSEMBLE, "medical"): DraftAcceptance(1, 3, 3),
+    ("code", "code"): DraftAcceptance(2, 6, 6),
+}
 TICK_S = 0.25
 # Longer runs make a nicer picture: GATEMIX_DASHBOARD_OBSERVE_S=60.
 OBSERVE_S = float(os.environ.get("GATEMIX_DASHBOARD_OBSERVE_S", "8"))
@@ -88,7 +96,8 @@ def observe_tick(metrics: GateMetrics, tick: int) -> None:
             token_weight_sums={e: w * tokens for e, w in weights.items()},
             prompt_tokens=12, generation_tokens=tokens, ttft_s=0.02 + 0.01 * (tick % 5),
             itl_s=[0.005 + 0.001 * (i % 7) for i in range(tokens - 1)],
-            e2e_s=0.05 + 0.01 * tokens)
+            e2e_s=0.05 + 0.01 * tokens,
+            draft_acceptance=ACCEPTANCE[model, max(weights, key=weights.get)])
     if tick % 4 == 0:
         metrics.observe_error(400)
     metrics.set_queue(running=tick % 3, waiting=tick % 2)
@@ -173,6 +182,19 @@ def test_dominant_share_by_model(scraped):
         assert shares[ENSEMBLE, expert] == pytest.approx(1 / 3, abs=1e-6)
     assert shares["code", "code"] == pytest.approx(1.0)
     assert shares["code", "legal"] == 0
+
+
+def test_draft_acceptance_by_dominant_expert(scraped):
+    base_url, _, _ = scraped
+    variables = {"model": ENSEMBLE}
+    (rate_expr,) = panel_exprs(panel_by_title("Draft acceptance rate"), variables)
+    (length_expr,) = panel_exprs(panel_by_title("Mean acceptance length"), variables)
+    rates = series_by(query(base_url, rate_expr), "expert")
+    lengths = series_by(query(base_url, length_expr), "expert")
+    for expert in EXPERTS:
+        acceptance = ACCEPTANCE[ENSEMBLE, expert]
+        assert rates[expert] == pytest.approx(acceptance.accepted_tokens / acceptance.draft_tokens, abs=1e-6)
+        assert lengths[expert] == pytest.approx(1 + acceptance.accepted_tokens / acceptance.steps, abs=1e-6)
 
 
 def test_gate_version_panel(scraped):

@@ -15,6 +15,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_harness import dashboard_exprs
 
+from gatemix.server.choices import DraftAcceptance
 from gatemix.server.metrics import GateMetrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +105,8 @@ def test_every_dashboard_metric_is_exposed_after_one_request(dashboard):
     metrics = GateMetrics(["code", "legal"], gate_version="v1", gate_loaded_at=1.0)
     metrics.observe_request(model="gatemix-demo", mean_weights={"code": 0.6, "legal": 0.4},
                             token_weight_sums={"code": 1.2, "legal": 0.8}, prompt_tokens=4,
-                            generation_tokens=2, ttft_s=0.01, itl_s=[0.01], e2e_s=0.02)
+                            generation_tokens=2, ttft_s=0.01, itl_s=[0.01], e2e_s=0.02,
+                            draft_acceptance=DraftAcceptance(1, 3, 1))  # served behind a draft
     exposed = {sample.name
                for family in text_string_to_metric_families(metrics.render()[0].decode())
                for sample in family.samples}

@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
+from gatemix.server.choices import DraftAcceptance
 from gatemix.server.metrics import GateMetrics
 
 EXPERTS = ["code", "legal", "medical"]
@@ -119,6 +121,39 @@ def test_restricted_mixture_counts_left_out_experts_as_zero(metrics):
     assert value(scraped, "gatemix_gate_weight_sum", expert="medical", model=MODEL) == 0
     assert value(scraped, "gatemix_gate_weighted_tokens_total", expert="medical",
                  model=MODEL) == 0
+
+
+def test_draft_acceptance_counts_under_the_dominant_expert(metrics):
+    """vLLM's per-request spec-decode histogram -> steps, proposed and accepted tokens per dominant expert."""
+    from vllm.v1.metrics.stats import RequestSpecDecodeMetrics
+
+    def completion(histogram, draft_tokens):
+        metrics = RequestSpecDecodeMetrics.new(3)
+        for accepted, count in enumerate(histogram):
+            for _ in range(count):
+                metrics.observe(num_draft_tokens=3, num_accepted=accepted)
+        assert metrics.num_draft_tokens == draft_tokens
+        return SimpleNamespace(spec_decode_metrics=metrics)
+
+    # accepted 0, 1, 2, 3 draft tokens in 1, 0, 2, 1 steps: 4 steps, 12 proposed, 7 accepted
+    first = DraftAcceptance.of(completion([1, 0, 2, 1], 12))
+    assert first == DraftAcceptance(steps=4, draft_tokens=12, accepted_tokens=7)
+    assert DraftAcceptance.of(SimpleNamespace(spec_decode_metrics=None)) is None
+    for mean_weights, acceptance in [({"code": 0.2, "legal": 0.8}, first),
+                                     ({"code": 0.9, "legal": 0.1}, DraftAcceptance(2, 6, 1)),
+                                     ({"code": 0.3, "legal": 0.7}, DraftAcceptance(1, 3, 3)),
+                                     ({}, DraftAcceptance(5, 15, 0))]:
+        metrics.observe_request(model=MODEL, mean_weights=mean_weights, token_weight_sums={},
+                                prompt_tokens=3, generation_tokens=8, ttft_s=0.01, itl_s=[],
+                                e2e_s=0.02, draft_acceptance=acceptance)
+    scraped = samples(metrics.render()[0])
+    for expert, (steps, drafted, accepted) in {"legal": (5, 15, 10), "code": (2, 6, 1),
+                                               "none": (5, 15, 0)}.items():
+        assert value(scraped, "gatemix_spec_decode_steps_total", expert=expert, model=MODEL) == steps
+        assert value(scraped, "gatemix_spec_decode_draft_tokens_total", expert=expert,
+                     model=MODEL) == drafted
+        assert value(scraped, "gatemix_spec_decode_accepted_tokens_total", expert=expert,
+                     model=MODEL) == accepted
 
 
 def test_errors_queue_and_gate_info(metrics):

@@ -26,6 +26,7 @@ import torch
 from transformers import AutoTokenizer
 from vllm import LLM, SamplingParams
 from vllm.exceptions import VLLMValidationError
+from vllm.sampling_params import StructuredOutputsParams
 
 from gatemix.demo.corpus import load_split
 from gatemix.distill.teacher import EnsembleTeacher
@@ -40,6 +41,7 @@ from gatemix.engine.request_gates import gate_request_args
 from gatemix.engine.spec_decode import CPU_SAMPLING_WITH_DRAFT
 from gatemix.gate.mixing import mix_logits, restrict_log_weights
 from gatemix.gate.router import context_config_like
+from gatemix.server.choices import DraftAcceptance
 from tests.engine.arch_experts import make_expert
 from tests.engine.posterior_harness import accepted_weights, check_generation, collect_trace
 from tests.random_router import random_router_artifact
@@ -106,6 +108,7 @@ def _check_traced(teacher, llm, prompts, trace_socket, tag):
     for i, (prompt, output) in enumerate(zip(prompts, outputs)):
         assert len(output.token_ids) == DECODED
         check_generation(teacher, prompt, output, traced[f"{tag}{i}"], greedy=True)
+    return outputs
 
 
 @pytest.mark.slow
@@ -114,11 +117,17 @@ def test_greedy_decodes_weights_and_logprobs_are_exact_with_a_draft(spec_engine,
     accepted = _counter(spec_engine, "vllm:spec_decode_num_accepted_tokens")
     drafted = _counter(spec_engine, "vllm:spec_decode_num_draft_tokens")
     preemptions = _counter(spec_engine, "vllm:num_preemptions")
-    _check_traced(teacher, spec_engine, _prompts(), trace_socket, "greedy")
+    outputs = _check_traced(teacher, spec_engine, _prompts(), trace_socket, "greedy")
     accepted = _counter(spec_engine, "vllm:spec_decode_num_accepted_tokens") - accepted
     drafted = _counter(spec_engine, "vllm:spec_decode_num_draft_tokens") - drafted
     assert 0 < accepted < drafted, "drafts should be both accepted and rejected, so the state rolls back"
     assert _counter(spec_engine, "vllm:num_preemptions") > preemptions, "the small KV cache should preempt"
+    # Each choice's own acceptance (what the server's /metrics counts per dominant expert) adds up
+    # to the engine's, preemptions included.
+    per_choice = [DraftAcceptance.of(output) for output in outputs]
+    assert sum(choice.accepted_tokens for choice in per_choice) == accepted
+    assert sum(choice.draft_tokens for choice in per_choice) == drafted
+    assert all(choice.steps * DRAFT_TOKENS == choice.draft_tokens for choice in per_choice)
 
 
 def _fixed_mixture(teacher, sequence: torch.Tensor, pinned=None, mask=None) -> torch.Tensor:
@@ -153,6 +162,33 @@ def test_pinned_and_subset_requests_are_exact_with_a_draft(spec_engine, teacher,
             assert step[output.token_ids[index]] >= step.max() - 1e-4, index
             for token_id, logprob in top.items():
                 assert abs(logprob.logprob - step[token_id].item()) < 1e-3
+
+
+@pytest.mark.slow
+def test_structured_outputs_are_exact_with_a_draft(spec_engine, teacher, trace_socket, demo_paths):
+    """A grammar masks the verified rows too: the text is one of the choices, and along it every
+    per-token weight is the mixture's. Log-probs come after the grammar's mask, so the returned
+    ones are the mixture's renormalized over the allowed tokens: their differences are exact."""
+    socket, address = trace_socket
+    choices = ["def main(self): return the court", "The court held that the function returns"]
+    tokenizer = AutoTokenizer.from_pretrained(demo_paths.expert_dirs["code"])
+    prompt = tokenizer("Notes on the module: what it holds, and why the court kept it. ").input_ids
+    params = SamplingParams(
+        max_tokens=40, temperature=0.0, logprobs=TOP, structured_outputs=StructuredOutputsParams(choice=choices),
+        extra_args=gate_request_args(trace_id="structured", trace_to=address))
+    (request,) = spec_engine.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    output = request.outputs[0]
+    assert output.text in choices
+    traced = collect_trace(socket, {"structured": len(output.token_ids)})
+    check_generation(teacher, prompt, output, traced["structured"], check_logprobs=False)
+    mixture = teacher(torch.tensor([prompt + list(output.token_ids)]))[0][0]  # (T, V)
+    for index, top in enumerate(output.logprobs):
+        step, chosen = mixture[len(prompt) - 1 + index], output.token_ids[index]
+        assert all(logprob.logprob <= top[chosen].logprob + 1e-4 for logprob in top.values())
+        allowed = {token_id: logprob for token_id, logprob in top.items() if logprob.logprob > -float("inf")}
+        for token_id, logprob in allowed.items():
+            exact = (step[token_id] - step[chosen]).item()
+            assert abs(logprob.logprob - top[chosen].logprob - exact) < 1e-3, (index, token_id)
 
 
 @pytest.mark.slow

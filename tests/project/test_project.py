@@ -215,6 +215,14 @@ def test_defaults_name_work_dir_and_the_job_folders(tmp_path, code_pool):
     assert project.domains == ["code"] and project.baselines == {}
 
 
+def test_serve_table_names_the_draft_relative_to_the_project(tmp_path, code_pool):
+    assert load_project(code_pool).draft is None
+    code_pool.write_text(code_pool.read_text() + '[serve]\ndraft = "gatemix-work/student"\nnum_draft_tokens = 4\n')
+    project = load_project(code_pool)
+    assert project.draft == tmp_path / "gatemix-work" / "student"
+    assert project.num_draft_tokens == 4
+
+
 def test_paths_expand_home_and_may_be_absolute(tmp_path, code_pool, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "models"))
     (tmp_path / "mono").mkdir()

@@ -72,6 +72,7 @@ def test_yaml_whose_top_level_is_not_a_table(write_project):
     (CODE_EXPERT + '[data.code]\nfiles = ["x.jsonl"]\nsplits = 3\n', "splits"),
     (CODE_EXPERT + '[data]\nshuffle = true\n[data.code]\nfiles = ["x.jsonl"]\n', "shuffle"),
     (CODE_EXPERT + '[data.code]\nfiles = [{path = "x.jsonl", colum = "t"}]\n', "colum"),
+    (CODE_EXPERT + '[data.code]\nfiles = ["x.jsonl"]\n[serve]\ndraft_model = "s"\n', "draft_model"),
 ])
 def test_unknown_keys_are_named(tmp_path, code_expert, write_project, body, named):
     write_jsonl(tmp_path / "x.jsonl", numbered_docs(3))
@@ -90,6 +91,12 @@ def test_unknown_keys_are_named(tmp_path, code_expert, write_project, body, name
      "[data.code] gate_fraction must be between 0 and 1"),
     ('[experts]\ncode = "models/code"\n[data.code]\ntrain = 3\n', "[data.code] train must be a list"),
     ('[experts]\ncode = "models/code"\n[data.code]\ntrain = [{path = 3}]\n', "path must be"),
+    ('[experts]\ncode = "models/code"\n[data.code]\nfiles = ["x.jsonl"]\n[serve]\ndraft = 3\n',
+     "[serve] draft must be a string"),
+    (('[experts]\ncode = "models/code"\n[data.code]\nfiles = ["x.jsonl"]\n[serve]\ndraft = "s"\n'
+     'num_draft_tokens = 0\n'), "[serve] num_draft_tokens must be 1 to 16"),
+    ('[experts]\ncode = "models/code"\n[data.code]\nfiles = ["x.jsonl"]\n[serve]\nnum_draft_tokens = 2\n',
+     "[serve] num_draft_tokens needs a draft"),
 ])
 def test_wrong_types_are_refused(tmp_path, code_expert, write_project, body, named):
     write_jsonl(tmp_path / "x.jsonl", numbered_docs(3))

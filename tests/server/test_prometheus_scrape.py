@@ -83,7 +83,9 @@ def openai_not_found():
 
 def test_every_dashboard_expression_returns_data(scraped):
     prometheus_url, *_ = scraped
-    empty = [expr for expr in dashboard_exprs(DASHBOARD) if not query(prometheus_url, expr)]
+    # This server has no draft: the speculative panels stay empty (tests/deploy checks them).
+    exprs = [expr for expr in dashboard_exprs(DASHBOARD) if "spec_decode" not in expr]
+    empty = [expr for expr in exprs if not query(prometheus_url, expr)]
     assert not empty, f"dashboard expressions with no data: {empty}"
 
 

@@ -82,6 +82,23 @@ def test_a_folder_without_config_is_refused_before_the_engine_starts(tmp_path):
     assert resolve_settings(Settings(model_dir=tmp_path)).model_dir == tmp_path
 
 
+@pytest.mark.parametrize("argv, env, expected", [
+    ([], {}, ("/p/student", 5)),  # the project's [serve] draft and its N
+    (["--num-draft-tokens", "2"], {}, ("/p/student", 2)),  # a flag wins over the project's N
+    ([], {"GATEMIX_ENGINE__NUM_DRAFT_TOKENS": "4"}, ("/p/student", 4)),  # and so does a variable
+])
+def test_a_project_draft_applies_where_no_flag_names_one(argv, env, expected, monkeypatch):
+    from types import SimpleNamespace
+
+    from gatemix.server.app import _with_project_draft
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    project = SimpleNamespace(path="/p/gatemix.toml", draft="/p/student", num_draft_tokens=5)
+    engine = _with_project_draft(settings_from_args(parse(argv)).engine, project)
+    assert (engine.draft, engine.num_draft_tokens) == expected
+
+
 def test_a_composite_on_gpu_gets_piecewise_cuda_graphs_and_no_async_scheduling(composite_dir, monkeypatch):
     """Full-model CUDA graphs would freeze the per-request pins read in forward(); the experts'
     compiled graph is captured piecewise instead. A plain folder keeps vLLM's own choice."""
