@@ -30,15 +30,19 @@ from vllm.sampling_params import StructuredOutputsParams
 
 from gatemix.demo.corpus import load_split
 from gatemix.distill.teacher import EnsembleTeacher
+from gatemix.engine.composite_folder import GATE_SUBDIR
 from gatemix.engine.engine_config import (
     EngineSettings,
     engine_kwargs,
     on_cpu,
     stopping,
 )
-from gatemix.engine.pack import pack_composite
+from gatemix.engine.gate_reload import RELOAD_METHOD
+from gatemix.engine.pack import pack_composite, parse_gate_spec
 from gatemix.engine.request_gates import gate_request_args
 from gatemix.engine.spec_decode import CPU_SAMPLING_WITH_DRAFT
+from gatemix.expert_folder import read_expert
+from gatemix.gate.artifact import save_router
 from gatemix.gate.mixing import mix_logits, restrict_log_weights
 from gatemix.gate.router import context_config_like
 from gatemix.server.choices import DraftAcceptance
@@ -189,6 +193,39 @@ def test_structured_outputs_are_exact_with_a_draft(spec_engine, teacher, trace_s
         for token_id, logprob in allowed.items():
             exact = (step[token_id] - step[chosen]).item()
             assert abs(logprob.logprob - top[chosen].logprob - exact) < 1e-3, (index, token_id)
+
+
+def _check_fixed(teacher, prompt, output, pinned) -> None:
+    mixture = _fixed_mixture(teacher, torch.tensor([prompt + list(output.token_ids)]), pinned)
+    for index, top in enumerate(output.logprobs):
+        step = mixture[len(prompt) - 1 + index]
+        assert step[output.token_ids[index]] >= step.max() - 1e-4, index
+        for token_id, logprob in top.items():
+            assert abs(logprob.logprob - step[token_id].item()) < 1e-3, index
+
+
+@pytest.mark.slow
+def test_a_gate_swapped_mid_request_with_a_draft(spec_engine, teacher, posterior_composite, demo_paths, tmp_path):
+    """Hot reload between two speculative steps: the request in flight keeps the posterior router,
+    a new one gets the new fixed weights; the router is swapped back for the other tests."""
+    experts = [read_expert(path, name) for name, path in demo_paths.expert_dirs.items()]
+    pinned = [0.1, 0.1, 0.8]
+    fixed_version = save_router(parse_gate_spec(",".join(map(str, pinned)), experts), tmp_path / "fixed").version
+    engine, outputs = spec_engine.llm_engine, {}
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=TOP)
+    prompt = _prompts(1, 30)[0]
+    engine.add_request("before", {"prompt_token_ids": prompt}, params)
+    for _ in range(3):  # mid-generation: a few verify steps in
+        engine.step()
+    try:
+        assert spec_engine.collective_rpc(RELOAD_METHOD, args=(str(tmp_path / "fixed"),))[0]["version"] == fixed_version
+        engine.add_request("after", {"prompt_token_ids": prompt}, params)
+        while engine.has_unfinished_requests():
+            outputs.update({output.request_id: output for output in engine.step() if output.finished})
+    finally:
+        spec_engine.collective_rpc(RELOAD_METHOD, args=(str(posterior_composite / GATE_SUBDIR),))
+    check_generation(teacher, prompt, outputs["before"].outputs[0], None, greedy=True)
+    _check_fixed(teacher, prompt, outputs["after"].outputs[0], pinned)
 
 
 @pytest.mark.slow
