@@ -4,10 +4,11 @@ FastAPI's document describes the pydantic models; the limits that depend on
 the settings or the served model are written in here, so that a request the
 document calls valid is never refused for a limit it did not state: ``n``,
 the stop count, ``logprobs``, ``max_tokens``, the prompt count, token ids below
-the vocabulary, the model names and experts, the body size and, with keys
-configured, the bearer security. What no JSON Schema can state (the prompt and
-``max_tokens`` together within the context; ``min_tokens <= max_tokens``; a
-grammar that compiles) is in the fields' descriptions.
+the vocabulary, the model names (in bodies and in ``/v1/models/{model}``) and
+experts, the body size and, with keys configured, the bearer security. What no
+JSON Schema can state (the prompt and ``max_tokens`` together within the
+context; ``min_tokens <= max_tokens``; a grammar that compiles) is in the
+fields' descriptions.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def openapi_document(app: FastAPI) -> dict:
         _document_mixture(schemas["MixtureRequest"], core.models.expert_names)
         for name in ("TokenizeCompletionRequest", "TokenizeChatRequest", "DetokenizeRequest"):
             _document_model(schemas[name], core)
+        _document_model_path(document["paths"]["/v1/models/{model}"]["get"], core)
         _token_ids_below(schemas["DetokenizeRequest"]["properties"]["tokens"], core.vocab_size)
         if not app.state.serving_chat.tools.supported:
             _document_no_tools(schemas, app.state.serving_chat.tools.why_not)
@@ -117,15 +119,26 @@ def _document_request_limits(schema: dict, settings, core) -> None:
     properties["logit_bias"]["description"] = f"token id (below {core.vocab_size}) -> bias"
 
 
-def _document_model(schema: dict, core) -> None:
-    names = [core.models.ensemble_name] + (
+def _served_names(core) -> list[str]:
+    return [core.models.ensemble_name] + (
         core.models.expert_names if core.models.is_composite else []
     )
+
+
+def _document_model(schema: dict, core) -> None:
+    names = _served_names(core)
     model = schema["properties"]["model"]
     for branch in model.get("anyOf", [model]):
         if branch.get("type") == "string":
             branch["enum"] = names + [""]  # as in vLLM, empty (or absent) is the default model
     model["description"] = f"one of the served names; absent or empty: {names[0]}"
+
+
+def _document_model_path(operation: dict, core) -> None:
+    """``GET /v1/models/{model}``: a served name (any other is answered 404)."""
+    parameter = next(p for p in operation["parameters"] if p["name"] == "model")
+    parameter["schema"]["enum"] = _served_names(core)
+    parameter["description"] = "one of the served names (GET /v1/models); any other is a 404"
 
 
 def _document_mixture(schema: dict, experts: list[str]) -> None:

@@ -29,11 +29,13 @@ from gatemix.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
+    ModelCard,
     ModelList,
 )
 from gatemix.server.tokenize_protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
+    LoadResponse,
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfoResponse,
@@ -146,8 +148,17 @@ def to_response(result: BaseModel | AsyncIterator[str] | None) -> Response:
 
 
 @v1.get("/models", response_model=ModelList)
+# "/v1/models/" stays the list (as FastAPI's slash redirect made it), not an empty name's card.
+@v1.get("/models/", response_model=ModelList, include_in_schema=False)
 async def list_models(raw_request: Request) -> ModelList:
     return raw_request.app.state.models.model_list()
+
+
+# `path`: a served name may hold a slash ("org/model"), which clients send percent-encoded.
+@v1.get("/models/{model:path}", response_model=ModelCard, responses=_errors(S.NOT_FOUND))
+async def retrieve_model(model: str, raw_request: Request) -> ModelCard:
+    """OpenAI's model retrieval: the name's card from the list, extensions included."""
+    return raw_request.app.state.models.model_card(model)
 
 
 @v1.post("/completions", response_model=CompletionResponse, responses=GENERATES)
@@ -220,6 +231,13 @@ async def ping(raw_request: Request) -> Response:
     if raw_request.app.state.engine.errored:
         raise engine_dead()
     return Response(status_code=S.OK)
+
+
+@router.get("/load", response_model=LoadResponse)
+async def load(raw_request: Request) -> LoadResponse:
+    """vLLM's load metric, always on here (vLLM's needs --enable-server-load-tracking). It counts
+    engine requests, as admission does (``n=4`` is 4), where vLLM counts HTTP requests."""
+    return LoadResponse(server_load=raw_request.app.state.admission.admitted)
 
 
 @router.get("/version", response_model=VersionResponse)

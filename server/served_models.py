@@ -89,6 +89,13 @@ class ServedModels:
             ]
         return ModelList(data=cards)
 
+    def model_card(self, model: str) -> ModelCard:
+        """``GET /v1/models/{model}``: the same card as in ``model_list``, or a 404 naming it."""
+        card = next((card for card in self.model_list().data if card.id == model), None)
+        if card is None:
+            raise model_not_found(model)
+        return card
+
     def plan(self, model: str | None, mixture: MixtureRequest | None) -> GatePlan:
         """Resolve the model name and validate the ``mixture`` extension (400/404 on bad input)."""
         model = model or self.ensemble_name

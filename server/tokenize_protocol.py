@@ -3,7 +3,8 @@
 ``/tokenize``, ``/detokenize`` and ``/tokenizer_info`` take and return what
 vLLM's own server does (``vllm/entrypoints/serve/tokenize/protocol.py``), so
 clients that find the tokenizer through them (lm-evaluation-harness's
-``local-completions``) work unchanged. ``/version`` answers like vLLM's too.
+``local-completions``) work unchanged. ``/version`` and ``/load`` answer like
+vLLM's too.
 """
 
 from __future__ import annotations
@@ -62,3 +63,9 @@ class TokenizerInfoResponse(BaseModel):
 class VersionResponse(BaseModel):
     version: str  # vLLM's, as vLLM's own /version says
     gatemix_version: str
+
+
+class LoadResponse(BaseModel):
+    """vLLM's ``/load``, which load-aware routers read to pick the least busy server."""
+
+    server_load: int = Field(description="engine requests admitted and not yet answered")

@@ -125,3 +125,10 @@ def wait_until_idle(url: str, timeout_s: float) -> dict:
             return health
         time.sleep(0.05)
     raise AssertionError(f"the server did not go idle within {timeout_s} s: {health}")
+
+
+def whitespace_bias(tokenizer) -> dict[str, int]:
+    """logit_bias that rules out every whitespace-only token: the tiny models like JSON
+    whitespace (a grammar allows any amount), and without it an object may not close."""
+    texts = {token: tokenizer.decode([token]) for token in range(len(tokenizer))}
+    return {str(token): -100 for token, text in texts.items() if text and not text.strip()}

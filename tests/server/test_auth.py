@@ -19,6 +19,7 @@ def test_missing_or_wrong_key_gets_401_in_openai_format(server, headers):
         ("POST", "/v1/completions"),
         ("POST", "/v1/chat/completions"),
         ("GET", "/v1/models"),
+        ("GET", f"/v1/models/{server.ensemble}"),
     ):
         response = httpx.request(
             method, server.base_url + path, headers=headers, json={"prompt": "x"}

@@ -35,6 +35,19 @@ def test_models_lists_the_ensemble_and_each_expert(client, server):
     assert len(server.experts) >= 1 and ids[1:] == server.experts
 
 
+def test_a_model_is_retrieved_as_its_card_in_the_list(client, server):
+    import openai
+
+    listed = {card.id: card for card in client.models.list().data}
+    for name in (server.ensemble, *server.experts):
+        card = client.models.retrieve(name)
+        assert card.model_dump(exclude={"created"}) == listed[name].model_dump(exclude={"created"})
+    assert client.models.retrieve(server.ensemble).experts == server.experts  # the extension
+    with pytest.raises(openai.NotFoundError) as error:
+        client.models.retrieve("no-such-model")
+    assert error.value.body["code"] == "model_not_found" and error.value.body["param"] == "model"
+
+
 def test_completion_has_text_usage_and_finish_reason(client, server):
     response = client.completions.create(
         model=server.ensemble, prompt=PROMPT, max_tokens=5, extra_body=LONG

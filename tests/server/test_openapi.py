@@ -53,6 +53,9 @@ def test_the_document_declares_the_limits_the_server_enforces(document, server):
     assert all(b.get("minItems", b.get("minLength")) == 1 for b in prompt)  # never empty
     assert _branch(prompt[0], "array")["items"]["maximum"] == 2047  # token ids in the vocabulary
     assert completion["suffix"]["maxLength"] == 0
+    retrieve = document["paths"]["/v1/models/{model}"]["get"]
+    assert retrieve["parameters"][0]["schema"]["enum"] == [server.ensemble, *server.experts]
+    assert "404" in retrieve["responses"] and retrieve["security"] == [{"bearer": []}]
     weights = _branch(schemas["MixtureRequest"]["properties"]["weights"], "object")
     assert weights["propertyNames"]["enum"] == server.experts
     # No tool support on this server: the document says so instead of promising tools.
@@ -73,7 +76,7 @@ def test_the_document_declares_bodies_statuses_security_and_media_types(document
     assert list(document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == [
         "text/plain"
     ]
-    for path in ("/tokenize", "/detokenize", "/tokenizer_info", "/version", "/ping"):
+    for path in ("/tokenize", "/detokenize", "/tokenizer_info", "/version", "/ping", "/load"):
         assert path in document["paths"], path
 
 

@@ -17,6 +17,7 @@ import json
 
 import jsonschema
 import pytest
+from server_harness import whitespace_bias
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +33,7 @@ COLOR_SCHEMA = {
 
 @pytest.fixture(scope="module")
 def no_whitespace(tokenizer) -> dict[str, int]:
-    """logit_bias that rules out every whitespace-only token."""
-    texts = {token: tokenizer.decode([token]) for token in range(len(tokenizer))}
-    return {str(token): -100 for token, text in texts.items() if text and not text.strip()}
+    return whitespace_bias(tokenizer)
 
 
 @pytest.fixture(scope="module")

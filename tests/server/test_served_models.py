@@ -53,6 +53,16 @@ def test_model_list_has_the_ensemble_then_the_experts():
     assert [card.id for card in MODELS.model_list().data] == ["ens", "code", "legal", "tech"]
 
 
+def test_a_model_card_is_the_lists_card_and_an_unknown_name_is_a_404():
+    models = MODELS.with_draft("/models/student", 4)
+    for listed in models.model_list().data:
+        card = models.model_card(listed.id)
+        assert card.model_dump(exclude={"created"}) == listed.model_dump(exclude={"created"})
+    with pytest.raises(APIError) as error:
+        models.model_card("nope")
+    assert error.value.status_code == 404 and error.value.code == "model_not_found"
+
+
 def test_choice_mean_weights_average_over_tokens_and_missing_weights_clear_them():
     state = ChoiceState(index=0, prompt_ids=[1])
     state.add(ChoiceDelta([5, 6], "ab", None, [[1.0, 0.0], [0.5, 0.5]], None))

@@ -251,3 +251,17 @@ def test_context_overflow_says_context_length_exceeded(api):
 def test_unknown_model_is_a_404(api):
     response = api.post("/v1/completions", json={"model": "nope", "prompt": PROMPT})
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_model_is_retrieved_by_name_and_an_unknown_one_is_an_openai_404(api):
+    """OpenAI's ``GET /v1/models/{model}``; a name with a slash arrives percent-encoded."""
+    listed = api.get("/v1/models").json()["data"]
+    for card in listed:
+        assert {**api.get(f"/v1/models/{card['id']}").json(), "created": 0} == {**card, "created": 0}
+    assert [card["id"] for card in api.get("/v1/models/").json()["data"]] == [c["id"] for c in listed]
+    response = api.get("/v1/models/org%2Fnope")
+    assert response.status_code == 404
+    assert response.json()["error"] == {
+        "message": "The model `org/nope` does not exist or you do not have access to it.",
+        "type": "invalid_request_error", "param": "model", "code": "model_not_found",
+    }

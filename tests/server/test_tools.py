@@ -15,6 +15,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 from conftest import ENSEMBLE
+from server_harness import whitespace_bias
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +43,7 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Rome?"}]
 def no_whitespace(routed_server) -> dict[str, int]:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(routed_server.model_dir))
-    texts = {token: tokenizer.decode([token]) for token in range(len(tokenizer))}
-    return {str(token): -100 for token, text in texts.items() if text and not text.strip()}
+    return whitespace_bias(AutoTokenizer.from_pretrained(str(routed_server.model_dir)))
 
 
 def _check_call(call) -> None:

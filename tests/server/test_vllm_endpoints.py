@@ -1,4 +1,4 @@
-"""vLLM's endpoints that clients use: /tokenize, /detokenize, /tokenizer_info, /version, /ping.
+"""vLLM's endpoints that clients use: /tokenize, /detokenize, /tokenizer_info, /version, /ping, /load.
 
 Same request and response shapes as vLLM's own server, and the same tokens as
 the generation endpoints really send: a prompt's ``/tokenize`` count is the
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from server_harness import wait_until_idle
 
 pytestmark = pytest.mark.slow
 
@@ -91,3 +92,17 @@ def test_version_and_ping_answer_like_vllm(server):
     for method in ("GET", "POST"):
         ping = httpx.request(method, f"{server.base_url}/ping")
         assert ping.status_code == 200 and ping.content == b""
+
+
+def test_load_counts_the_engine_requests_in_flight_and_needs_no_key(client, server):
+    """vLLM's ``/load`` shape; here a choice is an engine request, so ``n=2`` counts 2."""
+    stream = client.completions.create(
+        model=server.ensemble, prompt=PROMPT, n=2, max_tokens=200, stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    next(iter(stream))
+    during = httpx.get(f"{server.base_url}/load").json()
+    stream.close()
+    wait_until_idle(server.base_url, timeout_s=30)
+    assert during == {"server_load": 2}
+    assert httpx.get(f"{server.base_url}/load").json() == {"server_load": 0}
