@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from gatemix.config_cli import field_help
 
 INITS = ("expert", "model", "config")
-LOSSES = ("forward_kl", "jsd", "reverse_kl", "cross_entropy")
+LOSSES = ("forward_kl", "jsd", "reverse_kl", "tv", "cross_entropy")
 DOMAIN_WEIGHTS = ("uniform", "lambda", "proportional")
 KEEP = ("best", "last")
 
@@ -63,7 +63,8 @@ class DistillConfig:
     # --- the objective ---
     loss: str = field(default="forward_kl", **field_help(
         "forward_kl KL(teacher||student), jsd (generalized JSD with --beta), reverse_kl "
-        "KL(student||teacher), or cross_entropy (no teacher: the same tokens' labels, "
+        "KL(student||teacher), tv (total variation 0.5*sum|p-q|: 1 - TV is the student's "
+        "acceptance rate as a speculative-decoding draft), or cross_entropy (no teacher: the same tokens' labels, "
         "the no-teacher baseline)", choices=LOSSES))
     beta: float = field(default=0.5, **field_help(
         "generalized JSD's mixture weight, in (0, 1) (0 would be forward KL, 1 reverse KL)"))

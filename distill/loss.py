@@ -13,6 +13,12 @@ Forward KL, reverse KL and the generalized JSD are one family (TRL's
 ``generalized_jsd_loss``): ``beta = 0`` is KL(teacher || student), ``beta = 1``
 KL(student || teacher), values between interpolate through the mixture
 ``beta * teacher + (1 - beta) * student``.
+
+Total variation, ``0.5 * sum |p - q|``, stands apart: ``1 - TV`` is the
+chance that a speculative-decoding draft's token is accepted by the target at
+temperature 1 (``distill/acceptance.py``), so ``--loss tv`` trains the student
+as a draft directly. Over the k + 1 buckets it is a lower bound of the full TV
+too (merging tokens can only cancel differences), exact with dense targets.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ EMPTY_LOG_MASS = -1e4
 
 # The loss names of ``DistillConfig.loss`` that take a teacher -> generalized JSD beta.
 DIVERGENCE_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}
+
+# The divergences ``per_token_divergence`` takes: the generalized JSD family (with a beta)
+# and total variation (``--loss tv``).
+DIVERGENCE_KINDS = ("jsd", "tv")
 
 
 @dataclass
@@ -122,6 +132,17 @@ def divergence(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
     return beta * _kl(teacher_logprobs, mixture) + (1 - beta) * _kl(student_logprobs, mixture)
 
 
+def total_variation(student_logprobs: torch.Tensor,
+                    teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """``0.5 * sum |p - q|`` between two normalized distributions, in [0, 1]. ``(..., V) -> (...)``.
+
+    Its gradient is bounded and finite everywhere (``abs`` has gradient 0 at 0),
+    and a bucket at ``EMPTY_LOG_MASS`` or -inf contributes exp() = 0.
+    """
+    difference = student_logprobs.float().exp() - teacher_logprobs.float().exp()  # (..., V)
+    return 0.5 * difference.abs().sum(-1)
+
+
 def masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return per_token.mean()
@@ -145,12 +166,20 @@ def generalized_jsd_loss(
 
 
 def per_token_divergence(student_logits: torch.Tensor, targets: TeacherTargets,
-                         beta: float) -> torch.Tensor:
-    """``(B, T, V)`` logits against dense or top-k targets -> ``(B, T)`` divergences."""
-    student_logprobs = torch.log_softmax(student_logits.float(), dim=-1)
-    if targets.is_dense:
-        return divergence(student_logprobs, targets.logprobs, beta)
-    return divergence(student_buckets(student_logprobs, targets.indices), targets.logprobs, beta)
+                         beta: float, kind: str = "jsd") -> torch.Tensor:
+    """``(B, T, V)`` logits against dense or top-k targets -> ``(B, T)`` divergences.
+
+    ``kind`` is one of ``DIVERGENCE_KINDS``: "jsd" (generalized JSD with ``beta``)
+    or "tv" (total variation; ``beta`` is not used).
+    """
+    if kind not in DIVERGENCE_KINDS:
+        raise ValueError(f"divergence kind must be one of {', '.join(DIVERGENCE_KINDS)}")
+    student_logprobs = torch.log_softmax(student_logits.float(), dim=-1)  # (B, T, V)
+    if not targets.is_dense:
+        student_logprobs = student_buckets(student_logprobs, targets.indices)  # (B, T, k + 1)
+    if kind == "tv":
+        return total_variation(student_logprobs, targets.logprobs)
+    return divergence(student_logprobs, targets.logprobs, beta)
 
 
 def distillation_loss(
@@ -158,9 +187,10 @@ def distillation_loss(
     targets: TeacherTargets,
     mask: torch.Tensor | None = None,
     beta: float = 0.0,
+    kind: str = "jsd",
 ) -> torch.Tensor:
-    """Token-averaged generalized JSD against dense or top-k (tail bucket) targets."""
-    return masked_mean(per_token_divergence(student_logits, targets, beta), mask)
+    """Token-averaged divergence (``kind``: generalized JSD or TV) against dense or top-k targets."""
+    return masked_mean(per_token_divergence(student_logits, targets, beta, kind), mask)
 
 
 def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

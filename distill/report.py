@@ -11,6 +11,10 @@ Every model is scored on the same eval windows (``data.eval_windows``):
   report's own pieces (``gate.evaluate``);
 - the student against the ensemble per domain, against the target ratio, and
   where a target is missed, by how much and what the figures say about why;
+- the student as the ensemble's speculative-decoding draft, per domain: 1 - TV,
+  greedy agreement and the mean acceptance length at ``--draft-tokens`` N
+  (``distill/acceptance.py``), from the same pass over the eval windows that
+  scores the ensemble and the student;
 - a generation check: the student's and the ensemble's greedy continuations
   of eval prompts, each scored by the ensemble (its NLL per token);
 - the training curve from the student's ``distill.json``.
@@ -19,6 +23,7 @@ Every model is scored on the same eval windows (``data.eval_windows``):
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gatemix.device import resolve_device, resolve_dtype
+from gatemix.distill.acceptance import AcceptanceTally
 from gatemix.distill.data import DistillDataError, WindowSet, eval_windows
 from gatemix.distill.loss import next_token_logprobs
 from gatemix.distill.student import ProgressBars, StudentError, sample_continuations
@@ -56,25 +62,50 @@ def window_features(windows: WindowSet, expert_dirs: list[Path], batch_size: int
     return features
 
 
+def causal_lm_logprobs(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A causal LM as ``(B, T)`` ids -> ``(B, T, V)`` next-token log-probs (float32)."""
+    return lambda input_ids: torch.log_softmax(model(input_ids=input_ids).logits.float(), dim=-1)
+
+
+@dataclass
+class EnsemblePass:
+    """One pass over the eval windows: both models' log-prob of each next token, and the draft tally."""
+
+    ensemble: dict[str, torch.Tensor]  # domain -> (N, T-1)
+    student: dict[str, torch.Tensor]  # domain -> (N, T-1)
+    draft: AcceptanceTally  # the student as the ensemble's draft
+
+
 @torch.no_grad()
-def ensemble_token_logprobs(teacher, windows: WindowSet, batch_size: int) -> dict[str, torch.Tensor]:
-    """Domain -> ``(N, T-1)`` the ensemble's log-prob of each next eval token."""
-    out = {}
+def ensemble_and_student_pass(teacher, student_logprobs: Callable[[torch.Tensor], torch.Tensor],
+                              windows: WindowSet, batch_size: int,
+                              draft_tokens: int) -> EnsemblePass:
+    """Run the ensemble and the student once on every eval window; score tokens and drafts.
+
+    ``student_logprobs`` maps ``(b, T)`` ids to ``(b, T, V)`` log-probs on the
+    teacher's device (``causal_lm_logprobs``); the acceptance figures need both
+    full distributions at the same positions, so they are taken here.
+    """
+    result = EnsemblePass({}, {}, AcceptanceTally(draft_tokens))
     for domain in windows.domains:
         rows = windows.windows[domain]
-        parts = []
+        ensemble_parts, student_parts = [], []
         for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            mixture_logprobs, _ = teacher(batch)  # (b, T, V), normalized
-            parts.append(next_token_logprobs(mixture_logprobs, batch.to(mixture_logprobs.device)).cpu())
-        out[domain] = torch.cat(parts)
-    return out
+            mixture_logprobs, _ = teacher(rows[start : start + batch_size])  # (b, T, V), normalized
+            batch = rows[start : start + batch_size].to(mixture_logprobs.device)
+            draft_logprobs = student_logprobs(batch)  # (b, T, V)
+            ensemble_parts.append(next_token_logprobs(mixture_logprobs, batch).cpu())
+            student_parts.append(next_token_logprobs(draft_logprobs, batch).cpu())
+            result.draft.add(domain, mixture_logprobs, draft_logprobs)
+        result.ensemble[domain] = torch.cat(ensemble_parts)
+        result.student[domain] = torch.cat(student_parts)
+    return result
 
 
-def score_models(features: dict[str, TokenFeatures], ensemble: dict[str, torch.Tensor],
+def score_models(features: dict[str, TokenFeatures], scored: dict[str, dict[str, torch.Tensor]],
                  models: dict[str, Path]) -> EvaluationReport:
-    """The gate report's table over experts, the ensemble and every model folder in ``models``."""
-    extra = {"ensemble": ensemble}
+    """The gate report's table over experts, the ``scored`` methods and every folder in ``models``."""
+    extra = dict(scored)
     for name, folder in models.items():
         logger.info("scoring %s (%s) on the eval windows", name, folder)
         extra[name] = model_token_logprobs(Path(folder), features)
@@ -205,15 +236,18 @@ def _build_report(config) -> Path:
     teacher = EnsembleTeacher.load(composite, expert_dirs, device=device,
                                    dtype=resolve_dtype("auto", device))
     features = window_features(windows, expert_dirs, config.batch_size, device)
-    models = {"student": student_dir, **project.baselines}
+    models = dict(project.baselines)
     for item in config.compare:
         name, sep, folder = item.partition("=")
         if not sep:
             raise UserError(f"--compare {item!r} is not name=folder")
         models[name] = Path(folder)
-    report = score_models(features, ensemble_token_logprobs(teacher, windows, config.batch_size),
-                          models)
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(device)
+    student.eval()
+    scored = ensemble_and_student_pass(teacher, causal_lm_logprobs(student), windows,
+                                       config.batch_size, config.draft_tokens)
+    report = score_models(features, {"ensemble": scored.ensemble, "student": scored.student},
+                          models)
     generation = generation_check(
         teacher, student, tokenizer, windows, prompts_per_domain=config.prompts_per_domain,
         prompt_tokens=config.prompt_tokens, new_tokens=config.new_tokens, device=device)
@@ -221,5 +255,5 @@ def _build_report(config) -> Path:
         student_dir.name + ".report")
     return write_distill_report(
         report, out_dir, record=record, generation=generation, target=config.target,
-        compare=[name for name in models if name != "student"], composite=composite,
-        seq_len=seq_len, num_windows=len(windows))
+        compare=list(models), composite=composite, seq_len=seq_len, num_windows=len(windows),
+        draft=scored.draft)

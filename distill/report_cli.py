@@ -30,6 +30,9 @@ class DistillReportConfig:
         "help": "eval prompts per domain in the generation check"})
     prompt_tokens: int = field(default=16, metadata={"help": "tokens of each prompt"})
     new_tokens: int = field(default=32, metadata={"help": "greedy tokens generated per prompt"})
+    draft_tokens: int = field(default=3, metadata={
+        "help": "N, the tokens the student would draft per speculative step, for its mean "
+                "acceptance length as the ensemble's draft"})
     target: float = field(default=0.05, metadata={
         "help": "the student's cross-entropy target: at most this much above the ensemble's, "
                 "relative, on every domain"})
@@ -42,9 +45,11 @@ class DistillReportConfig:
         if self.seq_len and self.seq_len < 8:
             raise ValueError("seq_len must be 0 or >= 8")
         if min(self.eval_tokens, self.batch_size, self.prompts_per_domain, self.prompt_tokens,
-               self.new_tokens, self.threads) < 1:
+               self.new_tokens, self.draft_tokens, self.threads) < 1:
             raise ValueError("eval_tokens, batch_size, prompts_per_domain, prompt_tokens, "
-                             "new_tokens and threads must be >= 1")
+                             "new_tokens, draft_tokens and threads must be >= 1")
+        if self.seq_len and self.draft_tokens >= self.seq_len:
+            raise ValueError("draft_tokens must be < seq_len")
         if self.seq_len and self.eval_tokens < self.seq_len:
             raise ValueError("eval_tokens must be >= seq_len")
         if self.seq_len and self.prompt_tokens >= self.seq_len:
@@ -57,7 +62,8 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "distill-report",
         help="report on a distilled student: per-domain loss against the ensemble, baselines, "
-             "experts; the Dirichlet curve; a generation check; the training curve",
+             "experts; the Dirichlet curve; the student as a speculative draft; a generation "
+             "check; the training curve",
         description="Score the student, the ensemble (its served gate), every expert, the "
         "project's baselines and any --compare model on the same eval windows, and write "
         "report.md with PNGs.",

@@ -4,8 +4,9 @@
 per-domain cross-entropy and excess, worst domain, Dirichlet worst and p90)
 and its ``excess.png``; this module adds ``curve.png`` (the training curve),
 ``dirichlet.png`` (each method's excess over 200 Dirichlet(1) mixtures of
-domains, sorted) and the sections on the student, the generation check and
-the run's settings; ``summary.json`` holds the figures.
+domains, sorted) and the sections on the student, the student as a draft,
+the generation check and the run's settings; ``summary.json`` holds the
+figures (the draft's under ``"draft"``, to compare runs).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from gatemix.distill.acceptance import AcceptanceTally
 from gatemix.distill.report import (
     GenerationCheck,
     best_single_expert,
@@ -25,6 +27,39 @@ from gatemix.gate.fit.evaluate import EvaluationReport, dirichlet_mixtures, writ
 
 GENERATION_INTRO = ("Greedy continuations of each domain's first eval prompts, scored by the "
                     "ensemble (lower is what the ensemble finds likelier).")
+
+
+DRAFT_INTRO = (
+    "How the student would do as the ensemble's speculative-decoding draft (`gatemix serve "
+    "--draft <student>`), with N = {n} draft tokens per step. 1 - TV is the chance that a "
+    "sampled draft token is accepted at temperature 1 (sum_y min(p, q)); greedy agreement, the "
+    "share of positions where both argmaxes agree; the acceptance length is vLLM's mean "
+    "acceptance length (1 + accepted draft tokens per step, at most N + 1 = {top}), from "
+    "L_t = 1 + sum_j prod_(i<j) a_(t+i). These are estimates: teacher-forced along the "
+    "held-out eval text, not along the text the ensemble generates, with positions taken as "
+    "independent (Leviathan et al.). The engine measures the real figure: `gatemix bench "
+    "engine --draft <student> --num-draft-tokens {n}` (greedy: compare the greedy column).")
+
+
+def draft_summary(draft: AcceptanceTally) -> dict:
+    """The draft figures for ``summary.json``: per domain, and their mean over domains."""
+    domains = draft.means()
+    figures = next(iter(domains.values()), {})
+    mean = {name: sum(d[name] for d in domains.values()) / len(domains) for name in figures}
+    return {"draft_tokens": draft.draft_tokens, "domains": domains, "mean_over_domains": mean}
+
+
+def _draft_lines(summary: dict) -> list[str]:
+    n = summary["draft_tokens"]
+    lines = [DRAFT_INTRO.format(n=n, top=n + 1), "",
+             (f"| domain | 1 - TV (mean acceptance) | greedy agreement | acceptance length at "
+              f"N = {n}, sampling (T = 1) | acceptance length, greedy |"), "|---|---:|---:|---:|---:|"]
+    rows = {**summary["domains"], "mean over domains": summary["mean_over_domains"]}
+    for domain, figures in rows.items():
+        lines.append(f"| {domain} | {figures['acceptance']:.4f} | "
+                     f"{figures['greedy_agreement']:.4f} | {figures['accept_length']:.3f} | "
+                     f"{figures['greedy_accept_length']:.3f} |")
+    return lines
 
 
 def _pyplot():
@@ -145,7 +180,8 @@ def _generation_lines(check: GenerationCheck) -> list[str]:
 
 def write_distill_report(report: EvaluationReport, out_dir: Path, *, record: dict,
                          generation: GenerationCheck, target: float, compare: list[str],
-                         composite: Path, seq_len: int, num_windows: int) -> Path:
+                         composite: Path, seq_len: int, num_windows: int,
+                         draft: AcceptanceTally) -> Path:
     """Write ``report.md``, its PNGs and ``summary.json`` into ``out_dir``; returns ``report.md``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     best = best_single_expert(report)
@@ -175,13 +211,15 @@ def write_distill_report(report: EvaluationReport, out_dir: Path, *, record: dic
     if reasons:
         lines += ["", "Why the target is missed, from the figures:", "",
                   *[f"- {reason}" for reason in reasons]]
+    drafting = draft_summary(draft)
     lines += ["", "## Against the other models", "",
               *_comparison_lines(report, [best, *compare, "ensemble"]),
+              "", "## The student as a draft", "", *_draft_lines(drafting),
               "", "## Generation check", "",
               GENERATION_INTRO, "", *_generation_lines(generation)]
     path.write_text(path.read_text() + "\n".join(lines) + "\n")
     summary = {"evaluation": report.to_dict(), "student_vs_ensemble": rows, "target": target,
-               "best_single_expert": best, "generation": vars(generation),
+               "best_single_expert": best, "generation": vars(generation), "draft": drafting,
                "teacher_top_k": record.get("teacher", {}).get("top_k")}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return path

@@ -75,6 +75,11 @@ class DistillRun:
         return DIVERGENCE_BETA.get(self.config.loss, self.config.beta)
 
     @property
+    def divergence_kind(self) -> str:
+        """``loss.DIVERGENCE_KINDS``: total variation for ``--loss tv``, else the JSD family."""
+        return "tv" if self.config.loss == "tv" else "jsd"
+
+    @property
     def first_expert(self) -> Path:
         return self.project.experts[self.project.domains[0]]
 

@@ -123,7 +123,8 @@ def train_step(run: DistillRun) -> float:
     if targets is None:
         loss = cross_entropy_loss(logits, input_ids)
     else:
-        loss = distillation_loss(logits, targets.to(run.device), beta=run.beta)
+        loss = distillation_loss(logits, targets.to(run.device), beta=run.beta,
+                                 kind=run.divergence_kind)
         if run.config.label_weight > 0 and data_rows.any():
             loss = loss + run.config.label_weight * cross_entropy_loss(
                 logits, input_ids, data_rows.to(run.device))

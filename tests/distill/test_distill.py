@@ -33,6 +33,14 @@ def test_a_small_run_lowers_the_heldout_kl_against_the_untrained_student(tiny_co
         assert (student_dir / name).is_file(), name
 
 
+def test_the_tv_loss_trains_a_student_on_total_variation(tiny_config):
+    student_dir = distill(tiny_config(loss="tv", label_weight=0.0, steps=3, eval_every=0,
+                                      checkpoint_every=0))
+    record = read_record(student_dir)
+    assert record["config"]["loss"] == "tv"
+    assert all(0 < h["loss"] <= 1 for h in record["history"]), record["history"]  # TV in [0, 1]
+
+
 class Interrupted(Exception):
     pass
 

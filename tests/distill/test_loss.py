@@ -4,11 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gatemix.distill.acceptance import acceptance_probability
 from gatemix.distill.loss import (
     distillation_loss,
     generalized_jsd_loss,
+    per_token_divergence,
     teacher_targets,
     top_k_with_tail,
+    total_variation,
 )
 
 
@@ -93,3 +96,55 @@ def test_targets_are_dense_when_k_is_zero_or_covers_the_vocabulary():
     for k in (0, 7, 100):
         assert teacher_targets(teacher, k).is_dense
     assert not teacher_targets(teacher, 6).is_dense
+
+
+# ---- total variation (--loss tv) ----
+
+
+def test_total_variation_is_zero_for_equal_distributions_dense_and_top_k():
+    logits = _logits(16)
+    teacher = torch.log_softmax(logits, -1)
+    assert distillation_loss(logits, teacher_targets(teacher, 0), kind="tv").abs() < 1e-6
+    assert distillation_loss(logits, top_k_with_tail(teacher, 2), kind="tv").abs() < 1e-6
+
+
+def test_total_variation_matches_a_hand_computation():
+    student = torch.tensor([0.5, 0.3, 0.2]).log()
+    teacher = torch.tensor([0.2, 0.3, 0.5]).log()
+    # 0.5 * (|0.5 - 0.2| + 0 + |0.2 - 0.5|) = 0.3
+    torch.testing.assert_close(total_variation(student, teacher), torch.tensor(0.3))
+    # top-1 of the teacher (token 2, 0.5) and a tail of 0.5; the student 0.2 and 0.8:
+    # 0.5 * (0.3 + 0.3) = 0.3 as well; the top-k TV is a lower bound of the full one
+    targets = top_k_with_tail(teacher[None, None], 1)
+    bucketed = per_token_divergence(student[None, None], targets, beta=0.0, kind="tv")
+    torch.testing.assert_close(bucketed, torch.tensor([[0.3]]))
+
+
+def test_total_variation_is_one_minus_the_draft_acceptance_probability():
+    student, teacher = _logits(17), torch.log_softmax(_logits(18), -1)
+    tv = per_token_divergence(student, teacher_targets(teacher, 0), beta=0.0, kind="tv")
+    alpha = acceptance_probability(teacher, torch.log_softmax(student, -1))
+    torch.testing.assert_close(tv, 1 - alpha)
+
+
+def test_total_variation_dense_and_top_k_covering_the_vocabulary_agree_with_finite_gradients():
+    teacher = torch.log_softmax(_logits(19), -1)
+    teacher[0, 0, 3] = float("-inf")  # a zero-mass teacher token
+    teacher = torch.log_softmax(teacher, -1)
+    dense_logits = _logits(20).requires_grad_(True)
+    bucket_logits = dense_logits.detach().clone().requires_grad_(True)
+    dense = distillation_loss(dense_logits, teacher_targets(teacher, 0), kind="tv")
+    bucketed = distillation_loss(bucket_logits, top_k_with_tail(teacher, 7), kind="tv")
+    torch.testing.assert_close(bucketed, dense)
+    dense.backward()
+    bucketed.backward()
+    assert torch.isfinite(dense_logits.grad).all() and dense_logits.grad.abs().sum() > 0
+    torch.testing.assert_close(bucket_logits.grad, dense_logits.grad)
+    for k in (1, 3, 6):
+        assert distillation_loss(dense_logits, top_k_with_tail(teacher, k), kind="tv") <= dense + 1e-6
+
+
+def test_an_unknown_divergence_kind_is_refused():
+    with pytest.raises(ValueError, match="kind"):
+        distillation_loss(_logits(21), teacher_targets(torch.log_softmax(_logits(22), -1), 0),
+                          kind="hellinger")
