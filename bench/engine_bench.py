@@ -28,6 +28,7 @@ import gc
 import json
 import logging
 import math
+import statistics
 import time
 import typing
 from dataclasses import asdict, dataclass, field
@@ -125,31 +126,52 @@ def _prompts(vocab_size: int, count: int, length: int, seed: int = 0) -> list[li
 
 
 def _vllm_tokens_per_second(
-    model_dir: str, settings: EngineSettings, config: EngineBenchConfig, vocab_size: int,
-    acceptance: dict | None = None,
+    model_dir: str, settings: EngineSettings, config: EngineBenchConfig, vocab_size: int
 ) -> dict[int, float]:
-    """Best tokens/s per concurrency; ``acceptance`` (with a draft) gets the mean acceptance length."""
+    """Best tokens/s per concurrency."""
     # vllm: deferred, `gatemix bench --help` imports this module for its config
     from vllm import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=config.output_len, temperature=0.0, ignore_eos=True)
     results = {}
-    with stopping(LLM(**engine_kwargs(model_dir, settings), disable_log_stats=acceptance is None)) as llm:
+    with stopping(LLM(**engine_kwargs(model_dir, settings), disable_log_stats=True)) as llm:
         warm_up = [{"prompt_token_ids": p} for p in _prompts(vocab_size, 2, config.prompt_len)]
         llm.generate(warm_up, params, use_tqdm=False)
         for concurrency in config.concurrency:
             requests = [{"prompt_token_ids": p}
                         for p in _prompts(vocab_size, concurrency, config.prompt_len)]
-            best = 0.0
-            for _ in range(config.repeats):
-                start = time.perf_counter()
-                outputs = llm.generate(requests, params, use_tqdm=False)
-                elapsed = time.perf_counter() - start
-                best = max(best, sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed)
-            results[concurrency] = best
-        if acceptance is not None:
-            acceptance.update(_acceptance(llm))
+            results[concurrency] = max(_timed_tps(llm, requests, params) for _ in range(config.repeats))
     return results
+
+
+def _timed_tps(llm, requests: list[dict], params) -> float:
+    start = time.perf_counter()
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    return sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - start)
+
+
+def _paired_draft_runs(model_dir: str, settings: EngineSettings, drafted: EngineSettings,
+                       config: EngineBenchConfig, vocab_size: int) -> dict:
+    """The plain and the speculative engine alive side by side, timed alternately (round r: plain,
+    then draft, on the same prompts), so that a drift of the machine moves both: per concurrency the
+    per-round ratios and their median, each engine's best tokens/s, and vLLM's acceptance."""
+    from vllm import LLM, SamplingParams  # vllm: deferred, as above
+
+    params = SamplingParams(max_tokens=config.output_len, temperature=0.0, ignore_eos=True)
+    paired = {}
+    with stopping(LLM(**engine_kwargs(model_dir, settings))) as plain, \
+            stopping(LLM(**engine_kwargs(model_dir, drafted), disable_log_stats=False)) as speculative:
+        warm_up = [{"prompt_token_ids": p} for p in _prompts(vocab_size, 2, config.prompt_len)]
+        for llm in (plain, speculative):
+            llm.generate(warm_up, params, use_tqdm=False)
+        for concurrency in config.concurrency:
+            requests = [{"prompt_token_ids": p} for p in _prompts(vocab_size, concurrency, config.prompt_len)]
+            rounds = [(_timed_tps(plain, requests, params), _timed_tps(speculative, requests, params))
+                      for _ in range(config.repeats)]
+            ratios = [draft / base for base, draft in rounds]
+            paired[concurrency] = {"plain": max(r[0] for r in rounds), "draft": max(r[1] for r in rounds),
+                                   "ratios": ratios, "ratio": statistics.median(ratios)}
+        return {"paired": paired, **_acceptance(speculative)}
 
 
 def _acceptance(llm) -> dict:
@@ -236,7 +258,8 @@ def run_engine_bench(config: EngineBenchConfig, models: BenchModels) -> dict:
     speculative = {}
     if config.draft is not None:
         drafted = settings.model_copy(update={"draft": config.draft, "num_draft_tokens": config.num_draft_tokens})
-        tps["fused ensemble, draft"] = _vllm_tokens_per_second(composite, drafted, config, vocab_size, speculative)
+        speculative = _paired_draft_runs(composite, settings, drafted, config, vocab_size)
+        tps["fused ensemble, draft"] = {c: point["draft"] for c, point in speculative["paired"].items()}
     tps["single expert (vLLM)"] = _vllm_tokens_per_second(single, settings, config, vocab_size)
     tps["naive transformers ensemble"] = _naive_tokens_per_second(config, models.expert_dirs, vocab_size)
     return {
@@ -246,25 +269,26 @@ def run_engine_bench(config: EngineBenchConfig, models: BenchModels) -> dict:
         "models": models.describe(),
         "config": {**asdict(config), "random": asdict(config.random) if config.random.random_experts else None},
         "tokens_per_second": tps,
-        "ratios": _ratios(tps, config.concurrency, num_experts),
+        "ratios": _ratios(tps, config.concurrency, num_experts, speculative.get("paired", {})),
         "speculative": speculative or None,
     }
 
 
-def _ratios(tps: dict[str, dict[int, float]], concurrencies, num_experts: int) -> dict[int, dict]:
+def _ratios(tps: dict[str, dict[int, float]], concurrencies, num_experts: int,
+            paired_draft: dict[int, dict]) -> dict[int, dict]:
     ratios = {}
     for concurrency in concurrencies:
         ensemble, single = tps["fused ensemble"][concurrency], tps["single expert (vLLM)"][concurrency]
         naive = tps["naive transformers ensemble"].get(concurrency)
         compiled = tps.get("fused ensemble, compiled mixing", {}).get(concurrency)
         posterior = tps.get("fused ensemble, posterior gate", {}).get(concurrency)
-        drafted = tps.get("fused ensemble, draft", {}).get(concurrency)
+        drafted = paired_draft.get(concurrency)
         ratios[concurrency] = {
             "efficiency_E": num_experts * ensemble / single,
             "speedup_over_naive": ensemble / naive if naive else None,
             "compiled_mixing_speedup": compiled / ensemble if compiled else None,
             "posterior_state_throughput": posterior / ensemble if posterior else None,
-            "draft_speedup": drafted / ensemble if drafted else None,
+            "draft_speedup": drafted["ratio"] if drafted else None,  # paired rounds, not the rows above
         }
     return ratios
 
@@ -308,7 +332,8 @@ def format_engine_bench(result: dict, config: EngineBenchConfig) -> str:
         if ratio["posterior_state_throughput"] is not None:
             line += f"; with the posterior state: {ratio['posterior_state_throughput']:.3f}x the throughput"
         if ratio.get("draft_speedup") is not None:
-            line += f"; behind the draft: {ratio['draft_speedup']:.2f}x"
+            rounds = ", ".join(f"{r:.2f}" for r in result["speculative"]["paired"][c]["ratios"])
+            line += f"; behind the draft: {ratio['draft_speedup']:.2f}x (median of rounds {rounds})"
         lines.append(line)
     if result.get("speculative"):
         spec = result["speculative"]
