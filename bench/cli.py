@@ -1,4 +1,4 @@
-"""``gatemix bench engine``, ``gatemix bench mixing`` and ``gatemix bench serve``.
+"""``gatemix bench engine``, ``mixing``, ``prefix``, ``prefill``, ``draft`` and ``serve``.
 
 Each bench's flags come from its config dataclass (:mod:`gatemix.config_cli`).
 The models come from the project file or are K random-init experts
@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------- the parsers
 def add_parser(subparsers) -> None:
     # The benches' modules import torch: deferred so that other commands' --help stays fast.
+    from gatemix.bench.draft_bench import DraftBenchConfig
     from gatemix.bench.engine_bench import EngineBenchConfig
     from gatemix.bench.mixing_bench import MixingBenchConfig
     from gatemix.bench.prefill_bench import PrefillBenchConfig
@@ -38,6 +39,13 @@ def add_parser(subparsers) -> None:
                      help="time to first token on prompts sharing a long prefix, caching on/off")
     _add_model_bench(benches, "prefill", PrefillBenchConfig, run_prefill,
                      help="a long prompt's prefill, uniform vs posterior gate: time and memory")
+    draft = benches.add_parser(
+        "draft", help="acceptance behind a draft, per domain, measured by the engine",
+        description="Greedy continuations of each domain's eval-text openings through the project's "
+        "composite behind --draft: vLLM's acceptance rate and mean acceptance length per domain, to "
+        "set beside distill-report's estimate along held-out text.")
+    add_config_flags(draft, DraftBenchConfig)
+    draft.set_defaults(run=run_draft)
     mixing = benches.add_parser("mixing", help="the mixing step alone: fused vs two-pass log-softmax")
     add_config_flags(mixing, MixingBenchConfig)
     mixing.set_defaults(run=run_mixing)
@@ -59,6 +67,12 @@ def _add_model_bench(benches, name: str, config_cls, run, **parser_kwargs) -> No
         "(written once under --random-cache-dir, packed with a uniform gate)")
     add_config_flags(random_group, RandomExpertsConfig)
     bench.set_defaults(run=run)
+
+
+def run_draft(args: argparse.Namespace) -> int:
+    from gatemix.bench.draft_bench import run
+
+    return run(args)
 
 
 def run_mixing(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from vllm import LLM, SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import StructuredOutputsParams
 
+from gatemix.bench.draft_bench import domain_acceptance
 from gatemix.demo.corpus import load_split
 from gatemix.distill.teacher import EnsembleTeacher
 from gatemix.engine.composite_folder import GATE_SUBDIR
@@ -166,6 +167,22 @@ def test_pinned_and_subset_requests_are_exact_with_a_draft(spec_engine, teacher,
             assert step[output.token_ids[index]] >= step.max() - 1e-4, index
             for token_id, logprob in top.items():
                 assert abs(logprob.logprob - step[token_id].item()) < 1e-3
+
+
+@pytest.mark.slow
+def test_the_draft_bench_counts_what_the_engine_counts(spec_engine):
+    """``gatemix bench draft``'s per-domain figures are vLLM's own acceptance, split by domain."""
+    accepted = _counter(spec_engine, "vllm:spec_decode_num_accepted_tokens")
+    drafted = _counter(spec_engine, "vllm:spec_decode_num_draft_tokens")
+    prompts = _prompts(4, 24)
+    by_domain = domain_acceptance(spec_engine, {"first": prompts[:2], "second": prompts[2:]}, 24)
+    assert sum(row["accepted_tokens"] for row in by_domain.values()) == (
+        _counter(spec_engine, "vllm:spec_decode_num_accepted_tokens") - accepted)
+    assert sum(row["draft_tokens"] for row in by_domain.values()) == (
+        _counter(spec_engine, "vllm:spec_decode_num_draft_tokens") - drafted)
+    for row in by_domain.values():
+        assert row["prompts"] == 2 and 1 <= row["mean_acceptance_length"] <= DRAFT_TOKENS + 1
+        assert row["acceptance_rate"] == pytest.approx(row["accepted_tokens"] / row["draft_tokens"])
 
 
 @pytest.mark.slow
