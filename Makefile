@@ -68,9 +68,9 @@ soak: $(STAMP)
 	GATEMIX_SOAK_STREAMS=$${GATEMIX_SOAK_STREAMS:-64} GATEMIX_SOAK_S=$${GATEMIX_SOAK_S:-120} \
 		$(PY) -m pytest tests/server/test_soak.py -q -s
 
-# Every system of the serving benchmark, the distilled student included; the demo (with
-# its monolithic baselines, and the gate's full report: the two-stage route too) and the
-# student are built first where missing (reruns reuse them).
+# Every system of the serving benchmark, the distilled student included (alone, and as the
+# ensemble's draft); the demo (with its monolithic baselines, and the gate's full report: the
+# two-stage route too) and the student are built first where missing (reruns reuse them).
 bench: $(STAMP)
 	$(VENV)/bin/gatemix build-demo --out $(DEMO_DIR) --with-baselines --gate-two-stage
 	test -f $(DEMO_DIR)/student/config.json || $(VENV)/bin/gatemix distill --project $(DEMO_DIR)
