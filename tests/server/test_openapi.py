@@ -111,12 +111,29 @@ def test_schemathesis_with_every_check_finds_nothing(server, tmp_path):
         "--output-sanitize", "false",
     ]
     env = dict(os.environ, SCHEMATHESIS_HOOKS=str(HOOKS))
-    result = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800, check=False
-    )
+
+    def run():
+        return subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800, check=False
+        )
+
+    result = run()
+    if _only_schemathesis_errored(result.stdout):
+        # Schemathesis 4's coverage phase now and then raises inside its own case generation
+        # (a KeyError in its schema compiler, reported as "Runtime Error ... Inconsistent results")
+        # with no request to blame: one rerun, which must then be clean.
+        print(result.stdout[-3000:])
+        result = run()
     output = result.stdout
     start = min((i for i in (output.find("== ERRORS"), output.find("== FAILURES")) if i >= 0),
                 default=max(len(output) - 3000, 0))
     print(output[-1500:])
     assert result.returncode == 0, output[start : start + 12000]
     assert "No issues found" in result.stdout
+
+
+def _only_schemathesis_errored(output: str) -> bool:
+    """Errors, no failures, and every error raised in schemathesis's own code, not by a response."""
+    errors = output[output.find("== ERRORS"):] if "== ERRORS" in output else ""
+    return (bool(errors) and "== FAILURES" not in output and "Runtime Error" in errors
+            and "site-packages/schemathesis/" in errors and "Server error" not in errors)
