@@ -1,4 +1,4 @@
-"""A real Prometheus scrapes a real gatemix server while real requests run.
+"""A real Prometheus scrapes the session's gatemix server while real requests run.
 
 Every PromQL expression of the Grafana dashboard must return data, and the
 per-expert weight series must agree with the ``mixture`` objects the responses
@@ -17,36 +17,41 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
+from conftest import API_KEY
 from prometheus_harness import dashboard_exprs, prometheus_binary, query, run_prometheus, targets_up
 from render_dashboard import DASHBOARD
-from server_harness import ENSEMBLE, running_server
+from server_harness import ENSEMBLE
 
 pytestmark = pytest.mark.skipif(prometheus_binary() is None, reason="needs Debian's prometheus (make prometheus)")
 
 
 @pytest.fixture(scope="module")
-def scraped(server_model_dir, tmp_path_factory):
-    """Serve, scrape, send requests; yield Prometheus' URL and what the responses said."""
+def scraped(server, tmp_path_factory):
+    """Scrape the session server, send requests; yield Prometheus' URL, what the responses said, and
+    the counters' values before (the server is shared: the other tests' traffic came first)."""
     import openai
 
     tmp = tmp_path_factory.mktemp("prometheus-e2e")
-    with (
-        running_server(server_model_dir, tmp) as (url, _log),
-        run_prometheus(url.removeprefix("http://"), tmp / "prometheus") as prometheus_url,
-    ):
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
-            experts = [m.id for m in client.models.list().data if m.id != ENSEMBLE]
-            deadline = time.time() + 60
-            while not targets_up(prometheus_url):  # target discovery takes a few seconds
-                assert time.time() < deadline, "Prometheus never scraped gatemix"
-                time.sleep(0.5)
-            start = time.time()
-            observed = _send_traffic(client, experts)
-            # GATEMIX_DASHBOARD_OBSERVE_S=60 keeps traffic flowing for a fuller picture.
-            while time.time() - start < float(os.environ.get("GATEMIX_DASHBOARD_OBSERVE_S", "0")):
-                observed = _send_traffic(client, experts, observed)
-            time.sleep(4)  # at least two scrapes after the last request
-            yield prometheus_url, observed, experts, start
+    with run_prometheus(server.base_url.removeprefix("http://"), tmp / "prometheus") as prometheus_url:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        experts = [m.id for m in client.models.list().data if m.id != ENSEMBLE]
+        deadline = time.time() + 60
+        while not targets_up(prometheus_url):  # target discovery takes a few seconds
+            assert time.time() < deadline, "Prometheus never scraped gatemix"
+            time.sleep(0.5)
+        before = time.time()  # a scrape before any of this test's requests (the suite runs its tests in turn)
+        observed = _send_traffic(client, experts)
+        # GATEMIX_DASHBOARD_OBSERVE_S=60 keeps traffic flowing for a fuller picture.
+        while time.time() - before < float(os.environ.get("GATEMIX_DASHBOARD_OBSERVE_S", "0")):
+            observed = _send_traffic(client, experts, observed)
+        time.sleep(4)  # at least two scrapes after the last request
+        yield prometheus_url, observed, experts, before
+
+
+def _value(prometheus_url: str, expr: str, at: float | None = None) -> float:
+    """One series' value (0 where it does not exist yet)."""
+    result = query(prometheus_url, expr, at)
+    return float(result[0]["value"][1]) if result else 0.0
 
 
 def _send_traffic(client, experts: list[str], observed: dict | None = None) -> dict:
@@ -90,16 +95,17 @@ def test_every_dashboard_expression_returns_data(scraped):
 
 
 def test_weight_series_agree_with_the_mixture_objects(scraped):
-    prometheus_url, observed, _experts, _ = scraped
+    """What this test's requests added to each series equals what their responses said."""
+    prometheus_url, observed, _experts, before = scraped
     for model, by_expert in observed["weight_sums"].items():
         for expert, expected in by_expert.items():
-            result = query(prometheus_url, f'gatemix_gate_weight_sum{{model="{model}",expert="{expert}"}}')
-            assert result, (model, expert)
-            assert float(result[0]["value"][1]) == pytest.approx(expected, abs=1e-6)
-            tokens = query(
-                prometheus_url, f'gatemix_gate_weighted_tokens_total{{model="{model}",expert="{expert}"}}'
-            )
-            assert float(tokens[0]["value"][1]) == pytest.approx(observed["token_sums"][model][expert], rel=1e-4, abs=1e-6)
+            weights = f'gatemix_gate_weight_sum{{model="{model}",expert="{expert}"}}'
+            assert query(prometheus_url, weights), (model, expert)
+            added = _value(prometheus_url, weights) - _value(prometheus_url, weights, before)
+            assert added == pytest.approx(expected, abs=1e-6)
+            tokens = f'gatemix_gate_weighted_tokens_total{{model="{model}",expert="{expert}"}}'
+            added = _value(prometheus_url, tokens) - _value(prometheus_url, tokens, before)
+            assert added == pytest.approx(observed["token_sums"][model][expert], rel=1e-4, abs=1e-6)
 
 
 def test_single_expert_model_puts_all_weight_on_its_expert(scraped):
