@@ -68,13 +68,8 @@ def domain_acceptance(llm, prompts: dict[str, list[list[int]]], output_len: int)
         counts = [DraftAcceptance.of(output.outputs[0]) for output in outputs]
         if any(count is None for count in counts):
             raise RuntimeError("the engine reported no per-request acceptance: was it built with a draft?")
-        steps = sum(count.steps for count in counts)
-        proposed = sum(count.draft_tokens for count in counts)
-        accepted = sum(count.accepted_tokens for count in counts)
-        result[domain] = {"prompts": len(openings), "steps": steps, "draft_tokens": proposed,
-                          "accepted_tokens": accepted,
-                          "acceptance_rate": accepted / proposed if proposed else None,
-                          "mean_acceptance_length": 1 + accepted / steps if steps else None}
+        total = sum(counts, DraftAcceptance(0, 0, 0))
+        result[domain] = {"prompts": len(openings), **asdict(total), **total.figures()}
     return result
 
 

@@ -45,6 +45,7 @@ from gatemix.engine.engine_config import (
     engine_kwargs,
     stopping,
 )
+from gatemix.server.choices import DraftAcceptance
 
 logger = logging.getLogger(__name__)
 
@@ -177,13 +178,7 @@ def _paired_draft_runs(model_dir: str, settings: EngineSettings, drafted: Engine
 def _acceptance(llm) -> dict:
     """vLLM's speculative counters over the whole run: acceptance rate and mean acceptance length."""
     counters = {metric.name: getattr(metric, "value", 0) for metric in llm.get_metrics()}
-    drafts = counters.get("vllm:spec_decode_num_drafts", 0)
-    draft_tokens = counters.get("vllm:spec_decode_num_draft_tokens", 0)
-    accepted = counters.get("vllm:spec_decode_num_accepted_tokens", 0)
-    return {
-        "acceptance_rate": accepted / draft_tokens if draft_tokens else None,
-        "mean_acceptance_length": 1 + accepted / drafts if drafts else None,  # tokens per verify step
-    }
+    return DraftAcceptance.from_counters(counters).figures()
 
 
 def _compiled_mixing_tokens_per_second(

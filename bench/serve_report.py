@@ -25,6 +25,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from gatemix.server.choices import DraftAcceptance
+
 SYSTEM_LABELS = {
     "ensemble": "gatemix ensemble (K experts)",
     "single": "gatemix, one expert",
@@ -65,13 +67,8 @@ def paired_ratios(numerator: dict | None, denominator: dict | None, key: str = "
 
 def draft_acceptance(before: dict[str, float], after: dict[str, float]) -> dict:
     """A point's acceptance rate and mean acceptance length, from vLLM's totals around it."""
-    drafts = after.get("vllm:spec_decode_num_drafts", 0) - before.get("vllm:spec_decode_num_drafts", 0)
-    if drafts <= 0:
-        return {}
-    proposed, accepted = (after[name] - before.get(name, 0) for name in (
-        "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens"))
-    return {"acceptance_rate": accepted / proposed if proposed else None,
-            "mean_acceptance_length": 1 + accepted / drafts}  # tokens per verify step
+    during = DraftAcceptance.from_counters(after) - DraftAcceptance.from_counters(before)
+    return during.figures() if during.steps > 0 else {}
 
 
 def _summary(ratios: list[float], scale: float = 1.0) -> tuple[float | None, list[float] | None]:

@@ -54,6 +54,34 @@ class DraftAcceptance:
         accepted = sum(j * count for j, count in enumerate(metrics.histogram))
         return cls(sum(metrics.histogram), metrics.num_draft_tokens, accepted)
 
+    @classmethod
+    def from_counters(cls, counters: dict[str, float]) -> DraftAcceptance:
+        """From vLLM's engine-wide ``vllm:spec_decode_*`` totals (0 where one is missing)."""
+        return cls(int(counters.get("vllm:spec_decode_num_drafts", 0)),
+                   int(counters.get("vllm:spec_decode_num_draft_tokens", 0)),
+                   int(counters.get("vllm:spec_decode_num_accepted_tokens", 0)))
+
+    def __add__(self, other: DraftAcceptance) -> DraftAcceptance:
+        return DraftAcceptance(self.steps + other.steps, self.draft_tokens + other.draft_tokens,
+                               self.accepted_tokens + other.accepted_tokens)
+
+    def __sub__(self, other: DraftAcceptance) -> DraftAcceptance:
+        return DraftAcceptance(self.steps - other.steps, self.draft_tokens - other.draft_tokens,
+                               self.accepted_tokens - other.accepted_tokens)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted over proposed draft tokens (None before any proposal)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+
+    @property
+    def mean_acceptance_length(self) -> float | None:
+        """Tokens per verify step, 1 + accepted per step (vLLM's figure; None before any step)."""
+        return 1 + self.accepted_tokens / self.steps if self.steps else None
+
+    def figures(self) -> dict[str, float | None]:
+        return {"acceptance_rate": self.acceptance_rate, "mean_acceptance_length": self.mean_acceptance_length}
+
 
 @dataclass
 class ChoiceState:
