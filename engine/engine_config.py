@@ -193,13 +193,20 @@ def engine_kwargs(model_dir: str | Path, settings: EngineSettings) -> dict:
     return kwargs
 
 
-def build_async_engine(model_dir: str | Path, settings: EngineSettings):
-    """A vLLM ``AsyncLLM`` over the model folder (composite or a single expert)."""
+def build_async_engine(model_dir: str | Path, settings: EngineSettings, served_model_name: str | None = None):
+    """A vLLM ``AsyncLLM`` over the model folder (composite or a single expert).
+
+    ``served_model_name`` becomes the ``model_name`` label of vLLM's ``vllm:`` metrics, which the
+    dashboards built for vLLM filter on (else the label is the folder's path).
+    """
     # vllm: deferred, the settings import without it (offline jobs, --help)
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model_dir, settings)))
+    kwargs = engine_kwargs(model_dir, settings)
+    if served_model_name is not None:
+        kwargs["served_model_name"] = served_model_name
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
 
 def build_offline_engine(model_dir: str | Path, settings: EngineSettings | None = None, **overrides):

@@ -1,7 +1,8 @@
 """A real Prometheus scrapes the session's gatemix server while real requests run.
 
-Every PromQL expression of the Grafana dashboard must return data, and the
-per-expert weight series must agree with the ``mixture`` objects the responses
+Every PromQL expression of the Grafana dashboard must return data, and so must
+every query of the dashboards built for vLLM (``tests/deploy/vllm_dashboards.py``)
+but the ones listed empty with their reason; the per-expert weight series must agree with the ``mixture`` objects the responses
 returned. ``GATEMIX_DASHBOARD_PNG=deploy/dashboard.png`` redraws the checked-in
 picture of the panels from this test's data.
 """
@@ -18,9 +19,19 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
 from conftest import API_KEY
-from prometheus_harness import dashboard_exprs, prometheus_binary, query, run_prometheus, targets_up
+from prometheus_harness import (
+    DEFAULT_VARIABLES,
+    dashboard_exprs,
+    label_values,
+    prometheus_binary,
+    query,
+    run_prometheus,
+    substitute,
+    targets_up,
+)
 from render_dashboard import DASHBOARD
 from server_harness import ENSEMBLE
+from vllm_dashboards import EMPTY_ON_GATEMIX, dashboard_queries
 
 pytestmark = pytest.mark.skipif(prometheus_binary() is None, reason="needs Debian's prometheus (make prometheus)")
 
@@ -133,3 +144,21 @@ def test_dashboard_renders_from_the_scraped_data(scraped, tmp_path):
     out = Path(os.environ.get("GATEMIX_DASHBOARD_PNG", tmp_path / "dashboard.png"))
     titles = render_dashboard(prometheus_url, out, start - 5, time.time(), step_s=1.0)
     assert titles and out.stat().st_size > 10_000
+
+
+def test_the_dashboards_built_for_vllm_find_their_series(scraped):
+    """vLLM's and production-stack's dashboards over gatemix: data for every query but the listed ones."""
+    prometheus_url, *_ = scraped
+    # Their $model_name is picked from vLLM's series; it is the ensemble's name, as gatemix's `model` label.
+    assert label_values(prometheus_url, "model_name", '{__name__=~"vllm:.*"}') == [ENSEMBLE]
+    variables = {**DEFAULT_VARIABLES, "model_name": ENSEMBLE}
+    without_data, listed_but_with_data = [], []
+    for panel, exprs in dashboard_queries().items():
+        for expr in exprs:
+            has_data = bool(query(prometheus_url, substitute(expr, variables)))
+            if expr in EMPTY_ON_GATEMIX and has_data:
+                listed_but_with_data.append((panel, expr))
+            elif expr not in EMPTY_ON_GATEMIX and not has_data:
+                without_data.append((panel, expr))
+    assert not without_data, without_data
+    assert not listed_but_with_data, listed_but_with_data
