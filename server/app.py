@@ -40,6 +40,7 @@ from gatemix.server.served_models import ServedModels
 from gatemix.server.serving import ServingEngine
 from gatemix.server.serving_chat import OpenAIServingChat
 from gatemix.server.serving_completion import OpenAIServingCompletion
+from gatemix.server.serving_responses import OpenAIServingResponses, ResponseStore
 from gatemix.server.serving_tokenize import OpenAIServingTokenization
 from gatemix.server.settings import Settings
 from gatemix.server.tools import ToolCalling
@@ -131,6 +132,7 @@ def _install_serving(app: FastAPI, settings: Settings, *, engine, tokenizer, mod
     )
     app.state.serving_completion = OpenAIServingCompletion(core=core)
     app.state.serving_chat = chat
+    app.state.serving_responses = OpenAIServingResponses(chat=chat, store=ResponseStore())
     app.state.serving_tokenization = OpenAIServingTokenization(core=core, chat=chat)
     app.state.gate_admin = GateAdmin(
         app.state, engine=engine, composite_dir=settings.model_dir,
@@ -161,7 +163,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         "serving %s from %s: experts %s", models.ensemble_name, model_dir, models.expert_names
     )
     # AsyncLLM starts its output handler on the running loop, so it is built here, not in a thread.
-    engine = build_async_engine(model_dir, settings.engine)
+    # vLLM's own metrics are labelled with the ensemble's name, as gatemix's are.
+    engine = build_async_engine(model_dir, settings.engine, served_model_name=models.ensemble_name)
     receiver = GateTraceReceiver() if models.is_composite else None
     watchdog = None
     try:

@@ -13,12 +13,22 @@ fields' descriptions.
 
 from __future__ import annotations
 
+import json
 import warnings
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-_GENERATION = {"CompletionRequest": "/v1/completions", "ChatCompletionRequest": "/v1/chat/completions"}
+from gatemix.server.responses_conversation import REFUSED_FIELDS
+
+_GENERATION = {
+    "CompletionRequest": "/v1/completions",
+    "ChatCompletionRequest": "/v1/chat/completions",
+    "ResponsesRequest": "/v1/responses",
+}
+# Input items, parts and tools of types the server refuses by name (protocol_responses.py):
+# FastAPI lists them, though no schema refers to them.
+_UNREFERENCED = ("OtherItem", "OtherPart", "OtherTool")
 _GUARDED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
 
 
@@ -41,8 +51,11 @@ def openapi_document(app: FastAPI) -> dict:
     if settings.api_keys:
         _document_security(document)
     schemas = document["components"]["schemas"]
+    for name in _UNREFERENCED:
+        schemas.pop(name, None)
     for name in _GENERATION:
         _document_request_limits(schemas[name], settings, core)
+    _document_refused(schemas["ResponsesRequest"], REFUSED_FIELDS)
     if core is not None:
         _document_mixture(schemas["MixtureRequest"], core.models.expert_names)
         for name in ("TokenizeCompletionRequest", "TokenizeChatRequest", "DetokenizeRequest"):
@@ -80,7 +93,8 @@ def _document_security(document: dict) -> None:
 
 def _document_request_limits(schema: dict, settings, core) -> None:
     properties = schema["properties"]
-    properties["n"]["maximum"] = settings.max_n
+    if "n" in properties:
+        properties["n"]["maximum"] = settings.max_n
     for branch in properties["seed"]["anyOf"]:  # FastAPI's document holds bounds as floats
         if branch.get("type") == "integer":
             branch.update({"minimum": -(2**63), "maximum": 2**63 - 1})
@@ -99,7 +113,7 @@ def _document_request_limits(schema: dict, settings, core) -> None:
         return
     context = core.max_model_len
     limit = min(context - 1, settings.max_output_tokens, settings.max_tokens_limit or context)
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         if name in properties:
             _set_maximum(properties[name], limit)
             properties[name]["description"] = (
@@ -117,6 +131,16 @@ def _document_request_limits(schema: dict, settings, core) -> None:
                 "type": "number", "minimum": -100, "maximum": 100}}
             branch["additionalProperties"] = False
     properties["logit_bias"]["description"] = f"token id (below {core.vocab_size}) -> bias"
+
+
+def _document_refused(schema: dict, refused: dict[str, tuple[tuple, str]]) -> None:
+    """Fields the server refuses: only the values that change nothing (or null) are valid."""
+    for name, (harmless, why) in refused.items():
+        schema["properties"][name] = {
+            "anyOf": [*({"const": value} for value in harmless), {"type": "null"}],
+            "description": f"not supported ({why}): only "
+            + " or ".join(json.dumps(value) for value in (*harmless, None)),
+        }
 
 
 def _served_names(core) -> list[str]:
@@ -169,6 +193,16 @@ def _document_no_tools(schemas: dict, why_not: str) -> None:
     message["role"]["enum"] = [role for role in message["role"]["enum"] if role != "tool"]
     message["tool_calls"].update({"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}],
                                   "description": note})
+    responses = schemas["ResponsesRequest"]["properties"]
+    responses["tools"].update({"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}],
+                               "description": note})
+    responses["tool_choice"].update({
+        "anyOf": [{"type": "string", "enum": ["none", "auto"]}, {"type": "null"}],
+        "description": f"none or auto (nothing to call): tools are {note}",
+    })
+    items = next(b for b in responses["input"]["anyOf"] if b.get("type") == "array")["items"]
+    items["anyOf"] = [b for b in items["anyOf"] if b["$ref"].endswith("/InputMessage")]
+    items["description"] = f"messages only: function calls and their outputs are {note}"
 
 
 def _set_maximum(schema: dict, maximum: int) -> None:

@@ -32,6 +32,7 @@ from gatemix.server.protocol import (
     ModelCard,
     ModelList,
 )
+from gatemix.server.protocol_responses import ResponsesRequest, ResponsesResponse
 from gatemix.server.tokenize_protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -179,6 +180,21 @@ async def create_chat_completion(
     return to_response(
         await run_cancellable(handler.create_chat_completion(request, ticket), raw_request)
     )
+
+
+@v1.post("/responses", response_model=ResponsesResponse, responses=GENERATES)
+async def create_response(
+    request: ResponsesRequest, raw_request: Request, ticket: TicketDep
+) -> Response:
+    """OpenAI's Responses API (text, function tools), served by the chat path."""
+    handler = raw_request.app.state.serving_responses
+    return to_response(await run_cancellable(handler.create_response(request, ticket), raw_request))
+
+
+@v1.get("/responses/{response_id}", response_model=ResponsesResponse, responses=_errors(S.NOT_FOUND))
+async def retrieve_response(response_id: str, raw_request: Request) -> Response:
+    """A stored response (``store`` true, the default); any other id is a 404."""
+    return to_response(raw_request.app.state.serving_responses.retrieve_response(response_id))
 
 
 @tokenizer.post("/tokenize", response_model=TokenizeResponse, responses=TAKES_BODY)

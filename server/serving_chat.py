@@ -53,13 +53,13 @@ class OpenAIServingChat:
         self, request: ChatCompletionRequest, ticket: Ticket
     ) -> ChatCompletionResponse | AsyncIterator[str]:
         """Validate and plan eagerly (errors become HTTP errors); stream or collect after."""
-        context = self._context(request, ticket)
+        context = self.context(request, ticket)
         if request.stream:
             return sse_stream(self._stream(context), self.core.metrics)
         states = await self.core.generation.collect_choices(
             context.jobs, context.plan, context.deadline
         )
-        choices = [self._choice(context, state) for state in states]
+        choices = [self.choice(context, state) for state in states]
         prompt_ids = context.prompts[0]
         return context.response(
             ChatCompletionResponse,
@@ -71,7 +71,8 @@ class OpenAIServingChat:
             ),
         )
 
-    def _context(self, request: ChatCompletionRequest, ticket: Ticket) -> ChatContext:
+    def context(self, request: ChatCompletionRequest, ticket: Ticket) -> ChatContext:
+        """Every check, the rendered prompt and the admitted jobs (``/v1/responses`` too)."""
         core = self.core
         deadline = core.deadline()
         plan = core.models.plan(request.model, request.mixture)
@@ -110,7 +111,8 @@ class OpenAIServingChat:
             tool_plan=tool_plan,
         )
 
-    def _choice(self, context: ChatContext, state: ChoiceState) -> ChatCompletionChoice:
+    def choice(self, context: ChatContext, state: ChoiceState) -> ChatCompletionChoice:
+        """A whole choice: its text parsed into content and tool calls, logprobs, gate report."""
         tool_plan = context.tool_plan
         content, tool_calls = state.text, []
         if tool_plan is not None:
@@ -119,12 +121,12 @@ class OpenAIServingChat:
         return ChatCompletionChoice(
             finish_reason=finish_reason(tool_plan, bool(tool_calls), state.finish_reason),
             index=state.index,
-            logprobs=self._logprobs(context.num_top, state.token_ids, state.logprobs),
+            logprobs=self.logprobs(context.num_top, state.token_ids, state.logprobs),
             message=ChatResponseMessage(content=content, tool_calls=tool_calls),
             mixture=self.core.mixture_report(state, context.plan),
         )
 
-    def _logprobs(self, num_top: int | None, token_ids: list[int], positions: list[dict] | None):
+    def logprobs(self, num_top: int | None, token_ids: list[int], positions: list[dict] | None):
         if num_top is None:
             return None
         return chat_logprobs(token_ids, positions or [], num_top, self.core.tokenizer)
@@ -159,7 +161,7 @@ class OpenAIServingChat:
                 delta=ChatDelta(content=content, tool_calls=calls or None),
                 finish_reason=finish_reason(tool_plan, state.index in called, delta.finish_reason),
                 index=state.index,
-                logprobs=self._logprobs(context.num_top, delta.token_ids, delta.logprobs),
+                logprobs=self.logprobs(context.num_top, delta.token_ids, delta.logprobs),
                 mixture=self.core.mixture_report(state, context.plan, delta),
             )
             yield self._chunk(context, [choice])

@@ -34,6 +34,7 @@ from gatemix.server.served_models import ServedModels
 from gatemix.server.serving import ServingEngine
 from gatemix.server.serving_chat import OpenAIServingChat
 from gatemix.server.serving_completion import OpenAIServingCompletion
+from gatemix.server.serving_responses import OpenAIServingResponses, ResponseStore
 from gatemix.server.settings import Settings
 from gatemix.server.tools import ToolCalling
 
@@ -237,6 +238,7 @@ def serving_app(*, step_delay_s: float = 0.0, **settings) -> ServingStack:
     state.serving_core = core
     state.serving_completion = OpenAIServingCompletion(core=core)
     state.serving_chat = OpenAIServingChat(core=core, renderer=renderer, tools=tools)
+    state.serving_responses = OpenAIServingResponses(chat=state.serving_chat, store=ResponseStore())
     return ServingStack(app, engine, receiver, core, metrics)
 
 

@@ -11,8 +11,8 @@ one server). The routed server takes no API key; the clients send a placeholder.
 The tiny demo model writes gibberish, so the structured output and the tool
 call hold only through constrained decoding: that is what those two tests
 check. Whitespace-only tokens are biased to -100 (as in ``test_tools.py``), so
-a JSON object closes in a few tokens. ``/v1/responses`` is not served yet:
-every client here goes through chat completions.
+a JSON object closes in a few tokens. The Agents SDK runs over both APIs it
+speaks: the Responses API (its default) and chat completions.
 
 The clients are imported in the tests: LiteLLM alone takes seconds to import,
 and ``make test-fast`` collects this file without running it.
@@ -118,28 +118,12 @@ def test_litellm_returns_what_the_openai_client_gets_and_the_mixture(
         assert mixture["mean_weights"] == pytest.approx(report["mean_weights"], abs=1e-6)
 
 
-def test_agents_sdk_agent_calls_its_tool_then_answers(routed_server, no_whitespace):
-    """One agent, one function tool, through chat completions.
-
-    The Agents SDK defaults to the Responses API, which gatemix does not serve yet,
-    so the agent's model is ``OpenAIChatCompletionsModel`` over an ``AsyncOpenAI``
-    client. The tiny model would not call a tool by itself: ``tool_choice`` names the
-    function, and vLLM's parser holds the output to the arguments' schema. The SDK's
-    ``reset_tool_choice`` (its default) frees the second turn to answer in text. No
-    ``max_tokens``: the tool's definition takes about 170 of the 256-token context and
-    the call's round trip about 70 more, so each turn gets the rest of the context.
-    """
-    from agents import (
-        Agent,
-        ModelSettings,
-        OpenAIChatCompletionsModel,
-        RunConfig,
-        Runner,
-        function_tool,
-    )
+def _weather_agent(routed_server, no_whitespace, model_class, calls: list[str], **agent_args):
+    """An agent over gatemix with one tool, which records the city of each call; ``tool_choice``
+    names the tool: the tiny model would not call it by itself, and vLLM's parser then holds
+    the output to the arguments' schema."""
+    from agents import Agent, ModelSettings, function_tool
     from openai import AsyncOpenAI
-
-    calls: list[str] = []
 
     @function_tool
     def weather(city: Literal["Rome", "Oslo"]) -> str:
@@ -148,13 +132,27 @@ def test_agents_sdk_agent_calls_its_tool_then_answers(routed_server, no_whitespa
         return "sunny"
 
     client = AsyncOpenAI(base_url=f"{routed_server.base_url}/v1", api_key="none", max_retries=0, timeout=120)
-    agent = Agent(
-        name="weather", tools=[weather],
-        model=OpenAIChatCompletionsModel(model=ENSEMBLE, openai_client=client),
+    return Agent(
+        name="weather", tools=[weather], model=model_class(model=ENSEMBLE, openai_client=client),
         model_settings=ModelSettings(
             tool_choice="weather", temperature=0, extra_body={"logit_bias": no_whitespace}
         ),
+        **agent_args,
     )
+
+
+def test_agents_sdk_agent_calls_its_tool_then_answers(routed_server, no_whitespace):
+    """One agent, one function tool, through chat completions (``OpenAIChatCompletionsModel``).
+
+    The SDK's ``reset_tool_choice`` (its default) frees the second turn to answer in
+    text. No ``max_tokens``: the tool's definition takes about 170 of the 256-token
+    context and the call's round trip about 70 more, so each turn gets the rest of the
+    context.
+    """
+    from agents import OpenAIChatCompletionsModel, RunConfig, Runner
+
+    calls: list[str] = []
+    agent = _weather_agent(routed_server, no_whitespace, OpenAIChatCompletionsModel, calls)
     result = Runner.run_sync(agent, "Rome?", run_config=RunConfig(tracing_disabled=True))
     assert len(calls) == 1 and calls[0] in ("Rome", "Oslo")  # the tool ran, with parsed arguments
     (call,) = [item.raw_item for item in result.new_items if item.type == "tool_call_item"]
@@ -163,3 +161,24 @@ def test_agents_sdk_agent_calls_its_tool_then_answers(routed_server, no_whitespa
     assert output == "sunny"
     assert len(result.raw_responses) == 2  # the call, then the answer after the tool's output
     assert isinstance(result.final_output, str) and result.final_output
+
+
+def test_agents_sdk_default_model_runs_its_tool_through_the_responses_api(routed_server, no_whitespace):
+    """The SDK's default model, ``OpenAIResponsesModel``: the call comes back as a ``function_call``
+    output item, the SDK runs the tool, and the tool's output is the agent's answer
+    (``stop_on_first_tool``). A second, free-text turn is left out: the tiny model's text runs
+    to the end of the context, which the Responses API reports as ``incomplete`` and the SDK
+    raises on (chat completions' ``length`` it accepts, as the test above shows)."""
+    from agents import OpenAIResponsesModel, RunConfig, Runner
+
+    calls: list[str] = []
+    agent = _weather_agent(routed_server, no_whitespace, OpenAIResponsesModel, calls,
+                           tool_use_behavior="stop_on_first_tool")
+    result = Runner.run_sync(agent, "Rome?", run_config=RunConfig(tracing_disabled=True))
+    assert len(calls) == 1 and calls[0] in ("Rome", "Oslo")
+    (response,) = result.raw_responses
+    (call,) = response.output
+    assert call.type == "function_call" and call.name == "weather"
+    assert json.loads(call.arguments) == {"city": calls[0]}
+    assert response.usage.output_tokens > 0 and response.usage.input_tokens > 0
+    assert result.final_output == "sunny"

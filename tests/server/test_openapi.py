@@ -61,6 +61,12 @@ def test_the_document_declares_the_limits_the_server_enforces(document, server):
     # No tool support on this server: the document says so instead of promising tools.
     assert _branch(chat["tools"], "array")["maxItems"] == 0
     assert "tool" not in schemas["ChatMessage"]["properties"]["role"]["enum"]
+    responses = schemas["ResponsesRequest"]["properties"]
+    assert _branch(responses["max_output_tokens"], "integer")["maximum"] == 255
+    assert _branch(responses["tools"], "array")["maxItems"] == 0
+    items = _branch(responses["input"], "array")["items"]["anyOf"]
+    assert [item["$ref"].rsplit("/", 1)[1] for item in items] == ["InputMessage"]
+    assert responses["background"]["anyOf"] == [{"const": False}, {"type": "null"}]
 
 
 def test_the_document_declares_bodies_statuses_security_and_media_types(document):
