@@ -2,7 +2,7 @@
 
 A session server or a module's engine is costly to start, so every test that
 shares one runs in the same worker: the tests of one file form one group, and
-every file that uses one of the session servers joins that server's group.
+every file that uses a session server joins the one group of both servers.
 Groups run longest first (the sum of their files' last measured seconds,
 ``durations.json``, rewritten by ``pytest --record-durations``), so the short
 ones fill in at the end instead of one long group starting last.
@@ -31,8 +31,9 @@ from gatemix.atomic_write import write_atomically
 
 DURATIONS_FILE = Path(__file__).with_name("durations.json")
 
-# Session fixtures that start a server: every file using one joins its group.
+# Session fixtures that start a server: every file using one joins the servers' group.
 SHARED_SERVERS = ("routed_server", "server")
+SERVERS_GROUP = "session servers"
 
 # Fixtures that build, train, pack or serve real models: a test using one is `slow`.
 HEAVY_FIXTURES = frozenset({
@@ -69,13 +70,14 @@ class GroupScheduling(LoadScopeScheduling):
 
 
 def file_groups(items: list[pytest.Item]) -> dict[str, str]:
-    """Test file -> its xdist group: the first shared server any of its tests uses, else itself."""
+    """Test file -> its xdist group: ``SERVERS_GROUP`` if any of its tests uses a session server,
+    else itself. One group for both servers: a file using both (a key shared across servers, a
+    report compared between them) would otherwise start one of them again in the other worker."""
     groups: dict[str, str] = {}
     for item in items:
         path = item.nodeid.split("::")[0]
-        server = next((name for name in SHARED_SERVERS if name in item.fixturenames), None)
-        if server is not None:
-            groups[path] = server
+        if any(name in item.fixturenames for name in SHARED_SERVERS):
+            groups[path] = SERVERS_GROUP
         else:
             groups.setdefault(path, path)
     return groups

@@ -4,9 +4,7 @@ Each test checks what the client received against what the plain ``openai``
 client gets for the same greedy request, or against the constraint the server
 enforced. They run on the routed session server (``routed_server``), the one
 that serves tools (a Hermes template and parser): the main server's template
-renders none, and a file that used both servers would start one of them a
-second time in another xdist worker (``tests/scheduling.py`` groups a file with
-one server). The routed server takes no API key; the clients send a placeholder.
+renders none. The routed server takes no API key; the clients send a placeholder.
 
 The tiny demo model writes gibberish, so the structured output and the tool
 call hold only through constrained decoding: that is what those two tests

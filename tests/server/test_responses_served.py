@@ -2,8 +2,7 @@
 
 The tests run on the routed session server (``routed_server``: the random router,
 whose per-token weights vary with the context, and tool calling), like
-``test_clients.py``: a file that used both session servers would start one of
-them twice (``tests/scheduling.py``). Each greedy response is checked against
+``test_clients.py``. Each greedy response is checked against
 the same conversation through chat completions, which it is served by: the
 same text, the same token counts, the same gate.
 """
