@@ -13,6 +13,13 @@ with no special loader)::
     tokenizer files, generation_config.json     copied from the first expert
 
 The experts may differ in architecture and size; they share one vocabulary.
+
+A composite of LoRA experts (``gatemix.engine.lora_pack``, architecture
+``GatemixLoRAForCausalLM``) holds one base instead: the base's own
+``*.safetensors`` (names unchanged) at the top, ``base/config.json``, and
+``adapters/<key>/`` with each expert's ``adapter_config.json`` and
+``adapter_model.safetensors``; its ``gatemix`` block adds ``"lora"``.
+
 This module is the format and its reading only (what the engine's model needs);
 writing a composite from expert folders or a project is ``gatemix.engine.pack``.
 """
@@ -27,6 +34,13 @@ from gatemix.errors import UserError
 
 COMPOSITE_FORMAT = "gatemix-composite/2"  # 2: experts of any architecture and size
 COMPOSITE_ARCHITECTURE = "GatemixForCausalLM"
+LORA_COMPOSITE_ARCHITECTURE = "GatemixLoRAForCausalLM"  # K LoRA adapters of one base
+BASE_SUBDIR = "base"
+ADAPTERS_SUBDIR = "adapters"
+LORA_PARALLEL_REFUSAL = (
+    "a composite of LoRA experts runs on one GPU for now (tensor and pipeline parallel size 1): "
+    "its experts' low-rank factors are not sharded yet"
+)
 GATE_SUBDIR = "gate"
 EXPERT_CONFIGS_SUBDIR = "expert_configs"
 # The composite's own key in vLLM's ``additional_config`` (the engine settings' way into
@@ -55,6 +69,22 @@ def expert_module_key(index: int) -> str:
 def expert_config_dir(model_dir: str | Path, index: int) -> Path:
     """The folder holding expert ``index``'s own ``config.json`` inside a composite."""
     return Path(model_dir) / EXPERT_CONFIGS_SUBDIR / expert_module_key(index)
+
+
+def adapter_dir(model_dir: str | Path, index: int) -> Path:
+    """The folder holding LoRA expert ``index``'s adapter files inside a LoRA composite."""
+    return Path(model_dir) / ADAPTERS_SUBDIR / expert_module_key(index)
+
+
+def is_composite_architecture(architectures: list[str]) -> bool:
+    """A config's ``architectures`` name a gatemix composite (of full experts or of LoRA experts)."""
+    return COMPOSITE_ARCHITECTURE in architectures or LORA_COMPOSITE_ARCHITECTURE in architectures
+
+
+def is_lora_composite_folder(path: str | Path) -> bool:
+    """A composite of LoRA experts of one base (``gatemix.engine.lora_pack``)."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return LORA_COMPOSITE_ARCHITECTURE in (config.get("architectures") or [])
 
 
 def is_composite_folder(path: str | Path) -> bool:

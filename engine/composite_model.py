@@ -208,13 +208,15 @@ class ExpertEnsemble(nn.Module):
 class GatemixForCausalLM(nn.Module, SupportsPP):
     """The composite model vLLM serves for a gatemix folder (see module docstring)."""
 
+    ensemble_class: type[nn.Module] = ExpertEnsemble  # the LoRA composite runs its own (lora_composite_model)
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.model_dir = Path(vllm_config.model_config.model)
         self.expert_names = list(config.gatemix["expert_names"])
         self.num_experts = len(self.expert_names)
-        self.ensemble = ExpertEnsemble(vllm_config=vllm_config, prefix="ensemble")
+        self.ensemble = self.ensemble_class(vllm_config=vllm_config, prefix="ensemble")
         self.expert_widths = self.ensemble.widths[: self.num_experts]
         form = read_router_form(self.model_dir / GATE_SUBDIR)
         if form.expert_widths != tuple(self.expert_widths):

@@ -31,7 +31,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gatemix.engine.composite_folder import COMPILE_MIXING_KEY, is_composite_folder
+from gatemix.engine.composite_folder import (
+    COMPILE_MIXING_KEY,
+    LORA_PARALLEL_REFUSAL,
+    is_composite_folder,
+    is_lora_composite_folder,
+)
 from gatemix.engine.gate_reload import WORKER_EXTENSION
 from gatemix.engine.spec_decode import check_draft, speculative_config
 from gatemix.errors import UserError
@@ -154,6 +159,9 @@ def check_engine_settings(model_dir: str | Path, settings: EngineSettings) -> No
             "trace, posterior state and gate reload live in one engine's workers; run one server per "
             "replica behind a load balancer instead"
         )
+    parallel = settings.tensor_parallel_size * settings.pipeline_parallel_size
+    if parallel > 1 and is_lora_composite_folder(model_dir):
+        raise UserError(LORA_PARALLEL_REFUSAL)
 
 
 def engine_kwargs(model_dir: str | Path, settings: EngineSettings) -> dict:

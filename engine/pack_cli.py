@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from gatemix.config_cli import add_config_flags, config_from_args, field_help
+from gatemix.engine.lora_pack import pack_lora_composite
 from gatemix.engine.pack import pack_composite, project_gate_spec
 from gatemix.errors import UserError
 from gatemix.project import load_project
@@ -29,6 +30,9 @@ class PackConfig:
         show_default=False))
     names: str | None = field(default=None, **field_help(
         "comma-separated expert names (default: folder names)", show_default=False))
+    base: str | None = field(default=None, **field_help(
+        "base model folder: the expert folders are PEFT LoRA adapters of it, packed as one base "
+        "and K adapters (the engine slice of LoRA experts: not with --project yet)", show_default=False))
     overwrite: bool = field(default=False, **field_help(
         "replace --out if it exists", switch=True, show_default=False))
 
@@ -49,6 +53,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args, PackConfig)
     if config.project:
+        if config.base:
+            raise UserError("--base (LoRA experts) is not read with --project yet; give adapter folders and --out")
         if config.experts or config.names:
             raise UserError("--project names the experts: give no expert folders or --names with it")
         project = load_project(config.project, check_data=False)
@@ -62,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
         experts, out, gate = list(config.experts), config.out, config.gate or "uniform"
         overwrite = config.overwrite
         names = config.names.split(",") if config.names else None
-    info = pack_composite(experts, out, gate=gate, names=names, overwrite=overwrite)
+    if config.base:
+        info = pack_lora_composite(config.base, experts, out, gate=gate, names=names, overwrite=overwrite)
+    else:
+        info = pack_composite(experts, out, gate=gate, names=names, overwrite=overwrite)
     print(f"packed {len(info.expert_names)} experts {info.expert_names} into {info.path} (gate {info.gate_version}, {info.gate_method})")
     return 0

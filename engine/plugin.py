@@ -1,4 +1,4 @@
-"""vLLM plugin entry point (``vllm.general_plugins``): registers the composite model.
+"""vLLM plugin entry point (``vllm.general_plugins``): registers the composite models.
 
 It also keeps the composite's request-gate processor when a draft model is
 configured (``spec_decode.keep_request_gates_with_drafts``).
@@ -9,15 +9,20 @@ reach spawned workers.
 """
 
 
-from gatemix.engine.composite_folder import COMPOSITE_ARCHITECTURE
+from gatemix.engine.composite_folder import COMPOSITE_ARCHITECTURE, LORA_COMPOSITE_ARCHITECTURE
 from gatemix.engine.spec_decode import keep_request_gates_with_drafts
+
+# Architecture -> the module that defines it (the class has the architecture's name).
+COMPOSITE_MODULES = {
+    COMPOSITE_ARCHITECTURE: "gatemix.engine.composite_model",
+    LORA_COMPOSITE_ARCHITECTURE: "gatemix.engine.lora_composite_model",
+}
 
 
 def register() -> None:
     from vllm import ModelRegistry  # vllm loads this module while it imports itself: deferred
 
-    if COMPOSITE_ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(
-            COMPOSITE_ARCHITECTURE, f"gatemix.engine.composite_model:{COMPOSITE_ARCHITECTURE}"
-        )
+    for architecture, module in COMPOSITE_MODULES.items():
+        if architecture not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(architecture, f"{module}:{architecture}")
     keep_request_gates_with_drafts()

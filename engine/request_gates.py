@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gatemix.engine.composite_folder import COMPOSITE_ARCHITECTURE
+from gatemix.engine.composite_folder import is_composite_architecture
 from gatemix.engine.gate_trace import TraceRecord, TraceSender
 from gatemix.engine.prefix_state import BatchLayout, PrefixStates
 from gatemix.engine.sampled_rows import SampledRows, sampled_rows
@@ -263,7 +263,7 @@ class RequestGateProcessor(_LogitsProcessor):
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         architectures = getattr(vllm_config.model_config.hf_config, "architectures", None) or []
-        self.active = COMPOSITE_ARCHITECTURE in architectures
+        self.active = is_composite_architecture(architectures)
         self.table = worker_gate_table()
 
     @classmethod

@@ -26,8 +26,8 @@ import logging
 from pathlib import Path
 
 from gatemix.engine.composite_folder import (
-    COMPOSITE_ARCHITECTURE,
     expert_config_dir,
+    is_composite_architecture,
     is_composite_folder,
 )
 from gatemix.errors import UserError
@@ -89,7 +89,7 @@ def check_draft(model_dir: str | Path, draft: str | Path) -> None:
 
 def _is_composite(vllm_config) -> bool:
     architectures = getattr(vllm_config.model_config.hf_config, "architectures", None) or []
-    return COMPOSITE_ARCHITECTURE in architectures
+    return is_composite_architecture(architectures)
 
 
 def keep_request_gates_with_drafts() -> None:
