@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import ADMIN_KEY
 from server_harness import ENSEMBLE
-from test_openai_api import offline_weights
+from test_routed_mixture_report import offline_weights
 
 from gatemix.engine.composite_folder import GATE_SUBDIR
 from gatemix.engine.pack import parse_gate_spec
