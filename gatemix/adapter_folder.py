@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 
 from gatemix.errors import UserError
-from gatemix.expert_folder import EXPERT_NAME_PATTERN, ExpertFolder, expert_hash
+from gatemix.expert_folder import ExpertFolder, check_expert_name, expert_hash
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -130,10 +130,7 @@ def read_adapter(path: str | Path, name: str | None = None) -> AdapterFolder:
     """Check one PEFT adapter folder (LoRA, safetensors, no option gatemix cannot apply)."""
     path = Path(path)
     name = name or path.name
-    if not EXPERT_NAME_PATTERN.match(name):
-        raise AdapterFolderError(
-            f"expert name {name!r} must be lowercase letters, digits, '-' or '_', starting with a letter"
-        )
+    check_expert_name(name, AdapterFolderError)
     config_path = path / ADAPTER_CONFIG
     if not config_path.is_file():
         raise AdapterFolderError(f"{path}: no {ADAPTER_CONFIG}, not a PEFT adapter folder")

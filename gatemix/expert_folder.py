@@ -139,14 +139,17 @@ def is_causal_lm_architecture(architecture: str) -> bool:
     return architecture in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
+def check_expert_name(name: str, error: type[UserError]) -> None:
+    """An expert's name becomes a served model name, a metric label and a folder: keep it plain."""
+    if not EXPERT_NAME_PATTERN.match(name):
+        raise error(f"expert name {name!r} must be lowercase letters, digits, '-' or '_', starting with a letter")
+
+
 def read_expert(path: str | Path, name: str | None = None) -> ExpertFolder:
     """Check one expert folder and read what the composite needs from it."""
     path = Path(path)
     name = name or path.name
-    if not EXPERT_NAME_PATTERN.match(name):
-        raise ExpertFolderError(
-            f"expert name {name!r} must be lowercase letters, digits, '-' or '_', starting with a letter"
-        )
+    check_expert_name(name, ExpertFolderError)
     if not path.is_dir():
         raise ExpertFolderError(f"expert folder {path} does not exist")
     config_path = path / "config.json"
