@@ -76,12 +76,12 @@ def domain_acceptance(llm, prompts: dict[str, list[list[int]]], output_len: int)
 def run_draft_bench(config: DraftBenchConfig) -> dict:
     from transformers import AutoTokenizer
 
-    from gatemix.engine.pack import ensure_composite
+    from gatemix.engine.project_composite import ensure_composite
     from gatemix.project import load_project
 
     project = load_project(config.project)
     composite = ensure_composite(project).path
-    tokenizer = AutoTokenizer.from_pretrained(next(iter(project.experts.values())))
+    tokenizer = AutoTokenizer.from_pretrained(project.tokenizer_dir)
     prompts = eval_openings(project, tokenizer, config.prompts_per_domain, config.prompt_len)
     with stopping(build_offline_engine(
             composite, dtype=config.dtype, max_model_len=config.prompt_len + config.output_len + 16,

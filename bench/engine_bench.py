@@ -45,6 +45,7 @@ from gatemix.engine.engine_config import (
     engine_kwargs,
     stopping,
 )
+from gatemix.expert_models import load_expert_models
 from gatemix.server.choices import DraftAcceptance
 
 logger = logging.getLogger(__name__)
@@ -208,16 +209,13 @@ def naive_ensemble_decode(experts, log_weights: torch.Tensor, prompts: list[list
     return torch.cat(generated, dim=1)
 
 
-def _naive_tokens_per_second(config: EngineBenchConfig, expert_dirs: list[Path],
-                             vocab_size: int) -> dict[int, float]:
+def _naive_tokens_per_second(config: EngineBenchConfig, models: BenchModels, vocab_size: int) -> dict[int, float]:
     concurrencies = [c for c in config.concurrency if c <= config.naive_max_concurrency]
     if not concurrencies:
         return {}
-    from transformers import AutoModelForCausalLM  # heavy, and only for the naive baseline
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
-    experts = [AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval() for d in expert_dirs]
+    experts = load_expert_models(models.expert_dirs, base=models.base_dir, device=device, dtype=dtype)
     log_weights = torch.full((len(experts),), -math.log(len(experts)), device=device)
     results = {}
     for concurrency in concurrencies:
@@ -256,7 +254,7 @@ def run_engine_bench(config: EngineBenchConfig, models: BenchModels) -> dict:
         speculative = _paired_draft_runs(composite, settings, drafted, config, vocab_size)
         tps["fused ensemble, draft"] = {c: point["draft"] for c, point in speculative["paired"].items()}
     tps["single expert (vLLM)"] = _vllm_tokens_per_second(single, settings, config, vocab_size)
-    tps["naive transformers ensemble"] = _naive_tokens_per_second(config, models.expert_dirs, vocab_size)
+    tps["naive transformers ensemble"] = _naive_tokens_per_second(config, models, vocab_size)
     return {
         "num_experts": num_experts,
         "expert_parameters": [parameter_count(folder) for folder in models.expert_dirs],

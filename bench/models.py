@@ -27,6 +27,7 @@ from gatemix.config_cli import field_help
 from gatemix.defaults import DEFAULT_PROJECT_DIR
 from gatemix.engine import pack
 from gatemix.engine.composite_folder import CompositeInfo, PackError
+from gatemix.engine.project_composite import composite_is_current, ensure_composite
 from gatemix.errors import UserError
 from gatemix.expert_folder import read_expert
 from gatemix.gate.artifact import RouterArtifact
@@ -46,6 +47,7 @@ class BenchModels:
     composite_dir: Path
     expert_dirs: list[Path]  # the composite's experts, in its order (naive and lockstep baselines)
     single_dir: Path  # the single-expert baseline
+    base_dir: Path | None = None  # the base, when the experts are LoRA adapters of it
     student_dir: Path | None = None
     names: list[str] = field(default_factory=list)
 
@@ -71,7 +73,7 @@ def project_models(project_path: str, *, composite: str | None = None,
     """The project and its models: its experts, ``composite`` or its own composite, one expert alone."""
     project = load_bench_project(project_path)
     if composite is None:
-        info = pack.ensure_composite(project)
+        info = ensure_composite(project)
     else:
         if not Path(composite).is_dir():
             raise UserError(f"composite folder {composite} not found")
@@ -79,11 +81,12 @@ def project_models(project_path: str, *, composite: str | None = None,
         if info.expert_names != project.domains:
             raise UserError(f"{composite} holds experts {info.expert_names}, the project "
                             f"{project.path} names {project.domains}; pass its --project")
-    single = Path(expert) if expert else next(iter(project.experts.values()))
+    single = Path(expert) if expert else project.tokenizer_dir  # LoRA experts: their base alone
     if not (single / "config.json").is_file():
         raise UserError(f"expert folder {single} not found (no config.json)")
+    base = project.tokenizer_dir if project.is_lora else None
     return project, BenchModels(composite_dir=Path(info.path), expert_dirs=list(project.experts.values()),
-                                single_dir=single, names=project.domains)
+                                single_dir=single, base_dir=base, names=project.domains)
 
 
 def check_context(models: BenchModels, tokens: int) -> None:
@@ -157,7 +160,7 @@ def random_models(config: RandomExpertsConfig) -> BenchModels:
     composite = expert_dirs[0].parent / f"composite-k{len(expert_dirs)}"
     experts = [read_expert(folder, name) for folder, name in zip(expert_dirs, names)]
     try:
-        current = pack.composite_is_current(CompositeInfo.read(composite), experts, "uniform")
+        current = composite_is_current(CompositeInfo.read(composite), experts, "uniform")
     except (PackError, OSError):
         current = False
     if current:

@@ -163,10 +163,13 @@ def run_serve_bench(config: ServeBenchConfig, models: BenchModels) -> dict:
     """Run every system at every point; returns ``{"points": [...], "ratios": [...], ...}``.
 
     The load's prompts come from the first expert's tokenizer (the experts share one).
+    LoRA experts have no folder a plain server loads: their base stands for one
+    expert alone (``single``, ``vllm``), and the lockstep baseline is skipped.
     """
     out_dir = Path(config.out_dir)
-    tokenizer_dir = str(models.expert_dirs[0])
-    expert_dirs = [str(folder) for folder in models.expert_dirs]
+    lora = models.base_dir is not None
+    expert_dirs = [str(models.base_dir)] if lora else [str(folder) for folder in models.expert_dirs]
+    tokenizer_dir = expert_dirs[0]
     student_dir = str(models.student_dir) if models.student_dir else None
     max_prompt = max(config.prompt_lens)
     options = ServerOptions(
@@ -177,8 +180,11 @@ def run_serve_bench(config: ServeBenchConfig, models: BenchModels) -> dict:
     points, notes = [], []
     draft_dir = config.draft or student_dir
     needs = {"student": student_dir, "draft": draft_dir}
-    systems = [system for system in config.systems if needs.get(system, True)]
-    for system in set(config.systems) - set(systems):
+    systems = [system for system in config.systems if needs.get(system, True)
+               and not (lora and system == "lockstep")]
+    if lora and "lockstep" in config.systems:
+        notes.append("lockstep: skipped, the experts are LoRA adapters (it runs one server per whole expert)")
+    for system in set(config.systems) - set(systems) - {"lockstep"}:
         notes.append(f"{system}: skipped, no distilled student folder (the project's student/ "
                      "has no config.json; pass --student" + (" or --draft)" if system == "draft" else ")"))
     groups = [systems] if config.interleave else [[system] for system in systems]
@@ -201,10 +207,10 @@ def run_serve_bench(config: ServeBenchConfig, models: BenchModels) -> dict:
     return {
         "config": asdict(config),
         "models": models.describe(),
-        "num_experts": len(expert_dirs),
+        "num_experts": len(models.expert_dirs),
         "engine_options": {k: str(v) for k, v in asdict(options).items()},
         "points": points,
-        "ratios": compute_ratios(points, len(expert_dirs)),
+        "ratios": compute_ratios(points, len(models.expert_dirs)),
         "notes": notes,
     }
 

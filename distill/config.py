@@ -39,7 +39,7 @@ class DistillConfig:
         "the teacher cache; empty: <project work_dir>/cache/distill-teacher"))
     # --- the student ---
     init: str = field(default="expert", **field_help(
-        "student initial weights: expert (an expert's), model (a folder or a project "
+        "student initial weights: expert (an expert's; LoRA experts' base), model (a folder or a project "
         "baseline, e.g. the shared base), config (fresh weights from a config)", choices=INITS))
     init_from: str = field(default="", **field_help(
         "expert: its name (empty: the first); model: a [baselines] name or a folder; "

@@ -23,7 +23,7 @@ Every model is scored on the same eval windows (``data.eval_windows``):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +37,9 @@ from gatemix.distill.loss import next_token_logprobs
 from gatemix.distill.student import ProgressBars, StudentError, sample_continuations
 from gatemix.distill.teacher import EnsembleTeacher
 from gatemix.distill.train import read_record
-from gatemix.engine.pack import ensure_composite
+from gatemix.engine.project_composite import ensure_composite
 from gatemix.errors import UserError
+from gatemix.expert_models import Expert
 from gatemix.gate.fit.evaluate import EvaluationReport, evaluate_methods
 from gatemix.gate.fit.expert_bank import HFExpertBank
 from gatemix.gate.fit.report import model_token_logprobs
@@ -48,7 +49,7 @@ from gatemix.project import load_project
 logger = logging.getLogger(__name__)
 
 
-def window_features(windows: WindowSet, expert_dirs: list[Path], batch_size: int,
+def window_features(windows: WindowSet, expert_dirs: Sequence[Expert], batch_size: int,
                     device: str) -> dict[str, TokenFeatures]:
     """Domain -> every expert's next-token log-probs on its eval windows (the gate report's input)."""
     bank = HFExpertBank(expert_dirs, device=device)
@@ -226,8 +227,8 @@ def _build_report(config) -> Path:
                            "`gatemix distill` or pass --student")
     record = read_record(student_dir)
     seq_len = config.seq_len or record.get("config", {}).get("seq_len", 128)
-    expert_dirs = list(project.experts.values())
-    tokenizer = AutoTokenizer.from_pretrained(expert_dirs[0])
+    expert_dirs = project.expert_folders()
+    tokenizer = AutoTokenizer.from_pretrained(project.tokenizer_dir)
     windows = eval_windows(project, tokenizer, seq_len, config.eval_tokens)
     if not windows.domains:
         raise DistillDataError(f"{project.path}: no eval split holds a window of {seq_len} tokens")

@@ -40,7 +40,7 @@ from gatemix.distill.student import (
 from gatemix.distill.teacher import EnsembleTeacher
 from gatemix.distill.teacher_cache import TeacherCache, TeacherTargetSource, cache_key
 from gatemix.engine.composite_folder import GATE_SUBDIR, CompositeInfo
-from gatemix.engine.pack import ensure_composite
+from gatemix.engine.project_composite import ensure_composite
 from gatemix.gate.artifact import load_router
 from gatemix.project import Project, load_project
 
@@ -80,8 +80,8 @@ class DistillRun:
         return "tv" if self.config.loss == "tv" else "jsd"
 
     @property
-    def first_expert(self) -> Path:
-        return self.project.experts[self.project.domains[0]]
+    def tokenizer_dir(self) -> Path:
+        return self.project.tokenizer_dir
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -147,7 +147,7 @@ def _checked_init(config: DistillConfig, project: Project, vocab_size: int) -> t
     architecture vLLM cannot serve (before the teacher or any weights load)."""
     folder = init_folder(config.init, config.init_from, project)
     model_config = student_config(config.init, folder, config.student_config)
-    check_tokenizer(folder, model_config, project.experts[project.domains[0]], vocab_size)
+    check_tokenizer(folder, model_config, project.tokenizer_dir, vocab_size)
     check_servable(str((model_config.get("architectures") or ["?"])[0]), f"student from {folder}")
     return folder, model_config
 
@@ -167,10 +167,9 @@ def prepare_run(config: DistillConfig, dist: Distributed, device: str) -> Distil
     project = load_project(config.project)
     for domain in project.domains:  # every train source read and checked before any model loads
         project.texts(domain, "train")
-    first_expert = project.experts[project.domains[0]]
     vocab_size = project.expert_folders()[0].config["vocab_size"]
     folder, model_config = _checked_init(config, project, vocab_size)
-    tokenizer = AutoTokenizer.from_pretrained(first_expert)
+    tokenizer = AutoTokenizer.from_pretrained(project.tokenizer_dir)
     train = train_windows(project, tokenizer, config.seq_len)
     heldout = eval_windows(project, tokenizer, config.seq_len, config.eval_tokens) \
         if config.eval_every else None
@@ -183,7 +182,7 @@ def prepare_run(config: DistillConfig, dist: Distributed, device: str) -> Distil
     teacher_dtype = resolve_dtype(config.teacher_dtype, device)
     train_targets = eval_targets = None
     if config.uses_teacher:
-        teacher = EnsembleTeacher.load(composite, list(project.experts.values()), device=device,
+        teacher = EnsembleTeacher.load(composite, project.expert_folders(), device=device,
                                        dtype=teacher_dtype)
         cache_root = Path(config.cache_dir) if config.cache_dir else \
             project.cache_dir / "distill-teacher"

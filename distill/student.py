@@ -44,19 +44,22 @@ class StudentError(UserError):
 
 
 def init_folder(init: str, init_from: str, project: Project) -> Path:
-    """The folder the student's weights (``expert``, ``model``) or config (``config``) come from."""
+    """The folder the student's weights (``expert``, ``model``) or config (``config``) come from.
+
+    LoRA experts share one base, and the student starts from it: an adapter
+    folder holds no whole model to start from."""
     if init == "expert":
         name = init_from or project.domains[0]
         if name not in project.experts:
             raise StudentError(f"--init-from {name!r} is not an expert of {project.path} "
                                f"(experts: {', '.join(project.domains)})")
-        return project.experts[name]
+        return project.expert_folders()[project.domains.index(name)].model_dir
     if init == "model":
         if not init_from:
             raise StudentError("--init model needs --init-from <folder or [baselines] name>")
         folder = project.baselines.get(init_from, Path(init_from).expanduser())
     else:
-        folder = Path(init_from).expanduser() if init_from else project.experts[project.domains[0]]
+        folder = Path(init_from).expanduser() if init_from else project.tokenizer_dir
     if not (folder / "config.json").is_file():
         raise StudentError(f"student init folder {folder} has no config.json")
     return folder
@@ -186,13 +189,13 @@ def _save_quietly(model: torch.nn.Module, folder: Path) -> None:
             hf_logging.enable_progress_bar()
 
 
-def save_student(model: torch.nn.Module, first_expert: Path, out: Path, record: dict) -> Path:
+def save_student(model: torch.nn.Module, tokenizer_dir: Path, out: Path, record: dict) -> Path:
     """Write the student folder atomically: weights, config, the experts' tokenizer, the run record."""
     out = Path(out)
     with atomic_folder(out) as staging:
         _save_quietly(model, staging)
         for name in COPIED_FILES:
-            source = Path(first_expert) / name
+            source = Path(tokenizer_dir) / name
             if source.is_file():
                 shutil.copy2(source, staging / name)
         (staging / RECORD_FILE).write_text(json.dumps(record, indent=1, default=str))

@@ -14,23 +14,16 @@ the teacher runs on a machine with no engine at all.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from gatemix.engine.composite_folder import GATE_SUBDIR, CompositeInfo
+from gatemix.expert_models import Expert, as_experts, load_expert_models
 from gatemix.gate.artifact import load_router
 from gatemix.gate.mixing import mix_logits
 from gatemix.gate.router import HiddenStateRouter
-
-
-def _load_experts(expert_dirs: list[str | Path], device: str, dtype: torch.dtype) -> list:
-    experts = []
-    for path in expert_dirs:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-        experts.append(model.requires_grad_(False))
-    return experts
 
 
 class EnsembleTeacher:
@@ -52,12 +45,13 @@ class EnsembleTeacher:
     def load(
         cls,
         composite_dir: str | Path,
-        expert_dirs: list[str | Path],
+        expert_dirs: Sequence[Expert],
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> EnsembleTeacher:
-        """The router from a composite folder; the experts from their own folders, in its order."""
+        """The router from a composite folder; the experts from their own folders (or a project's
+        ``expert_folders()``: LoRA adapters load over one base), in its order."""
         info = CompositeInfo.read(composite_dir)
         if len(expert_dirs) != len(info.expert_names):
             raise ValueError(
@@ -71,7 +65,7 @@ class EnsembleTeacher:
     @classmethod
     def from_experts(
         cls,
-        expert_dirs: list[str | Path],
+        expert_dirs: Sequence[Expert],
         router: HiddenStateRouter,
         *,
         expert_names: list[str] | None = None,
@@ -87,9 +81,10 @@ class EnsembleTeacher:
             raise ValueError(
                 f"{len(expert_dirs)} expert folders for a router of {router.form.num_experts}"
             )
-        experts = _load_experts(expert_dirs, str(device), dtype)
+        items = as_experts(expert_dirs)
+        experts = load_expert_models(items, device=str(device), dtype=dtype)
         router = router.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
-        names = expert_names or [Path(path).name for path in expert_dirs]
+        names = expert_names or [item.name for item in items]  # a Path's name is its folder's
         return cls(experts, router, list(names), device=device)
 
     @torch.no_grad()

@@ -15,15 +15,13 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from gatemix.adapter_folder import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    AdapterFolder,
-    check_adapter_fits_base,
-    read_adapter,
+    AdapterExpert,
+    read_adapter_experts,
 )
 from gatemix.atomic_write import atomic_folder
 from gatemix.engine.composite_folder import (
@@ -42,7 +40,6 @@ from gatemix.engine.pack import (
     parse_gate_spec,
 )
 from gatemix.errors import UserError
-from gatemix.expert_folder import ExpertFolder, read_expert
 from gatemix.gate.artifact import RouterArtifact, save_router
 
 logger = logging.getLogger(__name__)
@@ -50,51 +47,21 @@ logger = logging.getLogger(__name__)
 BASE_INDEX_FILE = "model.safetensors.index.json"
 
 
-@dataclass(frozen=True)
-class AdapterExpert:
-    """An adapter as the gate sees an expert: its name, its identity, the width it reads, its folder."""
-
-    name: str
-    path: Path
-    config: dict  # the base's config.json: the adapter's hidden size is the base's
-    weights_hash: str  # the base's weights and the adapter's (``AdapterFolder.weights_hash``)
-
-
-def resolve_base(base: str | Path | None, adapter_paths: list[str | Path]) -> Path:
-    """The base folder: as given, else the local folder the first adapter's config names."""
-    if base is None:
-        try:
-            reference = read_adapter(adapter_paths[0], "adapter").base_reference if adapter_paths else None
-        except UserError as exc:
-            raise PackError(str(exc)) from exc
-        if not reference or not Path(reference).is_dir():
-            raise PackError(f"no base model given, and the adapter names base {reference!r}, not a local folder")
-        base = reference
-    if not Path(base).is_dir():
-        raise PackError(f"base model folder {base} does not exist")
-    return Path(base)
-
-
 def read_lora_experts(
-    base_path: Path, adapter_paths: list[str | Path], names: list[str] | None
-) -> tuple[ExpertFolder, list[AdapterFolder]]:
-    """The base and its adapters, every refusal raised as a one-line ``PackError``."""
-    if not adapter_paths:
-        raise PackError("a LoRA composite needs at least one adapter")
+    base: str | Path | None, adapter_paths: list[str | Path], names: list[str] | None
+) -> list[AdapterExpert]:
+    """The adapters over their base, every refusal raised as a one-line ``PackError``."""
     if names is not None and len(names) != len(adapter_paths):
         raise PackError(f"{len(names)} names for {len(adapter_paths)} adapters")
+    names = names or [Path(path).name for path in adapter_paths]
+    if len(set(names)) != len(names):
+        raise PackError(f"expert names must be unique, got {names}")
     try:
-        base = read_expert(base_path, "base")
-        check_vllm_supports([base])
-        adapters = [read_adapter(path, names[i] if names else None) for i, path in enumerate(adapter_paths)]
-        for adapter in adapters:
-            check_adapter_fits_base(adapter, base)
+        experts = read_adapter_experts(base, {name: Path(path) for name, path in zip(names, adapter_paths)})
+        check_vllm_supports([experts[0].base])
     except UserError as exc:
         raise PackError(str(exc)) from exc
-    adapter_names = [adapter.name for adapter in adapters]
-    if len(set(adapter_names)) != len(adapter_names):
-        raise PackError(f"expert names must be unique, got {adapter_names}")
-    return base, adapters
+    return experts
 
 
 def pack_lora_composite(
@@ -107,18 +74,14 @@ def pack_lora_composite(
 ) -> CompositeInfo:
     """Write one composite of LoRA experts of ``base``; all checks run before any write."""
     out_dir = Path(out_dir)
-    base_folder, adapters = read_lora_experts(resolve_base(base, adapter_paths), adapter_paths, names)
-    experts = [
-        AdapterExpert(adapter.name, adapter.path, base_folder.config, adapter.weights_hash(base_folder.weights_hash))
-        for adapter in adapters
-    ]
+    experts = read_lora_experts(base, adapter_paths, names)
     artifact = gate if isinstance(gate, RouterArtifact) else parse_gate_spec(gate, experts)
     check_router_fits(artifact, experts)
     if out_dir.exists() and not overwrite:
         raise PackError(f"{out_dir} exists; pass --overwrite to replace it")
     with atomic_folder(out_dir) as staging:
-        _write_lora_composite(base_folder, adapters, experts, artifact, staging)
-    logger.info("packed %d LoRA experts of %s into %s (gate %s)", len(adapters), base_folder.path, out_dir,
+        _write_lora_composite(experts, artifact, staging)
+    logger.info("packed %d LoRA experts of %s into %s (gate %s)", len(experts), experts[0].base.path, out_dir,
                 artifact.version)
     return CompositeInfo.read(out_dir)
 
@@ -130,30 +93,29 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _write_lora_composite(
-    base: ExpertFolder, adapters: list[AdapterFolder], experts: list[AdapterExpert],
-    artifact: RouterArtifact, staging: Path,
-) -> None:
+def _write_lora_composite(experts: list[AdapterExpert], artifact: RouterArtifact, staging: Path) -> None:
+    base = experts[0].base
     for weights in base.weight_files:
         _link_or_copy(weights, staging / weights.name)
     if (base.path / BASE_INDEX_FILE).is_file():
         shutil.copy2(base.path / BASE_INDEX_FILE, staging / BASE_INDEX_FILE)
     (staging / BASE_SUBDIR).mkdir()
     shutil.copy2(base.path / "config.json", staging / BASE_SUBDIR / "config.json")
-    for index, adapter in enumerate(adapters):
+    for index, expert in enumerate(experts):
         folder = adapter_dir(staging, index)
         folder.mkdir(parents=True)
-        shutil.copy2(adapter.path / ADAPTER_CONFIG, folder / ADAPTER_CONFIG)
-        _link_or_copy(adapter.weights_path, folder / ADAPTER_WEIGHTS)
+        shutil.copy2(expert.adapter.path / ADAPTER_CONFIG, folder / ADAPTER_CONFIG)
+        _link_or_copy(expert.adapter.weights_path, folder / ADAPTER_WEIGHTS)
     save_router(artifact, staging / GATE_SUBDIR)
-    (staging / "config.json").write_text(json.dumps(lora_composite_config(base, experts, artifact), indent=2))
+    (staging / "config.json").write_text(json.dumps(lora_composite_config(experts, artifact), indent=2))
     for name in COPIED_FILES:
         if (base.path / name).is_file():
             shutil.copy2(base.path / name, staging / name)
 
 
-def lora_composite_config(base: ExpertFolder, experts: list[AdapterExpert], artifact: RouterArtifact) -> dict:
+def lora_composite_config(experts: list[AdapterExpert], artifact: RouterArtifact) -> dict:
     """The composite's config.json: the base's, as vLLM reads it, plus the gatemix block."""
+    base = experts[0].base
     config = dict(base.config)
     config["architectures"] = [LORA_COMPOSITE_ARCHITECTURE]
     config["gatemix"] = {

@@ -13,7 +13,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -28,14 +27,12 @@ from gatemix.engine.composite_folder import (
 )
 from gatemix.expert_folder import ExpertFolder, ExpertFolderError, check_compatible, read_expert
 from gatemix.gate.artifact import (
-    METADATA_FILE,
     ArtifactError,
     RouterArtifact,
     load_router,
     save_router,
 )
 from gatemix.gate.router import check_context_fits, constant_router
-from gatemix.project import Project
 
 logger = logging.getLogger(__name__)
 
@@ -245,49 +242,3 @@ def composite_config(experts: list[ExpertFolder], artifact: RouterArtifact) -> d
         "gate_version": artifact.version,
     }
     return config
-
-
-def project_gate_spec(project: Project) -> str:
-    """The gate a project serves: its fitted router artifact when there is one, else uniform."""
-    return str(project.gate_dir) if (project.gate_dir / METADATA_FILE).is_file() else "uniform"
-
-
-def composite_is_current(info: CompositeInfo, experts: list[ExpertFolder], gate_spec: str) -> bool:
-    """The composite holds these experts (same names, order and weights) and this gate."""
-    if info.expert_names != [expert.name for expert in experts]:
-        return False
-    if any(info.expert_hashes.get(expert.name) != expert.weights_hash for expert in experts):
-        return False
-    if gate_spec == "uniform":
-        return info.gate_method == "constant" and _is_uniform(info)
-    try:
-        return load_router(gate_spec).version == info.gate_version
-    except ArtifactError:
-        return False
-
-
-def _is_uniform(info: CompositeInfo) -> bool:
-    artifact = load_router(info.path / GATE_SUBDIR)
-    out = artifact.router.proj_out
-    return bool((out.weight == 0).all()) and bool(torch.allclose(out.bias, out.bias[0].expand_as(out.bias)))
-
-
-def ensure_composite(project: Project, gate: str | None = None) -> CompositeInfo:
-    """The project's composite (``<work_dir>/composite``), packed again when missing or stale.
-
-    ``gate`` defaults to ``project_gate_spec``: after ``gatemix fit-gate`` the
-    fitted router, before it the uniform gate.
-    """
-    gate_spec = gate or project_gate_spec(project)
-    experts = project.expert_folders()
-    try:
-        info = CompositeInfo.read(project.composite_dir)
-        if composite_is_current(info, experts, gate_spec):
-            return info
-    except (PackError, OSError):
-        pass
-    logger.info("packing %s with gate %s into %s", project.domains, gate_spec, project.composite_dir)
-    return pack_composite(
-        list(project.experts.values()), project.composite_dir, gate=gate_spec,
-        names=project.domains, overwrite=True,
-    )

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from gatemix.config_cli import add_config_flags, config_from_args, field_help
 from gatemix.engine.lora_pack import pack_lora_composite
-from gatemix.engine.pack import pack_composite, project_gate_spec
+from gatemix.engine.pack import pack_composite
+from gatemix.engine.project_composite import pack_project, project_gate_spec
 from gatemix.errors import UserError
 from gatemix.project import load_project
 
@@ -32,7 +33,7 @@ class PackConfig:
         "comma-separated expert names (default: folder names)", show_default=False))
     base: str | None = field(default=None, **field_help(
         "base model folder: the expert folders are PEFT LoRA adapters of it, packed as one base "
-        "and K adapters (the engine slice of LoRA experts: not with --project yet)", show_default=False))
+        "and K adapters (a project names it in [base])", show_default=False))
     overwrite: bool = field(default=False, **field_help(
         "replace --out if it exists", switch=True, show_default=False))
 
@@ -53,24 +54,24 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args, PackConfig)
     if config.project:
-        if config.base:
-            raise UserError("--base (LoRA experts) is not read with --project yet; give adapter folders and --out")
-        if config.experts or config.names:
-            raise UserError("--project names the experts: give no expert folders or --names with it")
+        if config.base or config.experts or config.names:
+            raise UserError("--project names the experts (and [base] their base): give no expert folders, "
+                            "--names or --base with it")
         project = load_project(config.project, check_data=False)
-        experts, names = list(project.experts.values()), project.domains
         out = config.out or project.composite_dir
-        gate = config.gate or project_gate_spec(project)
         overwrite = config.overwrite or not config.out  # the project's own composite is derived
+        info = pack_project(project, out, config.gate or project_gate_spec(project), overwrite)
+    elif not config.experts or not config.out:
+        raise UserError("give expert folders and --out, or --project")
+    elif config.base:
+        info = pack_lora_composite(config.base, list(config.experts), config.out, gate=config.gate or "uniform",
+                                   names=_names(config), overwrite=config.overwrite)
     else:
-        if not config.experts or not config.out:
-            raise UserError("give expert folders and --out, or --project")
-        experts, out, gate = list(config.experts), config.out, config.gate or "uniform"
-        overwrite = config.overwrite
-        names = config.names.split(",") if config.names else None
-    if config.base:
-        info = pack_lora_composite(config.base, experts, out, gate=gate, names=names, overwrite=overwrite)
-    else:
-        info = pack_composite(experts, out, gate=gate, names=names, overwrite=overwrite)
+        info = pack_composite(list(config.experts), config.out, gate=config.gate or "uniform",
+                              names=_names(config), overwrite=config.overwrite)
     print(f"packed {len(info.expert_names)} experts {info.expert_names} into {info.path} (gate {info.gate_version}, {info.gate_method})")
     return 0
+
+
+def _names(config: PackConfig) -> list[str] | None:
+    return config.names.split(",") if config.names else None

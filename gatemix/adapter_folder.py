@@ -17,18 +17,26 @@ without it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors import safe_open
 
 from gatemix.errors import UserError
-from gatemix.expert_folder import ExpertFolder, check_expert_name, expert_hash
+from gatemix.expert_folder import (
+    ExpertFolder,
+    ExpertFolderError,
+    check_expert_name,
+    expert_hash,
+    read_expert,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -193,3 +201,103 @@ def check_adapter_fits_base(adapter: AdapterFolder, base: ExpertFolder) -> None:
                 f"{adapter.path}: factors of {weight} have shapes {a_shape} and {b_shape}, the base's "
                 f"weight is {[out_features, in_features]}: the adapter is of another base"
             )
+
+
+@dataclass(frozen=True)
+class AdapterExpert:
+    """A LoRA adapter as every job sees an expert: an ``ExpertFolder``'s fields, read from its base.
+
+    Its config and tokenizer are the base's (an adapter changes neither the
+    widths nor the vocabulary); its identity is the base's weights and its own.
+    """
+
+    name: str
+    adapter: AdapterFolder
+    base: ExpertFolder
+    is_adapter: ClassVar[bool] = True
+
+    @property
+    def path(self) -> Path:
+        return self.adapter.path
+
+    @property
+    def model_dir(self) -> Path:
+        """The folder holding the model's config.json and tokenizer: the base's."""
+        return self.base.path
+
+    @property
+    def config(self) -> dict:
+        return self.base.config
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self.base.tokenizer_fingerprint
+
+    @property
+    def architecture(self) -> str:
+        return self.base.architecture
+
+    @functools.cached_property
+    def weights_hash(self) -> str:
+        return self.adapter.weights_hash(self.base.weights_hash)
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def resolve_base(base: str | Path | None, adapter_paths: list[Path]) -> Path:
+    """The base folder: as given, else the local folder the first adapter's config names."""
+    if base is None:
+        reference = read_adapter(adapter_paths[0], "adapter").base_reference if adapter_paths else None
+        if not reference or not Path(reference).is_dir():
+            raise AdapterFolderError(
+                f"no base model given, and the adapter names base {reference!r}, not a local folder")
+        base = reference
+    if not Path(base).is_dir():
+        raise AdapterFolderError(f"base model folder {base} does not exist")
+    return Path(base)
+
+
+def read_adapter_experts(base: str | Path | None, adapters: dict[str, Path]) -> list[AdapterExpert]:
+    """Adapter experts by name, each checked against the one base (given, or the adapters' own)."""
+    if not adapters:
+        raise AdapterFolderError("a LoRA composite needs at least one adapter")
+    base_path = resolve_base(base, list(adapters.values()))
+    try:
+        base_folder = read_expert(base_path, "base")
+    except ExpertFolderError as exc:
+        raise AdapterFolderError(f"base model: {exc}") from exc
+    experts = []
+    for name, path in adapters.items():
+        adapter = _read_named(read_adapter, path, name)
+        check_adapter_fits_base(adapter, base_folder)
+        experts.append(AdapterExpert(name, adapter, base_folder))
+    return experts
+
+
+def read_mixture_experts(experts: dict[str, Path], base: Path | None) -> list[ExpertFolder | AdapterExpert]:
+    """A mixture's experts by name: all full model folders, or all LoRA adapters of one base.
+
+    Both kinds in one mixture are refused: a LoRA composite runs one base for
+    every expert, and a full expert has no place in it.
+    """
+    adapters = [name for name, path in experts.items() if is_adapter_folder(path)]
+    if adapters and len(adapters) < len(experts):
+        full = [name for name in experts if name not in adapters]
+        raise AdapterFolderError(
+            f"experts {full} are full models and {adapters} LoRA adapters; a mixture holds full models "
+            "or adapters of one base, not both (merge the adapters, or make every expert an adapter)")
+    if adapters:
+        return list(read_adapter_experts(base, experts))
+    if base is not None:
+        raise AdapterFolderError(f"a base model ({base}) is given, but no expert is a LoRA adapter folder")
+    return [_read_named(read_expert, path, name) for name, path in experts.items()]
+
+
+def _read_named(read, path: Path, name: str):
+    """``read(path, name)``, its refusal naming the expert."""
+    try:
+        return read(path, name)
+    except UserError as exc:
+        raise type(exc)(f"expert {name!r}: {exc}") from exc

@@ -21,6 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from safetensors import safe_open
 
@@ -41,6 +42,12 @@ class ExpertFolder:
     path: Path
     config: dict
     tokenizer_fingerprint: str
+    is_adapter: ClassVar[bool] = False  # ``adapter_folder.AdapterExpert`` is the other kind
+
+    @property
+    def model_dir(self) -> Path:
+        """The folder holding the model's config.json and tokenizer: the expert's own."""
+        return self.path
 
     @property
     def architecture(self) -> str:

@@ -7,7 +7,9 @@ documents are the gate's and which are held out::
     name = "my-ensemble"        # served model name; default: the project folder's name
     work_dir = "gatemix-work"   # where jobs write: gate/, composite/, student/, cache/
     [experts]                   # expert name = domain name, in composite order
-    code = "/models/qwen-code"
+    code = "/models/qwen-code"  # a model folder, or a PEFT LoRA adapter folder
+    [base]                      # optional, for adapter experts: path = "<the base model's folder>"
+                                # (default: the local base folder the adapters' config names)
     [baselines]                 # optional: models a report compares against, never served
     [data]                      # defaults: text_field, seed, gate_fraction, eval_fraction
     [data.code]                 # train/gate/eval lists, or one pool `files` split with the seed
@@ -29,12 +31,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from gatemix.adapter_folder import AdapterExpert, read_mixture_experts
 from gatemix.atomic_write import write_atomically
 from gatemix.data_sources import (
     DATA_DEFAULTS,
@@ -62,30 +62,16 @@ from gatemix.expert_folder import (
     ExpertFolder,
     ExpertFolderError,
     check_compatible,
-    read_expert,
 )
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+from gatemix.project_file import ProjectError, find_project_file, read_table
 
 logger = logging.getLogger(__name__)
 
-PROJECT_FILE_NAMES = ("gatemix.toml", "gatemix.yaml", "gatemix.yml")
-TOP_LEVEL_KEYS = ("name", "work_dir", "experts", "baselines", "data", "out_of_domain", "serve")
+TOP_LEVEL_KEYS = ("name", "work_dir", "base", "experts", "baselines", "data", "out_of_domain", "serve")
 SERVE_KEYS = ("draft", "num_draft_tokens")
 OUT_OF_DOMAIN = "out_of_domain"  # the report's name for the [out_of_domain] text
 DEFAULT_WORK_DIR = "gatemix-work"
 SPLIT_RECORD_FILE = "splits.json"
-
-
-class ProjectError(UserError):
-    """A project file, expert or data source a job refuses; always one line."""
-
-    def __init__(self, message: str):
-        # Parser messages (YAML's above all) span lines; a CLI error is one.
-        super().__init__(re.sub(r"\s*\n\s*", " ", str(message)).strip())
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,9 +87,10 @@ class Project:
     out_of_domain: tuple[DataSource, ...] | None = None  # [out_of_domain] eval sources, if any
     draft: Path | None = None  # [serve] draft: the folder the served ensemble decodes behind
     num_draft_tokens: int | None = None  # [serve] num_draft_tokens: None leaves the server's default
+    base: Path | None = None  # [base] path: the base model of adapter experts, if named
     _documents: dict[tuple[str, str], list[Document]] = field(
         default_factory=dict, init=False, repr=False)
-    _expert_folders: list[ExpertFolder] = field(default_factory=list, init=False, repr=False)
+    _expert_folders: list[ExpertFolder | AdapterExpert] = field(default_factory=list, init=False, repr=False)
 
     @property
     def root(self) -> Path:
@@ -206,12 +193,25 @@ class Project:
         write_atomically(target, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
         return target
 
-    def expert_folders(self) -> list[ExpertFolder]:
-        """The experts, read and checked once; their weights are not hashed here."""
+    def expert_folders(self) -> list[ExpertFolder | AdapterExpert]:
+        """The experts (full folders, or LoRA adapters over the base), read and checked once;
+        their weights are not hashed here."""
         if not self._expert_folders:
-            self._expert_folders.extend(
-                [self._read_expert(name, folder) for name, folder in self.experts.items()])
+            try:
+                self._expert_folders.extend(read_mixture_experts(self.experts, self.base))
+            except UserError as exc:
+                raise ProjectError(f"{self.path}: {exc}") from exc
         return list(self._expert_folders)
+
+    @property
+    def is_lora(self) -> bool:
+        """The experts are LoRA adapters of one base (``[base]``)."""
+        return self.expert_folders()[0].is_adapter
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """Where the experts' shared tokenizer and the first expert's config.json are (a base's for adapters)."""
+        return self.expert_folders()[0].model_dir
 
     def check_sources(self) -> None:
         """Refuse a declared source that does not exist or cannot be read as its format."""
@@ -234,12 +234,6 @@ class Project:
         for name, folder in self.baselines.items():
             if not folder.is_dir():
                 raise ProjectError(f"{self.path}: baseline {name!r}: folder {folder} does not exist")
-
-    def _read_expert(self, name: str, folder: Path) -> ExpertFolder:
-        try:
-            return read_expert(folder, name)
-        except ExpertFolderError as exc:
-            raise ProjectError(f"{self.path}: expert {name!r}: {exc}") from exc
 
     def _domain(self, domain: str) -> DomainData:
         if domain not in self.data:
@@ -274,7 +268,7 @@ def load_project(path: str | os.PathLike, check_data: bool = True) -> Project:
     folder exists.
     """
     file = find_project_file(path)
-    table = _read_table(file)
+    table = read_table(file)
     try:
         project = _project_from_table(file, table)
     except TableError as exc:
@@ -289,41 +283,6 @@ def load_project(path: str | os.PathLike, check_data: bool = True) -> Project:
     return project
 
 
-def find_project_file(path: str | os.PathLike) -> Path:
-    """The project file: ``path`` itself, or the one ``gatemix.{toml,yaml,yml}`` in folder ``path``."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        found = [path / name for name in PROJECT_FILE_NAMES if (path / name).is_file()]
-        if not found:
-            raise ProjectError(
-                f"{path}: no project file in this folder (expected {' or '.join(PROJECT_FILE_NAMES)})")
-        if len(found) > 1:
-            raise ProjectError(f"{path}: {' and '.join(f.name for f in found)}; keep one project file")
-        path = found[0]
-    elif not path.exists():
-        raise ProjectError(f"project file {path} does not exist")
-    if path.suffix.lower() not in (".toml", ".yaml", ".yml"):
-        raise ProjectError(f"{path}: a project file is .toml, .yaml or .yml")
-    return path.resolve()
-
-
-def _read_table(file: Path) -> dict:
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProjectError(f"{file}: unreadable project file ({exc})") from exc
-    is_toml = file.suffix.lower() == ".toml"
-    try:
-        table = tomllib.loads(text) if is_toml else yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        raise ProjectError(f"{file}: not valid {'TOML' if is_toml else 'YAML'} ({exc})") from exc
-    if table is None:  # an empty YAML file
-        table = {}
-    if not isinstance(table, dict):
-        raise ProjectError(f"{file}: the top level must be a table of keys, got {kind_name(table)}")
-    return table
-
-
 def _project_from_table(file: Path, table: dict) -> Project:
     root = file.parent
     reject_unknown_keys(table, TOP_LEVEL_KEYS, "at the top level")
@@ -334,6 +293,7 @@ def _project_from_table(file: Path, table: dict) -> Project:
     experts = _model_table(table, "experts", root)
     if not experts:
         raise TableError('[experts] is missing or empty; name each expert: <name> = "<folder>"')
+    base = _base_table(table.get("base", {}), root)
     data = _data_tables(table.get("data", {}), list(experts), root)
     out_of_domain = None
     if OUT_OF_DOMAIN in table:  # after [data]: its defaults (text_field) are checked by then
@@ -343,7 +303,19 @@ def _project_from_table(file: Path, table: dict) -> Project:
     draft, num_draft_tokens = _serve_table(table.get("serve", {}), root)
     return Project(path=file, name=name, work_dir=resolve_path(work_dir, root), experts=experts,
                    baselines=_model_table(table, "baselines", root), data=data,
-                   out_of_domain=out_of_domain, draft=draft, num_draft_tokens=num_draft_tokens)
+                   out_of_domain=out_of_domain, draft=draft, num_draft_tokens=num_draft_tokens,
+                   base=base)
+
+
+def _base_table(base: object, root: Path) -> Path | None:
+    """``[base]``: ``path`` of the base model the adapter experts are LoRA updates of."""
+    base = expect_type(base, dict, "[base]")
+    reject_unknown_keys(base, ("path",), "in [base]")
+    if "path" not in base:
+        return None
+    if not expect_type(base["path"], str, "[base] path").strip():
+        raise TableError("[base] path must name the base model's folder")
+    return resolve_path(base["path"], root)
 
 
 def _serve_table(serve: object, root: Path) -> tuple[Path | None, int | None]:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from gatemix.atomic_write import write_atomically
 from gatemix.data_sources import POOL, SPLITS, path_label, resolve_path
-from gatemix.project import OUT_OF_DOMAIN, PROJECT_FILE_NAMES
+from gatemix.project import OUT_OF_DOMAIN
+from gatemix.project_file import PROJECT_FILE_NAMES
 
 
 def write_project_file(path: str | os.PathLike, *, name: str,
@@ -25,12 +26,13 @@ def write_project_file(path: str | os.PathLike, *, name: str,
                        baselines: Mapping[str, str | os.PathLike] | None = None,
                        work_dir: str | os.PathLike | None = None,
                        defaults: Mapping[str, object] | None = None,
-                       out_of_domain: object = None) -> Path:
+                       out_of_domain: object = None,
+                       base: str | os.PathLike | None = None) -> Path:
     """Write a TOML project file: ``path`` is the ``.toml`` file, or a folder for ``gatemix.toml``.
 
     ``data`` is ``{domain: {"train"/"gate"/"eval" or "files": [sources], override: value}}``,
     a source a path or a source table; ``out_of_domain`` is the ``[out_of_domain]`` eval
-    sources (a list, or one source). Relative paths are the caller's (taken from
+    sources (a list, or one source); ``base`` the ``[base]`` model of adapter experts. Relative paths are the caller's (taken from
     the current directory); they are written relative to the file's folder when
     inside it, so the project folder can move as a whole.
     """
@@ -43,6 +45,8 @@ def write_project_file(path: str | os.PathLike, *, name: str,
              f"name = {_toml_value(name)}"]
     if work_dir is not None:
         lines.append(f"work_dir = {_toml_value(_relative(work_dir, root))}")
+    if base is not None:
+        lines += _toml_table("base", {"path": _relative(base, root)})
     lines += _toml_table("experts", {key: _relative(value, root) for key, value in experts.items()})
     if baselines:
         lines += _toml_table("baselines",

@@ -24,10 +24,11 @@ from gatemix import __version__
 from gatemix.engine.composite_folder import GATE_SUBDIR
 from gatemix.engine.engine_config import EngineSettings, build_async_engine
 from gatemix.engine.gate_trace import GateTraceReceiver
-from gatemix.engine.pack import ensure_composite
+from gatemix.engine.project_composite import ensure_composite
 from gatemix.errors import UserError
 from gatemix.gate.artifact import METADATA_FILE
-from gatemix.project import PROJECT_FILE_NAMES, Project, load_project
+from gatemix.project import Project, load_project
+from gatemix.project_file import PROJECT_FILE_NAMES
 from gatemix.server.chat_template import ChatRenderer
 from gatemix.server.errors import install_error_handlers
 from gatemix.server.gate_admin import GateAdmin, gate_report

@@ -10,12 +10,12 @@ the engine feeds the router.
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 
-from gatemix.expert_folder import expert_hash
+from gatemix.expert_models import Expert, as_experts, load_expert_models, model_dir, weights_hash
 from gatemix.gate.token_features import TokenFeatures
 
 
@@ -39,26 +39,24 @@ class HFExpertBank:
 
     def __init__(
         self,
-        expert_dirs: list[str | Path],
+        experts: Sequence[Expert],
         *,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
         # transformers is deferred: importing it takes seconds, and the fit's modules
         # are imported by ``gatemix fit-gate --help`` and by tests that load no model.
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        self.expert_dirs = [Path(path) for path in expert_dirs]
-        self.tokenizer = AutoTokenizer.from_pretrained(self.expert_dirs[0])
-        self.models = [
-            AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-            for path in self.expert_dirs
-        ]
+        experts = as_experts(experts)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir(experts[0]))
+        # Full folders, or LoRA adapters over one base held once (``gatemix.expert_models``).
+        self.models = load_expert_models(experts, device=device, dtype=dtype)
         self.device = device
         self.dtype = dtype
         self.num_experts = len(self.models)
         self.hidden_sizes = [model.config.hidden_size for model in self.models]
-        self.hashes = [expert_hash(path) for path in self.expert_dirs]
+        self.hashes = [weights_hash(expert) for expert in experts]
 
     def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
         """Every text cut into windows of at most ``max_length`` tokens, each led by BOS.

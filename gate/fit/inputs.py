@@ -134,7 +134,7 @@ def load_bank(config: FitGateConfig, project: Project, shard: Shard) -> HFExpert
         device = f"cuda:{ProcessRank.from_env().local_rank % torch.cuda.device_count()}"
     dtype = resolve_dtype(config.dtype, device)
     logger.info("experts score on %s in %s", device, dtype)
-    return HFExpertBank(list(project.experts.values()), device=device, dtype=dtype)
+    return HFExpertBank(project.expert_folders(), device=device, dtype=dtype)
 
 
 def router_context_config(config: FitGateConfig, bank: HFExpertBank) -> dict | None:

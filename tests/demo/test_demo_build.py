@@ -113,7 +113,7 @@ def test_manifest_has_an_eval_loss_for_every_model_and_domain(micro_demo):
 
 
 def test_the_build_ends_with_the_fitted_gate_that_serve_packs(micro_demo):
-    from gatemix.engine.pack import project_gate_spec
+    from gatemix.engine.project_composite import project_gate_spec
     from gatemix.gate.artifact import load_router
 
     artifact = load_router(micro_demo.gate_dir)

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+import server_harness as harness
 
 pytestmark = pytest.mark.slow
-
-
-def _server_harness():
-    """tests/server/server_harness.py, the one way the tests start ``gatemix serve``."""
-    if "server_harness" in sys.modules:  # imported already by the server tests
-        return sys.modules["server_harness"]
-    path = Path(__file__).parents[1] / "server" / "server_harness.py"
-    spec = importlib.util.spec_from_file_location("server_harness", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["server_harness"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_student_folder_loads_in_vllm_and_answers_through_openai(tiny_student, tmp_path):
@@ -29,7 +15,6 @@ def test_the_student_folder_loads_in_vllm_and_answers_through_openai(tiny_studen
     openai = pytest.importorskip("openai")
     config = json.loads((tiny_student / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and "gatemix" not in config
-    harness = _server_harness()
     with harness.running_server(tiny_student, tmp_path) as (url, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         assert [model.id for model in client.models.list().data] == [harness.ENSEMBLE]

@@ -7,14 +7,12 @@ A tiny random Llama base with its own word tokenizer and adapters written by
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
-import torch
 from cli_runner import run_gatemix
+from lora_builders import copy_adapter, write_lora_family
 
-from gatemix.bench.random_adapters import ALL_LINEAR_MODULES, write_random_lora_adapter
+from gatemix.bench.random_adapters import write_random_lora_adapter
 from gatemix.bench.random_experts import ExpertShape, write_random_expert
 from gatemix.engine.composite_folder import (
     CompositeInfo,
@@ -26,28 +24,10 @@ from gatemix.engine.engine_config import EngineSettings, check_engine_settings
 from gatemix.engine.lora_pack import pack_lora_composite
 from gatemix.errors import UserError
 
-SHAPE = ExpertShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                    num_key_value_heads=1, head_dim=32, vocab_size=48)
-
 
 @pytest.fixture(scope="module")
 def lora_folders(tmp_path_factory):
-    """A base, two adapters of it (attention only; every linear layer), and a same-shaped other base."""
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("lora-pack")
-    base = write_random_expert(root / "base", "llama", SHAPE, seed=0)
-    other_base = write_random_expert(root / "other-base", "llama", SHAPE, seed=1)
-    attention = write_random_lora_adapter(root / "attention", base, seed=2)
-    every_linear = write_random_lora_adapter(root / "every-linear", base, ALL_LINEAR_MODULES, seed=3)
-    of_other = write_random_lora_adapter(root / "of-other", other_base, seed=4)
-    return {"base": base, "attention": attention, "every-linear": every_linear, "of-other": of_other, "root": root}
-
-
-def _copy_with_config(source: Path, target: Path, **changes) -> Path:
-    shutil.copytree(source, target)
-    config = json.loads((target / "adapter_config.json").read_text())
-    (target / "adapter_config.json").write_text(json.dumps({**config, **changes}))
-    return target
+    return write_lora_family(tmp_path_factory.mktemp("lora-pack"))
 
 
 def _refused(folders, tmp_path, adapters, fragment: str, base="base") -> None:
@@ -89,9 +69,9 @@ def test_an_adapter_of_an_unknown_base_is_checked_by_shape(lora_folders, tmp_pat
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1, head_dim=32,
         vocab_size=48), seed=5)
     narrow = write_random_lora_adapter(tmp_path / "narrow-adapter", narrow_base, seed=6)
-    from_hub = _copy_with_config(narrow, tmp_path / "from-hub", base_model_name_or_path="someorg/some-model")
+    from_hub = copy_adapter(narrow, tmp_path / "from-hub", base_model_name_or_path="someorg/some-model")
     _refused(lora_folders, tmp_path, [from_hub], "the adapter is of another base")
-    same_shapes = _copy_with_config(lora_folders["attention"], tmp_path / "hub-same",
+    same_shapes = copy_adapter(lora_folders["attention"], tmp_path / "hub-same",
                                     base_model_name_or_path="someorg/some-model")
     assert pack_lora_composite(lora_folders["base"], [same_shapes], tmp_path / "ok").expert_names == ["hub-same"]
 
@@ -101,9 +81,9 @@ def test_a_missing_base_is_refused(lora_folders, tmp_path):
 
 
 def test_target_modules_the_architecture_lacks_are_refused(lora_folders, tmp_path):
-    gpt2_targets = _copy_with_config(lora_folders["attention"], tmp_path / "gpt2", target_modules=["c_attn"])
+    gpt2_targets = copy_adapter(lora_folders["attention"], tmp_path / "gpt2", target_modules=["c_attn"])
     _refused(lora_folders, tmp_path, [gpt2_targets], "target modules ['c_attn'] are not among")
-    head = _copy_with_config(lora_folders["attention"], tmp_path / "head", target_modules=["q_proj", "lm_head"])
+    head = copy_adapter(lora_folders["attention"], tmp_path / "head", target_modules=["q_proj", "lm_head"])
     _refused(lora_folders, tmp_path, [head], "target modules ['lm_head'] are not among")
 
 
@@ -116,7 +96,7 @@ def test_adapter_types_other_than_lora_are_refused(lora_folders, tmp_path):
                                          feedforward_modules=["down_proj"]))
     ia3.save_pretrained(str(tmp_path / "ia3"))
     _refused(lora_folders, tmp_path, [tmp_path / "ia3"], "adapter type 'IA3'; only LoRA adapters")
-    dora = _copy_with_config(lora_folders["attention"], tmp_path / "dora", use_dora=True)
+    dora = copy_adapter(lora_folders["attention"], tmp_path / "dora", use_dora=True)
     _refused(lora_folders, tmp_path, [dora], "LoRA options ['use_dora'] are not supported")
 
 

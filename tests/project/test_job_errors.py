@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from lora_builders import copy_adapter, write_lora_family
 from project_builders import numbered_docs, write_expert, write_jsonl
 
 from gatemix.cli import main
@@ -19,8 +20,8 @@ EXPERT_JOBS = (["fit-gate", "--project"], ["pack", "--project"], ["distill", "--
 DATA_JOBS = (["fit-gate", "--project"], ["distill", "--project"])
 
 
-def _project(root: Path, experts: dict[str, Path], data: dict[str, str]) -> Path:
-    lines = ['name = "bad"', "", "[experts]"]
+def _project(root: Path, experts: dict[str, Path], data: dict[str, str], base: Path | None = None) -> Path:
+    lines = ['name = "bad"', *(["", "[base]", f'path = "{base}"'] if base else []), "", "[experts]"]
     lines += [f'{name} = "{folder}"' for name, folder in experts.items()]
     for domain, body in data.items():
         lines += ["", f"[data.{domain}]", body]
@@ -74,6 +75,40 @@ def _case(root: Path, case: str) -> tuple[Path, list[str]]:
     raise AssertionError(case)
 
 
+# LoRA cases: (what the message must name), each a project of adapter experts gone wrong.
+LORA_CASES = {
+    "full and adapter experts": ["full models", "LoRA adapters", "not both"],
+    "base without adapters": ["no expert is a LoRA adapter folder"],
+    "adapter of another base": ["of-other", "whose weights differ"],
+    "missing base": ["nowhere", "does not exist"],
+    "base on a hub": ["someorg/some-model", "not a local folder"],
+    "target modules the base lacks": ["['c_attn']", "are not among"],
+    "not LoRA": ["adapter type 'IA3'", "only LoRA adapters"],
+}
+
+
+def _lora_case(root: Path, family: dict[str, Path], case: str) -> tuple[Path, list[str]]:
+    """(project file, what the message must name) for one bad LoRA input."""
+    data = {"code": _good_data(root, "code"), "legal": _good_data(root, "legal")}
+    experts, base = {"code": family["attention"], "legal": family["every-linear"]}, family["base"]
+    if case == "full and adapter experts":
+        experts["legal"] = family["base"]
+    elif case == "base without adapters":
+        experts = {"code": family["base"], "legal": family["other-base"]}
+    elif case == "adapter of another base":
+        experts["legal"] = family["of-other"]
+    elif case == "missing base":
+        base = root / "nowhere"
+    elif case == "base on a hub":
+        experts["code"] = copy_adapter(family["attention"], root / "hub", base_model_name_or_path="someorg/some-model")
+        base = None
+    elif case == "target modules the base lacks":
+        experts["code"] = copy_adapter(family["attention"], root / "gpt2", target_modules=["c_attn"])
+    elif case == "not LoRA":
+        experts["code"] = copy_adapter(family["attention"], root / "ia3", peft_type="IA3")
+    return _project(root, experts, data, base), [*LORA_CASES[case], str(root / "gatemix.toml")]
+
+
 def _refused(argv: list[str], root: Path, named: list[str], capsys) -> None:
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
     assert main(argv) == 2
@@ -92,6 +127,19 @@ def _refused(argv: list[str], root: Path, named: list[str], capsys) -> None:
 def test_bad_experts_are_refused_by_every_job(case, job, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     project, named = _case(tmp_path, case)
+    _refused([*job, str(project)], tmp_path, named, capsys)
+
+
+@pytest.fixture(scope="module")
+def lora_family(tmp_path_factory) -> dict[str, Path]:
+    return write_lora_family(tmp_path_factory.mktemp("lora-family"))
+
+
+@pytest.mark.parametrize("case", list(LORA_CASES))
+@pytest.mark.parametrize("job", EXPERT_JOBS, ids=lambda job: job[0])
+def test_bad_lora_experts_are_refused_by_every_job(case, job, lora_family, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    project, named = _lora_case(tmp_path, lora_family, case)
     _refused([*job, str(project)], tmp_path, named, capsys)
 
 

@@ -73,6 +73,7 @@ def test_yaml_whose_top_level_is_not_a_table(write_project):
     (CODE_EXPERT + '[data]\nshuffle = true\n[data.code]\nfiles = ["x.jsonl"]\n', "shuffle"),
     (CODE_EXPERT + '[data.code]\nfiles = [{path = "x.jsonl", colum = "t"}]\n', "colum"),
     (CODE_EXPERT + '[data.code]\nfiles = ["x.jsonl"]\n[serve]\ndraft_model = "s"\n', "draft_model"),
+    ('[base]\nfolder = "b"\n' + CODE_EXPERT + '[data.code]\nfiles = ["x.jsonl"]\n', "folder"),
 ])
 def test_unknown_keys_are_named(tmp_path, code_expert, write_project, body, named):
     write_jsonl(tmp_path / "x.jsonl", numbered_docs(3))
@@ -97,6 +98,9 @@ def test_unknown_keys_are_named(tmp_path, code_expert, write_project, body, name
      'num_draft_tokens = 0\n'), "[serve] num_draft_tokens must be 1 to 16"),
     ('[experts]\ncode = "models/code"\n[data.code]\nfiles = ["x.jsonl"]\n[serve]\nnum_draft_tokens = 2\n',
      "[serve] num_draft_tokens needs a draft"),
+    ('base = "b"\n[experts]\ncode = "models/code"\n', "[base] must be a table"),
+    ('[base]\npath = 3\n[experts]\ncode = "models/code"\n', "[base] path must be a string"),
+    ('[base]\npath = " "\n[experts]\ncode = "models/code"\n', "[base] path must name the base model"),
 ])
 def test_wrong_types_are_refused(tmp_path, code_expert, write_project, body, named):
     write_jsonl(tmp_path / "x.jsonl", numbered_docs(3))

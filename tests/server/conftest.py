@@ -55,7 +55,7 @@ def server_model_dir(served_project) -> Path:
     """The folder the server runs: the project's composite (packed as `serve --project` would)."""
     if served_project is None:
         return Path(os.environ["GATEMIX_TEST_COMPOSITE"])
-    from gatemix.engine.pack import ensure_composite
+    from gatemix.engine.project_composite import ensure_composite
     from gatemix.project import load_project
 
     # Under xdist another worker may pack the same project's composite at the same moment.
