@@ -103,42 +103,86 @@ def test_the_fitted_gate_and_the_packed_lora_composite_name_the_adapters(fitted)
     assert weights < 1.3 * base_weights  # the base once, and three small adapters
 
 
-def test_distill_trains_a_student_on_the_adapters_mixture(fitted, tmp_path):
+@pytest.fixture(scope="module")
+def student(fitted, tmp_path_factory) -> Path:
+    """``distill`` over the project: a one-layer student of the adapters' mixture."""
     from gatemix.distill.config import DistillConfig
     from gatemix.distill.train import distill
 
+    project, _, _ = fitted
+    root = tmp_path_factory.mktemp("lora-student")
+    return distill(DistillConfig(project=str(project.path), out_dir=str(root / "student"),
+                                 cache_dir=str(root / "cache"), **TINY_DISTILL))
+
+
+def test_distill_trains_a_student_on_the_adapters_mixture(fitted, student):
     project, _, info = fitted
-    student = distill(DistillConfig(project=str(project.path), out_dir=str(tmp_path / "student"),
-                                    cache_dir=str(tmp_path / "cache"), **TINY_DISTILL))
     record = json.loads((student / "distill.json").read_text())
     assert record["teacher"]["composite"] == str(info.path)
     assert (student / "tokenizer.json").read_bytes() == (project.base / "tokenizer.json").read_bytes()
     assert json.loads((student / "config.json").read_text())["num_hidden_layers"] == 1
 
 
-def test_serve_project_serves_the_lora_composite_with_the_teacher_s_weights_and_logprobs(fitted, tmp_path):
+def _completion(client, **mixture) -> tuple[list[int], list[int], list[float], torch.Tensor]:
+    """Greedy, 8 tokens: (prompt ids, token ids, their log-probs, the per-token weights (8, K))."""
+    from server_harness import ENSEMBLE
+
+    response = client.completions.create(
+        model=ENSEMBLE, prompt="def add(a, b):", max_tokens=8, temperature=0.0, logprobs=1,
+        extra_body={"ignore_eos": True, "mixture": {"per_token": True, **mixture}, "return_token_ids": True})
+    choice = response.choices[0]
+    return (choice.model_extra["prompt_token_ids"], choice.model_extra["token_ids"], choice.logprobs.token_logprobs,
+            torch.tensor(choice.model_extra["mixture"]["per_token"], dtype=torch.float64))
+
+
+def test_serve_project_serves_the_lora_composite_behind_the_student_exactly(fitted, student, tmp_path):
+    """The fitted gate, a pin and a reloaded gate, each against transformers + peft, with the
+    distilled student as the speculative draft (its proposals must leave no trace)."""
+    import httpx
     import openai
     from server_harness import ENSEMBLE, running_server
 
     from gatemix.distill.teacher import EnsembleTeacher
+    from gatemix.engine.pack import parse_gate_spec
+    from gatemix.gate.artifact import save_router
 
     project, _, info = fitted
-    teacher = EnsembleTeacher.load(info.path, project.expert_folders())
-    with running_server(None, tmp_path, project=project.path) as (url, _):
+    constant = tmp_path / "constant-gate"
+    save_router(parse_gate_spec("code=0.5,legal=0.3,docs=0.2", project.expert_folders()), constant)
+    with running_server(None, tmp_path, "--draft", str(student), "--num-draft-tokens", "2", "--admin-key", "k",
+                        project=project.path) as (url, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
-        cards = {card.id: card for card in client.models.list().data}
-        assert cards[ENSEMBLE].model_extra["experts"] == list(ADAPTERS)
-        response = client.completions.create(
-            model=ENSEMBLE, prompt="def add(a, b):", max_tokens=8, temperature=0.0, logprobs=1,
-            extra_body={"ignore_eos": True, "mixture": {"per_token": True}, "return_token_ids": True})
-    choice = response.choices[0]
-    prompt_ids, token_ids = choice.model_extra["prompt_token_ids"], choice.model_extra["token_ids"]
-    mixture, log_weights = teacher(torch.tensor([prompt_ids + token_ids]))
-    start = len(prompt_ids) - 1  # position p decides token p + 1
-    expected_weights = log_weights[0, start : start + len(token_ids)].exp().double()
-    served_weights = torch.tensor(choice.model_extra["mixture"]["per_token"], dtype=torch.float64)
-    torch.testing.assert_close(served_weights, expected_weights, atol=1e-4, rtol=0)
-    expected_logprobs = mixture[0, start : start + len(token_ids)].gather(-1, torch.tensor(token_ids)[:, None])
-    torch.testing.assert_close(torch.tensor(choice.logprobs.token_logprobs, dtype=torch.float64),
-                               expected_logprobs[:, 0].double(), atol=1e-3, rtol=0)
-    assert token_ids == mixture[0, start : start + len(token_ids)].argmax(-1).tolist()
+        card = {card.id: card for card in client.models.list().data}[ENSEMBLE].model_extra
+        assert card["experts"] == list(ADAPTERS) and card["draft"]["model"] == str(student)
+        routed = _completion(client)
+        pinned = _completion(client, weights={"legal": 1.0})
+        reload = httpx.post(f"{url}/admin/gate", json={"path": str(constant)}, headers={"Authorization": "Bearer k"})
+        assert reload.status_code == 200, reload.text
+        reloaded = _completion(client)
+    teacher = EnsembleTeacher.load(info.path, project.expert_folders())
+    _check_against(teacher, *routed)
+    _check_against(teacher, *pinned, pin=1)
+    assert torch.allclose(reloaded[3], torch.tensor([[0.5, 0.3, 0.2]] * 8, dtype=torch.float64), atol=1e-5)
+    _check_against(teacher, *reloaded[:3], None, weights=torch.tensor([0.5, 0.3, 0.2]))
+
+
+def _check_against(teacher, prompt_ids, token_ids, logprobs, served_weights, pin=None, weights=None):
+    """The served tokens, log-probs and weights equal the teacher's: its router, one expert, or fixed weights."""
+    ids = torch.tensor([prompt_ids + token_ids])
+    start, end = len(prompt_ids) - 1, len(prompt_ids) - 1 + len(token_ids)  # position p decides token p + 1
+    mixture, log_weights = teacher(ids)
+    if pin is not None or weights is not None:
+        expert_logprobs = torch.stack(
+            [torch.log_softmax(expert(input_ids=ids).logits.float(), -1) for expert in teacher.experts], -2)
+        log_weights = torch.full_like(log_weights, float("-inf"))
+        if pin is not None:
+            log_weights[..., pin] = 0.0
+        else:
+            log_weights[:] = weights.log()
+        mixture = torch.logsumexp(expert_logprobs + log_weights[..., None], -2)
+    if served_weights is not None:
+        torch.testing.assert_close(served_weights, log_weights[0, start:end].exp().double(), atol=1e-4, rtol=0)
+    expected = mixture[0, start:end]
+    assert token_ids == expected.argmax(-1).tolist()
+    torch.testing.assert_close(torch.tensor(logprobs, dtype=torch.float64),
+                               expected.gather(-1, torch.tensor(token_ids)[:, None])[:, 0].double(), atol=1e-3, rtol=0)
