@@ -117,10 +117,14 @@ class LockstepSettings:
     weights: list[float] | None = field(default=None, metadata={"help": "gate weights, uniform if None"})
     served_model_name: str = field(default="lockstep-ensemble", metadata={"help": "name in /v1/models"})
     request_timeout_s: float = field(default=600.0, metadata={"help": "per expert call"})
+    expert_models: list[str] | None = field(
+        default=None, metadata={"help": "each expert's model name on its server (None: the first it lists)"})
 
     def __post_init__(self) -> None:
         if not self.expert_urls:
             raise ValueError("at least one expert URL is required")
+        if self.expert_models is not None and len(self.expert_models) != len(self.expert_urls):
+            raise ValueError(f"{len(self.expert_models)} expert models for {len(self.expert_urls)} experts")
         if self.weights is not None and len(self.weights) != len(self.expert_urls):
             raise ValueError(f"{len(self.weights)} weights for {len(self.expert_urls)} experts")
 
@@ -145,7 +149,10 @@ class LockstepEnsemble:
         self.expert_models: list[str] = []
 
     async def discover_models(self) -> None:
-        """Each expert server's model name, from its /v1/models."""
+        """Each expert server's model name: as given, else the first its /v1/models lists."""
+        if self.settings.expert_models is not None:
+            self.expert_models = list(self.settings.expert_models)
+            return
         self.expert_models = []
         for url in self.settings.expert_urls:
             response = await self.client.get(f"{url}/v1/models")
@@ -314,17 +321,23 @@ async def _stream(ensemble: LockstepEnsemble, request: CompletionRequest, prompt
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--expert", action="append", required=True, help="an expert's vLLM base URL (repeat)")
+    parser.add_argument("--expert-model", action="append",
+                        help="the model name of the --expert at the same place (repeat for each; default: the "
+                        "first model its server lists). One server can then stand for several experts")
     parser.add_argument("--tokenizer", required=True, help="an expert folder (tokenizer, vocab size)")
     parser.add_argument("--weights", help="comma-separated gate weights (default uniform)")
     parser.add_argument("--served-model-name", default="lockstep-ensemble")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
-    settings = LockstepSettings(
-        expert_urls=[url.rstrip("/") for url in args.expert], tokenizer_dir=args.tokenizer,
-        weights=[float(w) for w in args.weights.split(",")] if args.weights else None,
-        served_model_name=args.served_model_name,
-    )
+    try:
+        settings = LockstepSettings(
+            expert_urls=[url.rstrip("/") for url in args.expert], tokenizer_dir=args.tokenizer,
+            weights=[float(w) for w in args.weights.split(",")] if args.weights else None,
+            served_model_name=args.served_model_name, expert_models=args.expert_model,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")

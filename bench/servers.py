@@ -163,12 +163,13 @@ def gatemix_serve_command(model_dir: str, port: int, options: ServerOptions, ser
 
 
 def lockstep_mixer_command(expert_urls: list[str], tokenizer_dir: str, port: int,
-                           weights: list[float] | None = None) -> list[str]:
-    """The lockstep mixer in front of already running expert servers."""
+                           weights: list[float] | None = None, expert_models: list[str] | None = None) -> list[str]:
+    """The lockstep mixer in front of already running expert servers (``expert_models``: each one's
+    model name there, None for the first each lists)."""
     command = [sys.executable, "-m", "gatemix.bench.lockstep_server", "--tokenizer", str(tokenizer_dir),
                "--host", "127.0.0.1", "--port", str(port)]
-    for url in expert_urls:
-        command += ["--expert", url]
+    for k, url in enumerate(expert_urls):
+        command += ["--expert", url, *(["--expert-model", expert_models[k]] if expert_models else [])]
     if weights is not None:
         command += ["--weights", ",".join(f"{w:g}" for w in weights)]
     return command

@@ -22,7 +22,11 @@ from gatemix.server.protocol import (
 LOGPROB_FLOOR = -9999.0
 
 
-def _token_text(token_id: int, logprob, tokenizer) -> str:
+def _token_text(token_id: int, logprob, tokenizer, as_token_id: bool = False) -> str:
+    """The token as its text, or (vLLM's ``return_tokens_as_token_ids``) as ``token_id:<id>``:
+    tokens that decode alike, such as partial UTF-8, stay apart."""
+    if as_token_id:
+        return f"token_id:{token_id}"
     decoded = getattr(logprob, "decoded_token", None)
     return decoded if decoded is not None else tokenizer.decode([token_id])
 
@@ -43,6 +47,7 @@ def completion_logprobs(
     num_top: int,
     tokenizer,
     initial_offset: int = 0,
+    as_token_ids: bool = False,
 ) -> CompletionLogProbs:
     """``positions[i]`` scores ``token_ids[i]``; None (the first prompt token) has no score.
 
@@ -53,18 +58,18 @@ def completion_logprobs(
     offset = initial_offset
     for token_id, position in zip(token_ids, positions):
         if position is None:
-            token = tokenizer.decode([token_id])
+            token = _token_text(token_id, None, tokenizer, as_token_ids)
             result.token_logprobs.append(None)
             result.top_logprobs.append(None)
         else:
             chosen = position[token_id]
-            token = _token_text(token_id, chosen, tokenizer)
+            token = _token_text(token_id, chosen, tokenizer, as_token_ids)
             result.token_logprobs.append(max(chosen.logprob, LOGPROB_FLOOR))
             top_logprobs: dict[str, float] = {}
             for top_id, top in _top(position, num_top):
                 # Tokens that decode alike (e.g. partial UTF-8) share a key; the best one keeps it.
                 top_logprobs.setdefault(
-                    _token_text(top_id, top, tokenizer), max(top.logprob, LOGPROB_FLOOR)
+                    _token_text(top_id, top, tokenizer, as_token_ids), max(top.logprob, LOGPROB_FLOOR)
                 )
             result.top_logprobs.append(top_logprobs)
         result.tokens.append(token)

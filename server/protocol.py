@@ -234,6 +234,7 @@ class CompletionRequest(SamplingExtensions, _CompletionFields):
     add_special_tokens: bool = True  # the tokenizer's BOS before a text prompt
     response_format: ResponseFormat | None = None
     return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs' tokens as "token_id:<id>"
 
 
 class CompletionLogProbs(BaseModel):

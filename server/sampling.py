@@ -31,7 +31,7 @@ _UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "truncation_side": ((), "prompts are never truncated"),
     "prompt_embeds": ((), "the experts take token ids"),
     "logprob_token_ids": ((), "use logprobs (top tokens)"),
-    "return_tokens_as_token_ids": ((False,), "use return_token_ids"),
+    "return_tokens_as_token_ids": ((False,), "it is served on /v1/completions only"),
     "continue_final_message": ((False,), "the last message is never continued"),
     "chat_template": ((), "the server's chat template is fixed (--chat-template)"),
     "chat_template_kwargs": ((), "the server's chat template takes no arguments"),

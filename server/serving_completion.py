@@ -139,8 +139,10 @@ class OpenAIServingCompletion:
         logprobs = CompletionLogProbs()
         if request.echo and first_part:
             prompt_positions = state.prompt_logprobs or [None] * len(state.prompt_ids)
-            logprobs = completion_logprobs(state.prompt_ids, prompt_positions, k, tokenizer)
-        generated = completion_logprobs(token_ids, positions, k, tokenizer, offset)
+            logprobs = completion_logprobs(state.prompt_ids, prompt_positions, k, tokenizer,
+                                           as_token_ids=request.return_tokens_as_token_ids)
+        generated = completion_logprobs(token_ids, positions, k, tokenizer, offset,
+                                        as_token_ids=request.return_tokens_as_token_ids)
         for name in ("text_offset", "token_logprobs", "tokens", "top_logprobs"):
             getattr(logprobs, name).extend(getattr(generated, name))
         return logprobs

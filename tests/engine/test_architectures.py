@@ -22,10 +22,9 @@ import pytest
 import torch
 from arch_experts import ARCHITECTURES, make_expert
 from cli_runner import run_gatemix
-from vllm import SamplingParams
+from reference_checks import check_greedy, check_top_logprobs
 
 from gatemix.engine.engine_config import build_offline_engine, stopping
-from gatemix.engine.request_gates import gate_request_args
 
 TOP = 20
 GREEDY_TOKENS = 32
@@ -96,12 +95,6 @@ class Reference:
         probs = [torch.softmax(expert(ids).logits[0, -1].double(), -1) for expert in self.teacher.experts]
         return torch.log(sum(weight * p for weight, p in zip(pin, probs)))
 
-    def greedy(self, prompt: list[int], pin: list[float] | None, steps: int) -> list[int]:
-        tokens = list(prompt)
-        for _ in range(steps):
-            tokens.append(int(self.next_logprobs(tokens, pin).argmax()))
-        return tokens[len(prompt):]
-
 
 def _prompts(demo_paths, tokenizer_dir: Path) -> list[list[int]]:
     from transformers import AutoTokenizer
@@ -113,34 +106,6 @@ def _prompts(demo_paths, tokenizer_dir: Path) -> list[list[int]]:
     texts = [text[:300] for domain in DOMAINS for text in project.texts(domain, "eval")[:3]]
     prompts = [tokenizer(text).input_ids[:24] for text in texts]
     return [p for p in prompts if len(p) >= 8][:NUM_PROMPTS]
-
-
-def _params(pin: list[float] | None, **kwargs) -> SamplingParams:
-    return SamplingParams(extra_args=gate_request_args(pinned_weights=pin) if pin else None, **kwargs)
-
-
-def _check_logprobs(llm, reference: Reference, prompts, pin) -> None:
-    outputs = llm.generate(
-        [{"prompt_token_ids": p} for p in prompts],
-        _params(pin, max_tokens=1, temperature=0.0, logprobs=TOP),
-        use_tqdm=False,
-    )
-    for prompt, output in zip(prompts, outputs):
-        expected = reference.next_logprobs(prompt, pin)
-        engine_top = output.outputs[0].logprobs[0]
-        assert len(set(engine_top) & set(expected.topk(TOP).indices.tolist())) >= TOP - 1
-        for token_id, logprob in engine_top.items():
-            assert abs(logprob.logprob - expected[token_id].item()) < 1e-3, (pin, token_id)
-
-
-def _check_greedy(llm, reference: Reference, prompts, pin) -> None:
-    outputs = llm.generate(
-        [{"prompt_token_ids": p} for p in prompts],
-        _params(pin, max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True),
-        use_tqdm=False,
-    )
-    for prompt, output in zip(prompts, outputs):
-        assert list(output.outputs[0].token_ids) == reference.greedy(prompt, pin, GREEDY_TOKENS), pin
 
 
 @pytest.fixture(scope="module", params=list(COMPOSITES))
@@ -158,14 +123,14 @@ def served(request, demo_paths, tmp_path_factory):
 def test_next_token_logprobs_equal_the_transformers_mixture(served, setting):
     llm, reference, prompts = served
     assert len(prompts) == NUM_PROMPTS
-    _check_logprobs(llm, reference, prompts, PINS[setting])
+    check_top_logprobs(llm, reference, prompts, PINS[setting], top=TOP)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(PINS))
 def test_greedy_decodes_match_the_transformers_mixture(served, setting):
     llm, reference, prompts = served
-    _check_greedy(llm, reference, prompts, PINS[setting])
+    check_greedy(llm, reference, prompts, PINS[setting], GREEDY_TOKENS)
 
 
 def test_every_architecture_is_served():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from arch_experts import make_expert
-from vllm import SamplingParams
+from reference_checks import check_greedy, check_top_logprobs
 
 from gatemix.bench.random_adapters import (
     ALL_LINEAR_MODULES,
@@ -26,7 +26,6 @@ from gatemix.bench.random_adapters import (
 from gatemix.demo.corpus import load_split
 from gatemix.engine.engine_config import build_offline_engine, stopping
 from gatemix.engine.lora_pack import pack_lora_composite
-from gatemix.engine.request_gates import gate_request_args
 
 TOP = 20
 GREEDY_TOKENS = 32
@@ -67,12 +66,6 @@ class PeftMixture:
         mixed = sum(w * self.probs(expert, token_ids) for w, expert in zip(weights, self.experts) if w > 0)
         return torch.log(mixed / sum(weights))
 
-    def greedy(self, prompt: list[int], weights: list[float] | None, steps: int) -> list[int]:
-        tokens = list(prompt)
-        for _ in range(steps):
-            tokens.append(int(self.next_logprobs(tokens, weights).argmax()))
-        return tokens[len(prompt):]
-
 
 def _prompts(demo_paths) -> list[list[int]]:
     from transformers import AutoTokenizer
@@ -100,10 +93,6 @@ def served(request, demo_paths, tmp_path_factory):
         yield llm, reference, _prompts(demo_paths)
 
 
-def _params(weights: list[float] | None, **kwargs) -> SamplingParams:
-    return SamplingParams(extra_args=gate_request_args(pinned_weights=weights) if weights else None, **kwargs)
-
-
 @pytest.mark.slow
 def test_every_adapter_moves_the_base_distribution(served):
     _, reference, prompts = served
@@ -117,24 +106,11 @@ def test_every_adapter_moves_the_base_distribution(served):
 @pytest.mark.parametrize("setting", list(WEIGHT_SETTINGS))
 def test_next_token_logprobs_equal_the_peft_mixture(served, setting):
     llm, reference, prompts = served
-    weights = WEIGHT_SETTINGS[setting]
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                           _params(weights, max_tokens=1, temperature=0.0, logprobs=TOP), use_tqdm=False)
-    for prompt, output in zip(prompts, outputs):
-        expected = reference.next_logprobs(prompt, weights)
-        engine_top = output.outputs[0].logprobs[0]
-        assert len(set(engine_top) & set(expected.topk(TOP).indices.tolist())) >= TOP - 1
-        for token_id, logprob in engine_top.items():
-            assert abs(logprob.logprob - expected[token_id].item()) < 1e-3, (setting, token_id)
+    check_top_logprobs(llm, reference, prompts, WEIGHT_SETTINGS[setting], top=TOP)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(WEIGHT_SETTINGS))
 def test_greedy_decodes_equal_the_peft_mixture(served, setting):
     llm, reference, prompts = served
-    weights = WEIGHT_SETTINGS[setting]
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                           _params(weights, max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True),
-                           use_tqdm=False)
-    for prompt, output in zip(prompts, outputs):
-        assert list(output.outputs[0].token_ids) == reference.greedy(prompt, weights, GREEDY_TOKENS), setting
+    check_greedy(llm, reference, prompts, WEIGHT_SETTINGS[setting], GREEDY_TOKENS)

@@ -100,6 +100,20 @@ def test_completion_logprobs_have_the_top_k(stack, api):
     assert params.logprobs == 2
 
 
+def test_completion_logprobs_name_tokens_by_id_when_asked(stack, api):
+    """vLLM's return_tokens_as_token_ids: every token and top-logprob key is ``token_id:<id>``."""
+    body = api.post("/v1/completions", json={
+        "prompt": PROMPT, "max_tokens": 3, "logprobs": 2, "return_tokens_as_token_ids": True,
+        "return_token_ids": True}).json()
+    choice = body["choices"][0]
+    assert choice["logprobs"]["tokens"] == [f"token_id:{token}" for token in choice["token_ids"]]
+    assert all(all(key.startswith("token_id:") for key in top) and len(top) == 2
+               for top in choice["logprobs"]["top_logprobs"])
+    refused = api.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "return_tokens_as_token_ids": True})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "return_tokens_as_token_ids"
+
+
 def test_completion_stream_frames_chunks_then_done(api):
     request = {
         "prompt": PROMPT,
