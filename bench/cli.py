@@ -1,4 +1,4 @@
-"""``gatemix bench engine``, ``mixing``, ``prefix``, ``prefill``, ``draft`` and ``serve``.
+"""``gatemix bench engine``, ``mixing``, ``prefix``, ``prefill``, ``draft``, ``lora`` and ``serve``.
 
 Each bench's flags come from its config dataclass (:mod:`gatemix.config_cli`).
 The models come from the project file or are K random-init experts
@@ -22,6 +22,7 @@ def add_parser(subparsers) -> None:
     # The benches' modules import torch: deferred so that other commands' --help stays fast.
     from gatemix.bench.draft_bench import DraftBenchConfig
     from gatemix.bench.engine_bench import EngineBenchConfig
+    from gatemix.bench.lora_bench import LoRABenchConfig
     from gatemix.bench.mixing_bench import MixingBenchConfig
     from gatemix.bench.prefill_bench import PrefillBenchConfig
     from gatemix.bench.prefix_bench import PrefixBenchConfig
@@ -49,6 +50,14 @@ def add_parser(subparsers) -> None:
     mixing = benches.add_parser("mixing", help="the mixing step alone: fused vs two-pass log-softmax")
     add_config_flags(mixing, MixingBenchConfig)
     mixing.set_defaults(run=run_mixing)
+    lora = benches.add_parser(
+        "lora", help="K LoRA experts of one base vs the same adapters merged into K full experts",
+        description="A random base, K random LoRA adapters and the same adapters merged into full "
+        "experts (written once under --cache-dir), packed as a LoRA composite and as a composite of "
+        "full experts, then side by side in one run: weight bytes (on disk, in the engine, read per "
+        "decode step), each engine's peak resident memory, decode tokens/s in paired rounds.")
+    add_config_flags(lora, LoRABenchConfig)
+    lora.set_defaults(run=run_lora)
     try:
         from gatemix.bench.serve_bench import add_serve_bench_parser
     except ImportError:  # the serve bench's HTTP and process tools are not installed
@@ -84,6 +93,17 @@ def run_mixing(args: argparse.Namespace) -> int:
     print(format_mixing_bench(rows))
     if config.json:
         Path(config.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def run_lora(args: argparse.Namespace) -> int:
+    from gatemix.bench.lora_bench import LoRABenchConfig, format_lora_bench, run_lora_bench
+
+    config = config_from_args(args, LoRABenchConfig)
+    result = run_lora_bench(config)
+    print(format_lora_bench(result))
+    if config.json:
+        Path(config.json).write_text(json.dumps(result, indent=2))
     return 0
 
 
