@@ -121,7 +121,7 @@ def parameter_count(model_dir: str | Path) -> int:
 
 # ---- the three systems ----
 
-def _prompts(vocab_size: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
+def random_prompts(vocab_size: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     # Skip the first ids (special tokens) so no prompt starts with an EOS.
     return torch.randint(16, vocab_size, (count, length), generator=generator).tolist()
@@ -137,16 +137,16 @@ def _vllm_tokens_per_second(
     params = SamplingParams(max_tokens=config.output_len, temperature=0.0, ignore_eos=True)
     results = {}
     with stopping(LLM(**engine_kwargs(model_dir, settings), disable_log_stats=True)) as llm:
-        warm_up = [{"prompt_token_ids": p} for p in _prompts(vocab_size, 2, config.prompt_len)]
+        warm_up = [{"prompt_token_ids": p} for p in random_prompts(vocab_size, 2, config.prompt_len)]
         llm.generate(warm_up, params, use_tqdm=False)
         for concurrency in config.concurrency:
             requests = [{"prompt_token_ids": p}
-                        for p in _prompts(vocab_size, concurrency, config.prompt_len)]
-            results[concurrency] = max(_timed_tps(llm, requests, params) for _ in range(config.repeats))
+                        for p in random_prompts(vocab_size, concurrency, config.prompt_len)]
+            results[concurrency] = max(timed_tps(llm, requests, params) for _ in range(config.repeats))
     return results
 
 
-def _timed_tps(llm, requests: list[dict], params) -> float:
+def timed_tps(llm, requests: list[dict], params) -> float:
     start = time.perf_counter()
     outputs = llm.generate(requests, params, use_tqdm=False)
     return sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - start)
@@ -163,12 +163,12 @@ def _paired_draft_runs(model_dir: str, settings: EngineSettings, drafted: Engine
     paired = {}
     with stopping(LLM(**engine_kwargs(model_dir, settings))) as plain, \
             stopping(LLM(**engine_kwargs(model_dir, drafted), disable_log_stats=False)) as speculative:
-        warm_up = [{"prompt_token_ids": p} for p in _prompts(vocab_size, 2, config.prompt_len)]
+        warm_up = [{"prompt_token_ids": p} for p in random_prompts(vocab_size, 2, config.prompt_len)]
         for llm in (plain, speculative):
             llm.generate(warm_up, params, use_tqdm=False)
         for concurrency in config.concurrency:
-            requests = [{"prompt_token_ids": p} for p in _prompts(vocab_size, concurrency, config.prompt_len)]
-            rounds = [(_timed_tps(plain, requests, params), _timed_tps(speculative, requests, params))
+            requests = [{"prompt_token_ids": p} for p in random_prompts(vocab_size, concurrency, config.prompt_len)]
+            rounds = [(timed_tps(plain, requests, params), timed_tps(speculative, requests, params))
                       for _ in range(config.repeats)]
             ratios = [draft / base for base, draft in rounds]
             paired[concurrency] = {"plain": max(r[0] for r in rounds), "draft": max(r[1] for r in rounds),
@@ -219,7 +219,7 @@ def _naive_tokens_per_second(config: EngineBenchConfig, models: BenchModels, voc
     log_weights = torch.full((len(experts),), -math.log(len(experts)), device=device)
     results = {}
     for concurrency in concurrencies:
-        prompts = _prompts(vocab_size, concurrency, config.prompt_len)
+        prompts = random_prompts(vocab_size, concurrency, config.prompt_len)
         naive_ensemble_decode(experts, log_weights, prompts, 2)  # warm-up
         start = time.perf_counter()
         tokens = naive_ensemble_decode(experts, log_weights, prompts, config.output_len)

@@ -36,7 +36,7 @@ import torch
 
 from gatemix.adapter_folder import ADAPTER_MODULES, ADAPTER_WEIGHTS, read_adapter
 from gatemix.atomic_write import atomic_folder
-from gatemix.bench.engine_bench import ENGINE_DTYPES, _prompts, _timed_tps
+from gatemix.bench.engine_bench import ENGINE_DTYPES, random_prompts, timed_tps
 from gatemix.bench.random_adapters import (
     ALL_LINEAR_MODULES,
     ATTENTION_MODULES,
@@ -44,8 +44,8 @@ from gatemix.bench.random_adapters import (
 )
 from gatemix.bench.random_experts import (
     ExpertShape,
-    _copy_tokenizer,
     cached_random_experts,
+    copy_tokenizer,
     spec_key,
 )
 from gatemix.config_cli import field_help
@@ -230,7 +230,7 @@ def write_merged_expert(base_dir: str | Path, adapter: str | Path, out_dir: str 
         model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
         merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         merged.save_pretrained(staging)
-        _copy_tokenizer(Path(base_dir), staging)
+        copy_tokenizer(Path(base_dir), staging)
     return Path(out_dir)
 
 
@@ -276,7 +276,7 @@ def _engine_pids(llm) -> list[int]:
 
 
 def _requests(vocab_size: int, count: int, length: int) -> list[dict]:
-    return [{"prompt_token_ids": prompt} for prompt in _prompts(vocab_size, count, length)]
+    return [{"prompt_token_ids": prompt} for prompt in random_prompts(vocab_size, count, length)]
 
 
 def measure_side_by_side(composites: dict[str, Path], config: LoRABenchConfig, vocab_size: int) -> dict:
@@ -306,7 +306,7 @@ def measure_side_by_side(composites: dict[str, Path], config: LoRABenchConfig, v
             timed = []
             for index in range(config.repeats):
                 order = names if index % 2 == 0 else names[::-1]
-                timed.append({name: _timed_tps(engines[name], requests, params) for name in order})
+                timed.append({name: timed_tps(engines[name], requests, params) for name in order})
             for name in names:
                 best[name][concurrency] = max(t[name] for t in timed)
             rounds[concurrency] = [t[names[0]] / t[names[1]] for t in timed]

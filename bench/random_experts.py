@@ -141,7 +141,7 @@ def _special_token_ids(tokenizer_dir: Path) -> dict:
             "pad_token_id": tokenizer.pad_token_id}
 
 
-def _copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> None:
+def copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> None:
     for path in tokenizer_dir.iterdir():
         if path.is_file() and (path.name.startswith("tokenizer") or path.name in TOKENIZER_EXTRA_FILES):
             shutil.copy2(path, out_dir / path.name)
@@ -198,7 +198,7 @@ def write_random_expert(
         tokenizer_dir = out_dir
     else:
         tokenizer_dir = Path(tokenizer_dir)
-        _copy_tokenizer(tokenizer_dir, out_dir)
+        copy_tokenizer(tokenizer_dir, out_dir)
     vocab_size = tokenizer_vocab_size(tokenizer_dir)
     if shape.vocab_size is not None:
         if shape.vocab_size < vocab_size:

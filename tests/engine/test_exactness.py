@@ -155,17 +155,20 @@ COMPILE_PROMPTS = [list(range(20 + 7 * i, 40 + 7 * i)) for i in range(3)]
 
 
 def test_compiled_composite_matches_eager(engine, composite_dir):
-    """Under vLLM's torch.compile (``enforce_eager=False``) the composite gives the eager mixture.
+    """Under vLLM's torch.compile (``enforce_eager=False``) and with the mixing step compiled
+    (``compile_mixing``) the composite gives the eager mixture.
 
-    ``ExpertEnsemble`` is vLLM-compiled (``@support_torch_compile``); the router,
-    the per-request overrides and the mixing stay outside the graph. On CPU this
-    is Inductor's C++ backend; CUDA graphs are not exercised here (no GPU).
+    ``ExpertEnsemble`` is vLLM-compiled (``@support_torch_compile``); the router
+    and the per-request overrides stay outside the graph, and the mixing is its
+    own ``torch.compile`` (``engine/mixing_step.py``). On CPU this is Inductor's
+    C++ backend; CUDA graphs are not exercised here (no GPU).
     """
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=10)
     prompts = [{"prompt_token_ids": ids} for ids in COMPILE_PROMPTS]
     eager = [out.outputs[0] for out in engine.generate(prompts, params, use_tqdm=False)]
     with stopping(build_offline_engine(
-        composite_dir, dtype="float32", max_model_len=128, max_num_seqs=4, enforce_eager=False
+        composite_dir, dtype="float32", max_model_len=128, max_num_seqs=4, enforce_eager=False,
+        compile_mixing=True,
     )) as llm:
         compiled = [out.outputs[0] for out in llm.generate(prompts, params, use_tqdm=False)]
     for a, b in zip(eager, compiled):
