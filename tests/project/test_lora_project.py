@@ -38,6 +38,7 @@ TINY_FIT = {
     "steps": 6, "batch_per_domain": 4, "max_length": 32, "max_sequences": 8, "gate_width": 8, "gate_layers": 1,
     "gate_heads": 2, "sample_length": 6, "q_samples": 8, "distill_samples": 8, "distill_steps": 6,
     "distill_batch_size": 4, "torch_threads": 1, "evaluate": False,
+    "served_router": "posterior_router",  # the hidden-state router over the posterior state
 }
 TINY_DISTILL = {"steps": 3, "batch_size": 4, "seq_len": 32, "eval_every": 0, "checkpoint_every": 0,
                 "warmup_steps": 1, "progress": False, "threads": 2, "init": "config",
@@ -98,6 +99,7 @@ def test_the_fitted_gate_and_the_packed_lora_composite_name_the_adapters(fitted)
     config = json.loads((info.path / "config.json").read_text())
     assert config["architectures"] == ["GatemixLoRAForCausalLM"]
     assert info.gate_version == artifact.version and info.gate_method == "robust"
+    assert artifact.router.form.posterior  # the served gate reads the prefix posterior
     base_weights = sum(path.stat().st_size for path in project.base.glob("*.safetensors"))
     weights = sum(path.stat().st_size for path in info.path.rglob("*.safetensors"))
     assert weights < 1.3 * base_weights  # the base once, and three small adapters
