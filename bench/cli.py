@@ -78,10 +78,20 @@ def _add_model_bench(benches, name: str, config_cls, run, **parser_kwargs) -> No
     bench.set_defaults(run=run)
 
 
-def run_draft(args: argparse.Namespace) -> int:
-    from gatemix.bench.draft_bench import run
+def _report(text: str, result, json_path: str | None) -> int:
+    """Print a bench's table and, with ``--json``, write its result; the command's exit status."""
+    print(text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return 0
 
-    return run(args)
+
+def run_draft(args: argparse.Namespace) -> int:
+    from gatemix.bench.draft_bench import DraftBenchConfig, format_draft_bench, run_draft_bench
+
+    config = config_from_args(args, DraftBenchConfig)
+    result = run_draft_bench(config)
+    return _report(format_draft_bench(result), result, config.json)
 
 
 def run_mixing(args: argparse.Namespace) -> int:
@@ -90,10 +100,7 @@ def run_mixing(args: argparse.Namespace) -> int:
     config = config_from_args(args, MixingBenchConfig)
     rows = run_mixing_bench(dtype=config.torch_dtype, device=config.device, repeats=config.repeats,
                             rounds=config.rounds, seed=config.seed)
-    print(format_mixing_bench(rows))
-    if config.json:
-        Path(config.json).write_text(json.dumps(rows, indent=2))
-    return 0
+    return _report(format_mixing_bench(rows), rows, config.json)
 
 
 def run_lora(args: argparse.Namespace) -> int:
@@ -101,10 +108,7 @@ def run_lora(args: argparse.Namespace) -> int:
 
     config = config_from_args(args, LoRABenchConfig)
     result = run_lora_bench(config)
-    print(format_lora_bench(result))
-    if config.json:
-        Path(config.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return _report(format_lora_bench(result), result, config.json)
 
 
 def _run_model_bench(args: argparse.Namespace, config_cls, context_tokens, run_bench, format_result) -> int:
@@ -125,10 +129,7 @@ def _run_model_bench(args: argparse.Namespace, config_cls, context_tokens, run_b
                                 expert=getattr(config, "expert", None))[1]
     check_context(models, context_tokens(config))
     result = run_bench(config, models)
-    print(format_result(result, config))
-    if config.json:
-        Path(config.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return _report(format_result(result, config), result, config.json)
 
 
 def run_prefix(args: argparse.Namespace) -> int:

@@ -12,10 +12,8 @@ put side by side.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from gatemix.config_cli import field_help
 from gatemix.defaults import DEFAULT_PROJECT_DIR
@@ -101,14 +99,3 @@ def format_draft_bench(result: dict) -> str:
         lines.append(f"| {domain} | {row['prompts']} | {'n/a' if rate is None else f'{rate:.3f}'} "
                      f"| {'n/a' if length is None else f'{length:.2f}'} |")
     return "\n".join(lines)
-
-
-def run(args) -> int:
-    from gatemix.config_cli import config_from_args
-
-    config = config_from_args(args, DraftBenchConfig)
-    result = run_draft_bench(config)
-    print(format_draft_bench(result))
-    if config.json:
-        Path(config.json).write_text(json.dumps(result, indent=2))
-    return 0
