@@ -2,9 +2,11 @@
 
 The router here is random (not fitted), which is the harder case: its weights
 vary strongly with the context, so any misalignment between the engine's
-per-token weights and the offline router's would show. Both forms run: a head
-on the experts' states, and one with its own causal Llama whose attention
-layers live in vLLM's paged KV cache next to the experts'.
+per-token weights and the offline router's would show. This file runs the
+router with its own causal Llama, whose attention layers live in vLLM's paged KV
+cache next to the experts'; the head on the experts' states alone is the routed
+session server's gate, held to the offline router's weights and log-probs through
+the server (``tests/server/test_routed_mixture_report.py``).
 """
 
 from __future__ import annotations
@@ -28,12 +30,11 @@ from gatemix.gate.router import context_config_like
 STEPS = 12
 
 
-@pytest.fixture(scope="module", params=["head", "context"])
-def routed_composite(request, demo_paths, tmp_path_factory):
+@pytest.fixture(scope="module")
+def routed_composite(demo_paths, tmp_path_factory):
     expert_config = json.loads((next(iter(demo_paths.expert_dirs.values())) / "config.json").read_text())
-    context = context_config_like(expert_config, num_layers=1) if request.param == "context" else None
-    artifact = random_router_artifact(demo_paths.expert_dirs, context)
-    out = tmp_path_factory.mktemp(f"routed-{request.param}") / "composite"
+    artifact = random_router_artifact(demo_paths.expert_dirs, context_config_like(expert_config, num_layers=1))
+    out = tmp_path_factory.mktemp("routed-context") / "composite"
     pack_composite(list(demo_paths.expert_dirs.values()), out, gate=artifact)
     return out
 

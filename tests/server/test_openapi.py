@@ -22,7 +22,7 @@ from conftest import API_KEY, MAX_N
 
 pytestmark = pytest.mark.slow
 
-FUZZ_EXAMPLES = int(os.environ.get("GATEMIX_FUZZ_EXAMPLES", "15"))
+FUZZ_EXAMPLES = int(os.environ.get("GATEMIX_FUZZ_EXAMPLES", "10"))
 FUZZ_SEED = os.environ.get("GATEMIX_FUZZ_SEED", "1")
 HOOKS = Path(__file__).with_name("fuzz_hooks.py")
 

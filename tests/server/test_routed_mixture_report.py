@@ -33,7 +33,9 @@ def test_mixture_report_covers_every_token_with_the_router_s_own_weights(
         prompt=PROMPT,
         max_tokens=7,
         temperature=0.0,
-        extra_body={**LONG, "mixture": {"per_token": True}, "return_token_ids": True},
+        logprobs=5,
+        extra_body={**LONG, "mixture": {"per_token": True}, "return_token_ids": True,
+                    "return_tokens_as_token_ids": True},
     )
     choice = response.choices[0]
     report = choice.model_extra["mixture"]
@@ -46,6 +48,15 @@ def test_mixture_report_covers_every_token_with_the_router_s_own_weights(
     )
     assert expected.std(0).max() > 0.01, "the random router should vary from token to token"
     torch.testing.assert_close(per_token, expected, atol=1e-4, rtol=0)
+    # The log-probs are the router's mixture's, the sampled token's and the top 5 alike.
+    prompt_ids, token_ids = choice.model_extra["prompt_token_ids"], choice.model_extra["token_ids"]
+    mixture = offline_router(torch.tensor([prompt_ids + token_ids]))[0][0]  # (T, V)
+    for index, top in enumerate(choice.logprobs.top_logprobs):
+        position = len(prompt_ids) - 1 + index
+        assert choice.logprobs.tokens[index] == f"token_id:{token_ids[index]}"
+        assert len(top) == 5
+        for token, logprob in top.items():
+            assert abs(logprob - mixture[position, int(token.removeprefix("token_id:"))].item()) < 1e-3
     for k, name in enumerate(report["experts"]):
         assert report["mean_weights"][name] == pytest.approx(expected[:, k].mean().item(), abs=1e-4)
     assert response.model_extra["mixture"] == report  # the top level repeats choice 0
