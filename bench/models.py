@@ -27,6 +27,7 @@ from gatemix.config_cli import field_help
 from gatemix.defaults import DEFAULT_PROJECT_DIR
 from gatemix.engine import pack
 from gatemix.engine.composite_folder import CompositeInfo, PackError
+from gatemix.engine.lora_pack import pack_lora_composite
 from gatemix.engine.project_composite import composite_is_current, ensure_composite
 from gatemix.errors import UserError
 from gatemix.expert_folder import read_expert
@@ -201,5 +202,9 @@ def _composite_with_router(models: BenchModels, suffix: str, posterior: bool) ->
             router.proj_out.weight.zero_()
             router.proj_out.bias.zero_()
     artifact = RouterArtifact(router, info.expert_names, info.expert_hashes, method=f"bench{suffix}")
-    pack.pack_composite(models.expert_dirs, out, gate=artifact, names=info.expert_names, overwrite=True)
+    if models.base_dir is not None:  # LoRA experts: the same adapters over their base
+        pack_lora_composite(models.base_dir, models.expert_dirs, out, gate=artifact, names=info.expert_names,
+                            overwrite=True)
+    else:
+        pack.pack_composite(models.expert_dirs, out, gate=artifact, names=info.expert_names, overwrite=True)
     return out

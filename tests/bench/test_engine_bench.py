@@ -87,6 +87,24 @@ def test_the_posterior_system_is_the_same_experts_behind_a_bayes_posterior_gate(
     assert CompositeInfo.read(out).expert_hashes == CompositeInfo.read(models.composite_dir).expert_hashes
 
 
+def test_the_posterior_system_of_lora_experts_is_a_lora_composite(tmp_path):
+    from lora_builders import write_lora_family
+
+    from gatemix.bench.models import BenchModels, posterior_composite
+    from gatemix.engine.composite_folder import GATE_SUBDIR, CompositeInfo, is_lora_composite_folder
+    from gatemix.engine.lora_pack import pack_lora_composite
+    from gatemix.gate.artifact import load_router
+
+    family = write_lora_family(tmp_path / "family")
+    adapters = [family["attention"], family["every-linear"]]
+    composite = pack_lora_composite(family["base"], adapters, tmp_path / "composite", gate="uniform").path
+    models = BenchModels(composite_dir=composite, expert_dirs=adapters, single_dir=family["base"],
+                         base_dir=family["base"])
+    out = posterior_composite(models)
+    assert is_lora_composite_folder(out) and load_router(out / GATE_SUBDIR).router.form.posterior
+    assert CompositeInfo.read(out).expert_hashes == CompositeInfo.read(composite).expert_hashes
+
+
 def test_engine_bench_refuses_a_folder_without_a_project_file(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "gatemix.cli", "bench", "engine", "--project", str(tmp_path)],
