@@ -23,7 +23,6 @@ from gatemix.adapter_folder import (
     AdapterExpert,
     read_adapter_experts,
 )
-from gatemix.atomic_write import atomic_folder
 from gatemix.engine.composite_folder import (
     BASE_SUBDIR,
     COMPOSITE_FORMAT,
@@ -33,12 +32,7 @@ from gatemix.engine.composite_folder import (
     PackError,
     adapter_dir,
 )
-from gatemix.engine.pack import (
-    COPIED_FILES,
-    check_router_fits,
-    check_vllm_supports,
-    parse_gate_spec,
-)
+from gatemix.engine.pack import COPIED_FILES, check_vllm_supports, write_composite_folder
 from gatemix.errors import UserError
 from gatemix.gate.artifact import RouterArtifact, save_router
 
@@ -75,12 +69,7 @@ def pack_lora_composite(
     """Write one composite of LoRA experts of ``base``; all checks run before any write."""
     out_dir = Path(out_dir)
     experts = read_lora_experts(base, adapter_paths, names)
-    artifact = gate if isinstance(gate, RouterArtifact) else parse_gate_spec(gate, experts)
-    check_router_fits(artifact, experts)
-    if out_dir.exists() and not overwrite:
-        raise PackError(f"{out_dir} exists; pass --overwrite to replace it")
-    with atomic_folder(out_dir) as staging:
-        _write_lora_composite(experts, artifact, staging)
+    artifact = write_composite_folder(experts, gate, out_dir, overwrite, _write_lora_composite)
     logger.info("packed %d LoRA experts of %s into %s (gate %s)", len(experts), experts[0].base.path, out_dir,
                 artifact.version)
     return CompositeInfo.read(out_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors import safe_open
@@ -183,14 +184,22 @@ def pack_composite(
         check_engine_compatible(experts)
     except ExpertFolderError as exc:
         raise PackError(str(exc)) from exc
+    artifact = write_composite_folder(experts, gate, out_dir, overwrite, _write_composite)
+    logger.info("packed %d experts into %s (gate %s)", len(experts), out_dir, artifact.version)
+    return CompositeInfo.read(out_dir)
+
+
+def write_composite_folder(experts: list, gate: str | RouterArtifact | None, out_dir: Path, overwrite: bool,
+                           write: Callable[[list, RouterArtifact, Path], None]) -> RouterArtifact:
+    """The gate checked against the experts and ``out_dir`` refused if it exists, then ``write(experts,
+    artifact, staging)`` into a staging folder that replaces ``out_dir`` only once it is whole."""
     artifact = gate if isinstance(gate, RouterArtifact) else parse_gate_spec(gate, experts)
     check_router_fits(artifact, experts)
     if out_dir.exists() and not overwrite:
         raise PackError(f"{out_dir} exists; pass --overwrite to replace it")
     with atomic_folder(out_dir) as staging:
-        _write_composite(experts, artifact, staging)
-    logger.info("packed %d experts into %s (gate %s)", len(experts), out_dir, artifact.version)
-    return CompositeInfo.read(out_dir)
+        write(experts, artifact, staging)
+    return artifact
 
 
 def _write_composite(experts: list[ExpertFolder], artifact: RouterArtifact, staging: Path) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from gatemix.expert_folder import (
     ExpertFolderError,
     check_expert_name,
     expert_hash,
+    read_config_json,
     read_expert,
 )
 
@@ -139,13 +139,7 @@ def read_adapter(path: str | Path, name: str | None = None) -> AdapterFolder:
     path = Path(path)
     name = name or path.name
     check_expert_name(name, AdapterFolderError)
-    config_path = path / ADAPTER_CONFIG
-    if not config_path.is_file():
-        raise AdapterFolderError(f"{path}: no {ADAPTER_CONFIG}, not a PEFT adapter folder")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFolderError(f"{path}: corrupt {ADAPTER_CONFIG} ({exc})") from exc
+    config = read_config_json(path, ADAPTER_CONFIG, "PEFT adapter folder", AdapterFolderError)
     if config.get("peft_type") != "LORA":
         raise AdapterFolderError(
             f"{path}: adapter type {config.get('peft_type')!r}; only LoRA adapters can be experts"

@@ -152,6 +152,17 @@ def check_expert_name(name: str, error: type[UserError]) -> None:
         raise error(f"expert name {name!r} must be lowercase letters, digits, '-' or '_', starting with a letter")
 
 
+def read_config_json(folder: Path, file_name: str, kind: str, error: type[UserError]) -> dict:
+    """A folder's JSON config, or a one-line ``error``: missing (not a ``kind``) or corrupt."""
+    config_path = folder / file_name
+    if not config_path.is_file():
+        raise error(f"{folder}: no {file_name}, not a {kind}")
+    try:
+        return json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{folder}: corrupt {file_name} ({exc})") from exc
+
+
 def read_expert(path: str | Path, name: str | None = None) -> ExpertFolder:
     """Check one expert folder and read what the composite needs from it."""
     path = Path(path)
@@ -159,13 +170,7 @@ def read_expert(path: str | Path, name: str | None = None) -> ExpertFolder:
     check_expert_name(name, ExpertFolderError)
     if not path.is_dir():
         raise ExpertFolderError(f"expert folder {path} does not exist")
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise ExpertFolderError(f"{path}: no config.json, not a Hugging Face model folder")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ExpertFolderError(f"{path}: corrupt config.json ({exc})") from exc
+    config = read_config_json(path, "config.json", "Hugging Face model folder", ExpertFolderError)
     architectures = config.get("architectures") or []
     if len(architectures) != 1 or not is_causal_lm_architecture(str(architectures[0])):
         raise ExpertFolderError(
