@@ -13,6 +13,31 @@ import torch
 # engine's packed weights): exp(-1e4) is exactly 0 in float32.
 LOG_WEIGHT_FLOOR = -1e4
 
+# Terms of a log-sum-exp this far below the largest are summed as exp(-80) ~ 2e-35: the sum is
+# >= 1, so the float32 (and float64) result is unchanged, and exp never sees an argument whose
+# result is denormal or zero, where CPU exp kernels fall off their vectorized path.
+LOGSUMEXP_FLOOR = -80.0
+
+
+def logsumexp(terms: torch.Tensor, dim: int) -> torch.Tensor:
+    """``torch.logsumexp(terms, dim)``, at the same speed whatever the spread of the terms.
+
+    A mixture's log weights are often far apart (a posterior gate after a long
+    prefix puts experts at log weight -100 and below), and on CPU ``exp`` of
+    such arguments runs many times slower than of moderate ones; this floors
+    each term at ``LOGSUMEXP_FLOOR`` below the largest before ``exp`` (see
+    there). All -inf gives -inf and a +inf term +inf, as ``torch.logsumexp``.
+    """
+    largest = terms.detach().amax(dim, keepdim=True)
+    shifted = terms - largest  # NaN where the largest is infinite: fixed below
+    if shifted.requires_grad:
+        total = shifted.clamp_min(LOGSUMEXP_FLOOR).exp().sum(dim).log()
+    else:  # in place: one temporary of the terms' size, not three
+        total = shifted.clamp_min_(LOGSUMEXP_FLOOR).exp_().sum(dim).log_()
+    largest = largest.squeeze(dim)
+    out = total + largest
+    return torch.where(out.isnan(), largest, out)
+
 
 def mix_logprobs(expert_logprobs: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
     """Exact mixture ``log sum_k w_k p_k(y)``.
@@ -20,7 +45,7 @@ def mix_logprobs(expert_logprobs: torch.Tensor, log_weights: torch.Tensor) -> to
     Shapes: ``(..., K, V)`` and ``(..., K)`` -> ``(..., V)``. ``expert_logprobs``
     must already be normalized over V and ``log_weights`` over K.
     """
-    return torch.logsumexp(expert_logprobs + log_weights.unsqueeze(-1), dim=-2)
+    return logsumexp(expert_logprobs + log_weights.unsqueeze(-1), dim=-2)
 
 
 def mix_logits(expert_logits: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
@@ -38,7 +63,7 @@ def mix_logits(expert_logits: torch.Tensor, log_weights: torch.Tensor) -> torch.
     logits = expert_logits.float()
     offsets = log_weights.float() - torch.logsumexp(logits, dim=-1)  # (..., K)
     # An expert with zero weight has offset -inf; it must add nothing, not NaN.
-    return torch.logsumexp(logits + offsets.unsqueeze(-1), dim=-2)
+    return logsumexp(logits + offsets.unsqueeze(-1), dim=-2)
 
 
 def mix_logits_two_pass(expert_logits: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:

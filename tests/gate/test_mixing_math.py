@@ -7,6 +7,7 @@ import torch
 
 from gatemix.gate.mixing import (
     log_weights_from_probs,
+    logsumexp,
     mix_logits,
     mix_logprobs,
     normalize_log_weights,
@@ -18,6 +19,29 @@ from gatemix.gate.router import HiddenStateRouter, RouterForm, constant_router
 def _expert_logprobs(batch=3, experts=4, vocab=11, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.log_softmax(torch.randn(batch, experts, vocab, generator=generator) * 3, dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spread", [1.0, 95.0, 400.0])
+def test_floored_logsumexp_equals_torchs_bit_for_bit(dtype, spread):
+    """Far-apart terms (a posterior gate's log weights) as well as near ones, infinities included."""
+    generator = torch.Generator().manual_seed(1)
+    terms = (torch.randn(5, 3, 64, generator=generator) * 3
+             - spread * torch.arange(3.0)[None, :, None]).to(dtype)  # (N, K, V)
+    terms[0, :, 0] = float("-inf")  # every term -inf: -inf
+    terms[1, 1:, 1] = float("-inf")  # some -inf
+    terms[2, 0, 2] = float("inf")  # a +inf term: +inf
+    expected = torch.logsumexp(terms, dim=-2)
+    assert torch.equal(logsumexp(terms, dim=-2), expected)
+    assert expected[0, 0] == float("-inf") and expected[2, 2] == float("inf")
+
+
+def test_floored_logsumexp_has_torchs_gradient():
+    terms = (torch.randn(4, 3, 16) - torch.tensor([0.0, 50.0, 120.0])[None, :, None]).double()
+    ours, theirs = terms.clone().requires_grad_(), terms.clone().requires_grad_()
+    logsumexp(ours, dim=-2).sum().backward()
+    torch.logsumexp(theirs, dim=-2).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad)
 
 
 def test_mixture_normalizes():
