@@ -19,7 +19,12 @@ at both.
 
 The fused ensemble also runs once with the mixing step compiled
 (``EngineSettings.compile_mixing``), so that optimisation's before/after figures
-come from the same run.
+come from the same run. Two figures are ratios of paired rounds
+(``engine_timing.paired_runs``: both engines alive, timed alternately): a
+posterior gate (Bayes posterior) against a uniform one over the same experts,
+which is what the per-request state costs, and the ensemble behind a draft
+against the ensemble alone. Each system's decode-alone tokens/s sits beside its
+whole-request figure, since a posterior gate's extra cost is at prefill.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import gc
 import json
 import logging
 import math
-import statistics
 import time
 import typing
 from dataclasses import asdict, dataclass, field
@@ -37,7 +41,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from gatemix.bench.models import BenchModels, RandomExpertsConfig, posterior_composite
+from gatemix.bench.engine_timing import TimedRun, best_runs, paired_runs, random_prompts, timed_run
+from gatemix.bench.models import (
+    BenchModels,
+    RandomExpertsConfig,
+    posterior_composite,
+    uniform_composite,
+)
 from gatemix.config_cli import field_help
 from gatemix.defaults import DEFAULT_PROJECT_DIR
 from gatemix.engine.engine_config import (
@@ -77,8 +87,8 @@ class EngineBenchConfig:
         default=True, **field_help("also run the ensemble with its mixing step compiled"))
     posterior_state: bool = field(
         default=True,
-        **field_help("also run the ensemble with a posterior gate (the per-request state of the prefix "
-                "likelihood), to measure what the state costs"))
+        **field_help("also run the experts under a posterior gate (the per-request state of the prefix "
+                "likelihood) and under a uniform gate, side by side in paired rounds: what the state costs"))
     draft: str | None = field(
         default=None,
         **field_help("also run the ensemble behind this draft model (vLLM's speculative decoding; greedy, "
@@ -121,59 +131,42 @@ def parameter_count(model_dir: str | Path) -> int:
 
 # ---- the three systems ----
 
-def random_prompts(vocab_size: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(seed)
-    # Skip the first ids (special tokens) so no prompt starts with an EOS.
-    return torch.randint(16, vocab_size, (count, length), generator=generator).tolist()
-
-
 def _vllm_tokens_per_second(
     model_dir: str, settings: EngineSettings, config: EngineBenchConfig, vocab_size: int
-) -> dict[int, float]:
-    """Best tokens/s per concurrency."""
+) -> dict[int, TimedRun]:
+    """The best run per concurrency (whole-request and decode-alone tokens/s)."""
     # vllm: deferred, `gatemix bench --help` imports this module for its config
     from vllm import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=config.output_len, temperature=0.0, ignore_eos=True)
     results = {}
-    with stopping(LLM(**engine_kwargs(model_dir, settings), disable_log_stats=True)) as llm:
-        warm_up = [{"prompt_token_ids": p} for p in random_prompts(vocab_size, 2, config.prompt_len)]
-        llm.generate(warm_up, params, use_tqdm=False)
+    with stopping(LLM(**engine_kwargs(model_dir, settings), disable_log_stats=False)) as llm:
+        llm.generate(_requests(vocab_size, 2, config), params, use_tqdm=False)  # warm-up
         for concurrency in config.concurrency:
-            requests = [{"prompt_token_ids": p}
-                        for p in random_prompts(vocab_size, concurrency, config.prompt_len)]
-            results[concurrency] = max(timed_tps(llm, requests, params) for _ in range(config.repeats))
+            requests = _requests(vocab_size, concurrency, config)
+            runs = [timed_run(llm, requests, params) for _ in range(config.repeats)]
+            results[concurrency] = max(runs, key=lambda run: run.tokens_per_second)
     return results
 
 
-def timed_tps(llm, requests: list[dict], params) -> float:
-    start = time.perf_counter()
-    outputs = llm.generate(requests, params, use_tqdm=False)
-    return sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - start)
+def _requests(vocab_size: int, count: int, config: EngineBenchConfig) -> list[dict]:
+    return [{"prompt_token_ids": prompt} for prompt in random_prompts(vocab_size, count, config.prompt_len)]
 
 
-def _paired_draft_runs(model_dir: str, settings: EngineSettings, drafted: EngineSettings,
-                       config: EngineBenchConfig, vocab_size: int) -> dict:
-    """The plain and the speculative engine alive side by side, timed alternately (round r: plain,
-    then draft, on the same prompts), so that a drift of the machine moves both: per concurrency the
-    per-round ratios and their median, each engine's best tokens/s, and vLLM's acceptance."""
+def _paired_engines(baseline: tuple[str, EngineSettings], candidate: tuple[str, EngineSettings],
+                    config: EngineBenchConfig, vocab_size: int, after=None) -> dict:
+    """Both engines alive side by side, timed alternately (``engine_timing.paired_runs``), so that a
+    drift of the machine moves both; ``after(candidate_llm)`` adds its figures (the draft's acceptance)."""
     from vllm import LLM, SamplingParams  # vllm: deferred, as above
 
     params = SamplingParams(max_tokens=config.output_len, temperature=0.0, ignore_eos=True)
-    paired = {}
-    with stopping(LLM(**engine_kwargs(model_dir, settings))) as plain, \
-            stopping(LLM(**engine_kwargs(model_dir, drafted), disable_log_stats=False)) as speculative:
-        warm_up = [{"prompt_token_ids": p} for p in random_prompts(vocab_size, 2, config.prompt_len)]
-        for llm in (plain, speculative):
-            llm.generate(warm_up, params, use_tqdm=False)
-        for concurrency in config.concurrency:
-            requests = [{"prompt_token_ids": p} for p in random_prompts(vocab_size, concurrency, config.prompt_len)]
-            rounds = [(timed_tps(plain, requests, params), timed_tps(speculative, requests, params))
-                      for _ in range(config.repeats)]
-            ratios = [draft / base for base, draft in rounds]
-            paired[concurrency] = {"plain": max(r[0] for r in rounds), "draft": max(r[1] for r in rounds),
-                                   "ratios": ratios, "ratio": statistics.median(ratios)}
-        return {"paired": paired, **_acceptance(speculative)}
+    with stopping(LLM(**engine_kwargs(*baseline), disable_log_stats=False)) as first, \
+            stopping(LLM(**engine_kwargs(*candidate), disable_log_stats=False)) as second:
+        for llm in (first, second):
+            llm.generate(_requests(vocab_size, 2, config), params, use_tqdm=False)  # warm-up
+        paired = paired_runs(first, second, lambda count: _requests(vocab_size, count, config), params,
+                             config.concurrency, config.repeats)
+        return {"paired": paired, **(after(second) if after is not None else {})}
 
 
 def _acceptance(llm) -> dict:
@@ -184,7 +177,7 @@ def _acceptance(llm) -> dict:
 
 def _compiled_mixing_tokens_per_second(
     model_dir: str, settings: EngineSettings, config: EngineBenchConfig, vocab_size: int
-) -> dict[int, float]:
+) -> dict[int, TimedRun]:
     compiled = settings.model_copy(update={"compile_mixing": True})
     return _vllm_tokens_per_second(model_dir, compiled, config, vocab_size)
 
@@ -209,7 +202,7 @@ def naive_ensemble_decode(experts, log_weights: torch.Tensor, prompts: list[list
     return torch.cat(generated, dim=1)
 
 
-def _naive_tokens_per_second(config: EngineBenchConfig, models: BenchModels, vocab_size: int) -> dict[int, float]:
+def _naive_tokens_per_second(config: EngineBenchConfig, models: BenchModels, vocab_size: int) -> dict[int, TimedRun]:
     concurrencies = [c for c in config.concurrency if c <= config.naive_max_concurrency]
     if not concurrencies:
         return {}
@@ -225,7 +218,7 @@ def _naive_tokens_per_second(config: EngineBenchConfig, models: BenchModels, voc
         tokens = naive_ensemble_decode(experts, log_weights, prompts, config.output_len)
         if device == "cuda":
             torch.cuda.synchronize()
-        results[concurrency] = tokens.numel() / (time.perf_counter() - start)
+        results[concurrency] = TimedRun(tokens.numel() / (time.perf_counter() - start), None)
     del experts
     gc.collect()
     return results
@@ -241,20 +234,25 @@ def run_engine_bench(config: EngineBenchConfig, models: BenchModels) -> dict:
         max_num_seqs=max(config.concurrency), enforce_eager=config.enforce_eager,
     )
     composite, single = str(models.composite_dir), str(models.single_dir)
-    tps = {"fused ensemble": _vllm_tokens_per_second(composite, settings, config, vocab_size)}
+    runs = {"fused ensemble": _vllm_tokens_per_second(composite, settings, config, vocab_size)}
     if config.compiled_mixing:
-        tps["fused ensemble, compiled mixing"] = _compiled_mixing_tokens_per_second(
+        runs["fused ensemble, compiled mixing"] = _compiled_mixing_tokens_per_second(
             composite, settings, config, vocab_size)
-    if config.posterior_state:
-        tps["fused ensemble, posterior gate"] = _vllm_tokens_per_second(
-            str(posterior_composite(models)), settings, config, vocab_size)
+    posterior = {}
+    if config.posterior_state:  # the state's cost: the same experts under a uniform gate, side by side
+        posterior = _paired_engines((str(uniform_composite(models)), settings),
+                                    (str(posterior_composite(models)), settings), config, vocab_size)
+        runs["fused ensemble, uniform gate"] = best_runs(posterior["paired"], "baseline")
+        runs["fused ensemble, posterior gate"] = best_runs(posterior["paired"], "candidate")
     speculative = {}
     if config.draft is not None:
         drafted = settings.model_copy(update={"draft": config.draft, "num_draft_tokens": config.num_draft_tokens})
-        speculative = _paired_draft_runs(composite, settings, drafted, config, vocab_size)
-        tps["fused ensemble, draft"] = {c: point["draft"] for c, point in speculative["paired"].items()}
-    tps["single expert (vLLM)"] = _vllm_tokens_per_second(single, settings, config, vocab_size)
-    tps["naive transformers ensemble"] = _naive_tokens_per_second(config, models, vocab_size)
+        speculative = _paired_engines((composite, settings), (composite, drafted), config, vocab_size,
+                                      after=_acceptance)
+        runs["fused ensemble, draft"] = best_runs(speculative["paired"], "candidate")
+    runs["single expert (vLLM)"] = _vllm_tokens_per_second(single, settings, config, vocab_size)
+    runs["naive transformers ensemble"] = _naive_tokens_per_second(config, models, vocab_size)
+    tps = {system: {c: run.tokens_per_second for c, run in by_c.items()} for system, by_c in runs.items()}
     return {
         "num_experts": num_experts,
         "expert_parameters": [parameter_count(folder) for folder in models.expert_dirs],
@@ -262,26 +260,31 @@ def run_engine_bench(config: EngineBenchConfig, models: BenchModels) -> dict:
         "models": models.describe(),
         "config": {**asdict(config), "random": asdict(config.random) if config.random.random_experts else None},
         "tokens_per_second": tps,
-        "ratios": _ratios(tps, config.concurrency, num_experts, speculative.get("paired", {})),
+        "decode_tokens_per_second": {system: {c: run.decode_tokens_per_second for c, run in by_c.items()}
+                                     for system, by_c in runs.items()},
+        "ratios": _ratios(tps, config.concurrency, num_experts, posterior.get("paired", {}),
+                          speculative.get("paired", {})),
+        "posterior_state": posterior or None,
         "speculative": speculative or None,
     }
 
 
 def _ratios(tps: dict[str, dict[int, float]], concurrencies, num_experts: int,
-            paired_draft: dict[int, dict]) -> dict[int, dict]:
+            paired_posterior: dict[int, dict], paired_draft: dict[int, dict]) -> dict[int, dict]:
+    """Per concurrency; the posterior and draft figures are medians of paired rounds, not the table's rows."""
     ratios = {}
     for concurrency in concurrencies:
         ensemble, single = tps["fused ensemble"][concurrency], tps["single expert (vLLM)"][concurrency]
         naive = tps["naive transformers ensemble"].get(concurrency)
         compiled = tps.get("fused ensemble, compiled mixing", {}).get(concurrency)
-        posterior = tps.get("fused ensemble, posterior gate", {}).get(concurrency)
-        drafted = paired_draft.get(concurrency)
+        posterior, drafted = paired_posterior.get(concurrency), paired_draft.get(concurrency)
         ratios[concurrency] = {
             "efficiency_E": num_experts * ensemble / single,
             "speedup_over_naive": ensemble / naive if naive else None,
             "compiled_mixing_speedup": compiled / ensemble if compiled else None,
-            "posterior_state_throughput": posterior / ensemble if posterior else None,
-            "draft_speedup": drafted["ratio"] if drafted else None,  # paired rounds, not the rows above
+            "posterior_state_throughput": posterior["ratio"] if posterior else None,
+            "posterior_state_decode_throughput": posterior["decode_ratio"] if posterior else None,
+            "draft_speedup": drafted["ratio"] if drafted else None,
         }
     return ratios
 
@@ -298,6 +301,20 @@ def _sizes_line(result: dict) -> str:
             f"single expert {_millions(result['single_parameters'])}")
 
 
+def _tps_cell(tps: float | None, decode: float | None) -> str:
+    if tps is None:
+        return "n/a"
+    return f"{tps:.1f}" + (f" (decode {decode:.1f})" if decode else "")
+
+
+def _posterior_cell(paired: dict) -> str:
+    rounds = ", ".join(f"{r:.2f}" for r in paired["ratios"])
+    cell = f"; posterior / uniform gate: {paired['ratio']:.3f}x (median of rounds {rounds})"
+    if paired["decode_ratio"] is not None:
+        cell += f", decode alone {paired['decode_ratio']:.3f}x"
+    return cell
+
+
 def format_engine_bench(result: dict, config: EngineBenchConfig) -> str:
     concurrencies = list(config.concurrency)
     random = config.random
@@ -308,11 +325,14 @@ def format_engine_bench(result: dict, config: EngineBenchConfig) -> str:
          f"K = {result['num_experts']} experts ({source}), dtype {config.dtype}"),
         _sizes_line(result),
         "",
+        "tokens/s of whole requests (decode alone: each request's tokens after its first, vLLM's timestamps)",
+        "",
         "| system | " + " | ".join(f"c={c}" for c in concurrencies) + " |",
         "|---|" + "---|" * len(concurrencies),
     ]
     for system, by_concurrency in result["tokens_per_second"].items():
-        cells = [f"{by_concurrency[c]:.1f}" if c in by_concurrency else "n/a" for c in concurrencies]
+        decode = result["decode_tokens_per_second"][system]
+        cells = [_tps_cell(by_concurrency.get(c), decode.get(c)) for c in concurrencies]
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
     lines.append("")
     for c in concurrencies:
@@ -323,7 +343,7 @@ def format_engine_bench(result: dict, config: EngineBenchConfig) -> str:
         if ratio["compiled_mixing_speedup"] is not None:
             line += f"; compiled vs eager mixing: {ratio['compiled_mixing_speedup']:.2f}x"
         if ratio["posterior_state_throughput"] is not None:
-            line += f"; with the posterior state: {ratio['posterior_state_throughput']:.3f}x the throughput"
+            line += _posterior_cell(result["posterior_state"]["paired"][c])
         if ratio.get("draft_speedup") is not None:
             rounds = ", ".join(f"{r:.2f}" for r in result["speculative"]["paired"][c]["ratios"])
             line += f"; behind the draft: {ratio['draft_speedup']:.2f}x (median of rounds {rounds})"

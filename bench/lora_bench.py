@@ -36,7 +36,8 @@ import torch
 
 from gatemix.adapter_folder import ADAPTER_MODULES, ADAPTER_WEIGHTS, read_adapter
 from gatemix.atomic_write import atomic_folder
-from gatemix.bench.engine_bench import ENGINE_DTYPES, random_prompts, timed_tps
+from gatemix.bench.engine_bench import ENGINE_DTYPES
+from gatemix.bench.engine_timing import random_prompts, timed_tps
 from gatemix.bench.random_adapters import (
     ALL_LINEAR_MODULES,
     ATTENTION_MODULES,

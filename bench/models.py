@@ -32,7 +32,7 @@ from gatemix.engine.project_composite import composite_is_current, ensure_compos
 from gatemix.errors import UserError
 from gatemix.expert_folder import read_expert
 from gatemix.gate.artifact import RouterArtifact
-from gatemix.gate.router import HiddenStateRouter, RouterForm
+from gatemix.gate.router import HiddenStateRouter, RouterForm, constant_router
 from gatemix.project import Project, ProjectError, load_project
 
 logger = logging.getLogger(__name__)
@@ -181,6 +181,15 @@ def hidden_router_composite(models: BenchModels) -> Path:
     return _composite_with_router(models, "-hidden-router", posterior=False)
 
 
+def uniform_composite(models: BenchModels) -> Path:
+    """The same experts under a constant uniform gate, beside the composite: no router, no state.
+
+    What a posterior gate's cost is measured against (``bench engine``), whatever
+    gate the project's own composite serves.
+    """
+    return _composite_with_router(models, "-uniform", posterior=False, uniform=True)
+
+
 def posterior_composite(models: BenchModels) -> Path:
     """The same experts packed with a posterior gate (uniform prior, zero head), beside the composite.
 
@@ -191,12 +200,14 @@ def posterior_composite(models: BenchModels) -> Path:
     return _composite_with_router(models, "-posterior", posterior=True)
 
 
-def _composite_with_router(models: BenchModels, suffix: str, posterior: bool) -> Path:
+def _composite_with_router(models: BenchModels, suffix: str, posterior: bool, uniform: bool = False) -> Path:
     info = CompositeInfo.read(models.composite_dir)
     out = models.composite_dir.with_name(models.composite_dir.name + suffix)
     widths = json.loads((models.composite_dir / "config.json").read_text())["gatemix"]["expert_hidden_sizes"]
     torch.manual_seed(0)
     router = HiddenStateRouter(RouterForm.for_experts(widths, posterior=posterior))
+    if uniform:
+        router = constant_router([1.0] * len(widths), widths)
     if posterior:  # uniform prior, zero head: the Bayes posterior
         with torch.no_grad():
             router.proj_out.weight.zero_()

@@ -49,10 +49,14 @@ from gatemix.project import load_project
 logger = logging.getLogger(__name__)
 
 
-def window_features(windows: WindowSet, expert_dirs: Sequence[Expert], batch_size: int,
-                    device: str) -> dict[str, TokenFeatures]:
-    """Domain -> every expert's next-token log-probs on its eval windows (the gate report's input)."""
-    bank = HFExpertBank(expert_dirs, device=device)
+def window_features(windows: WindowSet, teacher: EnsembleTeacher, expert_dirs: Sequence[Expert],
+                    batch_size: int) -> dict[str, TokenFeatures]:
+    """Domain -> every expert's next-token log-probs on its eval windows (the gate report's input).
+
+    Scored by the teacher's own expert models: one copy of the weights in the job.
+    """
+    dtype = next(teacher.experts[0].parameters()).dtype
+    bank = HFExpertBank(expert_dirs, device=str(teacher.device), dtype=dtype, models=teacher.experts)
     features = {}
     for domain in windows.domains:
         rows = windows.windows[domain]
@@ -236,7 +240,7 @@ def _build_report(config) -> Path:
     composite = Path(config.composite_dir) if config.composite_dir else ensure_composite(project).path
     teacher = EnsembleTeacher.load(composite, expert_dirs, device=device,
                                    dtype=resolve_dtype("auto", device))
-    features = window_features(windows, expert_dirs, config.batch_size, device)
+    features = window_features(windows, teacher, expert_dirs, config.batch_size)
     models = dict(project.baselines)
     for item in config.compare:
         name, sep, folder = item.partition("=")

@@ -43,7 +43,10 @@ class HFExpertBank:
         *,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        models: Sequence | None = None,
     ) -> None:
+        """``models``: the experts already loaded (a distillation teacher's), so that a job scoring
+        with both holds one copy of the weights; else they are loaded here."""
         # transformers is deferred: importing it takes seconds, and the fit's modules
         # are imported by ``gatemix fit-gate --help`` and by tests that load no model.
         from transformers import AutoTokenizer
@@ -51,7 +54,9 @@ class HFExpertBank:
         experts = as_experts(experts)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir(experts[0]))
         # Full folders, or LoRA adapters over one base held once (``gatemix.expert_models``).
-        self.models = load_expert_models(experts, device=device, dtype=dtype)
+        self.models = list(models) if models is not None else load_expert_models(experts, device=device, dtype=dtype)
+        if len(self.models) != len(experts):
+            raise ValueError(f"{len(self.models)} loaded models for {len(experts)} experts")
         self.device = device
         self.dtype = dtype
         self.num_experts = len(self.models)

@@ -44,12 +44,15 @@ def test_engine_bench_measures_every_system_on_tiny_random_experts(tmp_path, cap
         by_concurrency = result["tokens_per_second"][system]
         assert set(by_concurrency) == {"1", "2"}, system
         assert all(tps > 0 for tps in by_concurrency.values()), (system, by_concurrency)
+    for system in ("fused ensemble", "single expert (vLLM)"):  # vLLM's timestamps: decode alone
+        decode = result["decode_tokens_per_second"][system]
+        assert all(math.isfinite(tps) and tps > 0 for tps in decode.values()), (system, decode)
     for ratio in result["ratios"].values():
         assert math.isfinite(ratio["efficiency_E"]) and ratio["efficiency_E"] > 0
     assert result["num_experts"] == 2 and min(result["expert_parameters"]) > 0
     report = capsys.readouterr().out
     assert "2 random llama experts" in report and "expert parameters: 2 x" in report
-    assert "c=2: E = K*tps(ensemble)/tps(single) = " in report
+    assert "c=2: E = K*tps(ensemble)/tps(single) = " in report and "(decode " in report
     print(report)
 
 
@@ -75,7 +78,10 @@ def test_random_experts_of_one_shape_are_written_once_and_reused(tmp_path, monke
 
 
 def test_the_posterior_system_is_the_same_experts_behind_a_bayes_posterior_gate(tmp_path):
-    from gatemix.bench.models import posterior_composite
+    """And its baseline the same experts behind a uniform gate, whatever gate the project serves."""
+    import torch
+
+    from gatemix.bench.models import posterior_composite, uniform_composite
     from gatemix.engine.composite_folder import GATE_SUBDIR, CompositeInfo
     from gatemix.gate.artifact import load_router
 
@@ -85,6 +91,12 @@ def test_the_posterior_system_is_the_same_experts_behind_a_bayes_posterior_gate(
     assert router.form.posterior
     assert not router.proj_out.weight.any() and not router.proj_out.bias.any()  # uniform prior, zero head
     assert CompositeInfo.read(out).expert_hashes == CompositeInfo.read(models.composite_dir).expert_hashes
+    uniform = uniform_composite(models)
+    router = load_router(uniform / GATE_SUBDIR).router
+    assert not router.form.posterior
+    weights = router.gate(torch.randn(5, sum(router.form.expert_widths))).exp()  # (5, K) whatever the input
+    torch.testing.assert_close(weights, torch.full((5, 2), 0.5))
+    assert CompositeInfo.read(uniform).expert_hashes == CompositeInfo.read(models.composite_dir).expert_hashes
 
 
 def test_the_posterior_system_of_lora_experts_is_a_lora_composite(tmp_path):

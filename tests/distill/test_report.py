@@ -12,6 +12,7 @@ from gatemix.cli import main
 from gatemix.distill.data import eval_windows
 from gatemix.distill.report import causal_lm_logprobs, ensemble_and_student_pass, window_features
 from gatemix.distill.teacher import EnsembleTeacher
+from gatemix.gate.fit.expert_bank import HFExpertBank
 from gatemix.gate.fit.report import model_token_logprobs
 from gatemix.project import load_project
 
@@ -66,7 +67,12 @@ def test_the_draft_pass_scores_the_ensemble_against_itself_as_a_perfect_draft(
     # the student's token log-probs from the shared pass are the ones it gets scored alone
     student = AutoModelForCausalLM.from_pretrained(tiny_student, dtype=torch.float32)
     scored = ensemble_and_student_pass(teacher, causal_lm_logprobs(student), windows, 4, 3)
-    alone = model_token_logprobs(tiny_student, window_features(windows, expert_dirs, 4, "cpu"))
+    features = window_features(windows, teacher, expert_dirs, 4)  # the teacher's expert models, not a copy
+    alone = model_token_logprobs(tiny_student, features)
+    domain = windows.domains[0]
+    rows = windows.windows[domain][:4]
+    fresh = HFExpertBank(expert_dirs).score(rows, torch.ones_like(rows), with_hidden=False)
+    torch.testing.assert_close(features[domain].next_logprobs[:4], fresh.next_logprobs)
     for domain in windows.domains:
         torch.testing.assert_close(scored.student[domain], alone[domain], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(scored.ensemble[domain], itself.ensemble[domain])

@@ -155,6 +155,18 @@ def test_prompt_logprobs_skip_reading_the_prefix_cache():
     assert SamplingParams().skip_reading_prefix_cache is False
 
 
+def test_offline_outputs_carry_engine_core_token_timestamps_when_stats_are_logged():
+    """``bench/engine_timing.decode_tokens_per_second`` reads each request's first and last token times
+    (on a real engine: ``tests/bench/test_engine_bench.py``)."""
+    from vllm.v1.engine import output_processor
+    from vllm.v1.metrics.stats import RequestStateStats
+
+    assert {"first_token_ts", "last_token_ts"} <= set(RequestStateStats.__dataclass_fields__)
+    source = inspect.getsource(output_processor)
+    assert "RequestStateStats(arrival_time=arrival_time) if log_stats else None" in source
+    assert "metrics=self.stats" in source
+
+
 def test_offline_engine_shutdown_reaches_the_process_manager():
     """``shutdown_offline_engine`` finishes a tripped force-kill through these names."""
     from vllm.utils import system_utils
