@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gatemix.bench.models import BenchModels, check_context, project_models
+from gatemix.bench.models import BenchModels, check_context, project_models, uniform_composite
 from gatemix.bench.serve_report import (
     compute_ratios,
     draft_acceptance,
@@ -87,7 +87,9 @@ class ServeBenchConfig:
                 "without either that system is skipped)"))
     num_draft_tokens: int = field(default=3, **field_help("tokens the draft proposes per step"))
     systems: tuple[str, ...] = field(
-        default=SYSTEMS, **field_help(f"systems to run, in order: {' '.join(SYSTEMS)}", choices=SYSTEMS))
+        default=tuple(system for system in SYSTEMS if system != "uniform"),
+        **field_help(f"systems to run, in order: {' '.join(SYSTEMS)} (uniform, the experts under a uniform "
+                     "gate, only when named)", choices=SYSTEMS))
     concurrency: tuple[int, ...] = field(
         default=(1, 16, 64), **field_help("client max concurrency, one point each (e.g. 1 16 64)"))
     prompt_lens: tuple[int, ...] = field(
@@ -197,7 +199,8 @@ def run_serve_bench(config: ServeBenchConfig, models: BenchModels) -> dict:
                     running.append(stack.enter_context(launch(
                         system, composite_dir=str(models.composite_dir), expert_dirs=expert_dirs,
                         options=options, student_dir=student_dir, draft_dir=draft_dir,
-                        num_draft_tokens=config.num_draft_tokens)))
+                        num_draft_tokens=config.num_draft_tokens,
+                        uniform_dir=str(uniform_composite(models)) if system == "uniform" else None)))
                 except ServerStartError as exc:
                     logger.error("%s did not start: %s", system, exc)
                     notes.append(f"{system}: did not start ({str(exc).splitlines()[0]})")

@@ -29,6 +29,7 @@ from gatemix.server.choices import DraftAcceptance
 
 SYSTEM_LABELS = {
     "ensemble": "gatemix ensemble (K experts)",
+    "uniform": "gatemix ensemble, uniform gate",
     "single": "gatemix, one expert",
     "vllm": "vllm serve, one expert",
     "student": "gatemix student",
@@ -84,9 +85,9 @@ def compute_ratios(points: list[dict], num_experts: int) -> list[dict]:
     by_key = {(p["system"], p["prompt_len"], p["concurrency"]): p for p in points}
     ratios = []
     for prompt_len, concurrency in sorted({(p["prompt_len"], p["concurrency"]) for p in points}):
-        ensemble, single, vllm, lockstep, student, draft = (
+        ensemble, uniform, single, vllm, lockstep, student, draft = (
             by_key.get((s, prompt_len, concurrency))
-            for s in ("ensemble", "single", "vllm", "lockstep", "student", "draft")
+            for s in ("ensemble", "uniform", "single", "vllm", "lockstep", "student", "draft")
         )
         row = {"prompt_len": prompt_len, "concurrency": concurrency}
         for name, values, scale in (
@@ -96,6 +97,7 @@ def compute_ratios(points: list[dict], num_experts: int) -> list[dict]:
             ("speedup_over_lockstep", paired_ratios(ensemble, lockstep), 1.0),
             ("student_speedup", paired_ratios(student, ensemble), 1.0),
             ("draft_speedup", paired_ratios(draft, ensemble), 1.0),
+            ("gate_cost", paired_ratios(ensemble, uniform), 1.0),
         ):
             row[name], row[f"{name}_range"] = _summary(values, scale)
         ratios.append(row)
@@ -154,8 +156,8 @@ def format_serve_bench(result: dict) -> str:
         ("| concurrency | prompt len | E = K*tps(ensemble)/tps(single) | overhead = tps(single)/tps(vllm) "
          "| API CPU overhead = cpu(vllm)/cpu(single) | speed-up = tps(ensemble)/tps(lockstep) "
          "| student = tps(student)/tps(ensemble) | draft = tps(behind the draft)/tps(ensemble) "
-         "| mean acceptance length |"),
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+         "| mean acceptance length | gate = tps(ensemble)/tps(uniform gate) |"),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["ratios"]:
         lines.append(
@@ -163,7 +165,7 @@ def format_serve_bench(result: dict) -> str:
             f"| {_ratio_cell(r, 'server_overhead')} | {_ratio_cell(r, 'api_cpu_overhead')} "
             f"| {_ratio_cell(r, 'speedup_over_lockstep', 1, 'x')} "
             f"| {_ratio_cell(r, 'student_speedup', 2, 'x')} | {_ratio_cell(r, 'draft_speedup', 2, 'x')} "
-            f"| {_cell(_draft_length(result['points'], r), 2)} |"
+            f"| {_cell(_draft_length(result['points'], r), 2)} | {_ratio_cell(r, 'gate_cost', 3, 'x')} |"
         )
     if config["repeats"] > 1:
         lines += ["", "Ratios: median over rounds of each round's ratio, (min-max) over rounds."]

@@ -9,6 +9,8 @@ memory and CPU time of a system's whole process tree while the load runs.
 Systems (``SYSTEMS``):
 
 * ``ensemble``: ``gatemix serve`` of the composite (K experts, one engine);
+* ``uniform``: the same experts under a constant uniform gate (no router, no state): what the
+  project's gate costs;
 * ``single``: ``gatemix serve`` of one expert's plain Hugging Face folder;
 * ``vllm``: vLLM's own OpenAI server of the same expert folder;
 * ``student``: ``gatemix serve`` of a distilled student folder, when given;
@@ -39,7 +41,7 @@ from gatemix.server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-SYSTEMS = ("ensemble", "single", "vllm", "student", "draft", "lockstep")
+SYSTEMS = ("ensemble", "uniform", "single", "vllm", "student", "draft", "lockstep")
 
 
 class ServerStartError(RuntimeError):
@@ -214,7 +216,7 @@ def _lockstep(expert_dirs: list[str], options: ServerOptions,
 
 def launch(system: str, *, composite_dir: str | None, expert_dirs: list[str], options: ServerOptions,
            student_dir: str | None = None, lockstep_weights: list[float] | None = None,
-           draft_dir: str | None = None, num_draft_tokens: int = 3):
+           draft_dir: str | None = None, num_draft_tokens: int = 3, uniform_dir: str | None = None):
     """A context manager that starts ``system`` and yields a :class:`RunningSystem`."""
     expert = str(expert_dirs[0])
     if system == "draft":
@@ -223,7 +225,7 @@ def launch(system: str, *, composite_dir: str | None, expert_dirs: list[str], op
         drafted = ["--draft", str(draft_dir), "--num-draft-tokens", str(num_draft_tokens)]
         return _single_server(system, lambda port: gatemix_serve_command(
             composite_dir, port, options, "gatemix-draft") + drafted, options, "gatemix-draft")
-    gatemix_folders = {"ensemble": composite_dir, "single": expert, "student": student_dir}
+    gatemix_folders = {"ensemble": composite_dir, "uniform": uniform_dir, "single": expert, "student": student_dir}
     if system in gatemix_folders:
         folder = gatemix_folders[system]
         if not folder:

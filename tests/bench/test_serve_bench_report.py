@@ -27,7 +27,7 @@ def _fake_result():
         _point("ensemble", 1, 300.0), _point("single", 1, 700.0), _point("vllm", 1, 750.0),
         _point("lockstep", 1, 10.0),
         _point("ensemble", 16, 900.0), _point("single", 16, 2000.0, api_cpu=150.0), _point("vllm", 16, 2000.0),
-        _point("lockstep", 16, 30.0), _point("student", 16, 2400.0),
+        _point("lockstep", 16, 30.0), _point("student", 16, 2400.0), _point("uniform", 16, 1000.0),
         {**_point("draft", 16, 450.0), "mean_acceptance_length": 2.25, "acceptance_rate": 0.41},
         _point("ensemble", 64, 1000.0), _point("single", 64, 2400.0), _point("vllm", 64, 2500.0),
     ]
@@ -49,6 +49,8 @@ def test_ratios_are_efficiency_overhead_and_speedup_per_point():
     assert ratios[1]["student_speedup"] is None  # no student point there
     assert ratios[16]["draft_speedup"] == pytest.approx(450.0 / 900.0)
     assert ratios[64]["draft_speedup"] is None
+    assert ratios[16]["gate_cost"] == pytest.approx(900.0 / 1000.0)  # the served gate against a uniform one
+    assert ratios[1]["gate_cost"] is None
 
 
 def test_draft_acceptance_is_the_point_s_share_of_vllm_s_totals():
@@ -63,10 +65,10 @@ def test_draft_acceptance_is_the_point_s_share_of_vllm_s_totals():
 def test_table_has_one_row_per_point_the_ratios_and_the_notes():
     report = format_serve_bench(_fake_result())
     rows = [line for line in report.splitlines() if line.startswith(("| gatemix", "| vllm", "| lockstep"))]
-    assert len(rows) == 13
+    assert len(rows) == 14
     assert "| gatemix ensemble (K experts) | 16 | 32 | 900.0 | 10.0 | 20.0 | 1.50 | 3.25 | 200 | 2048 |" in report
-    assert "| 16 | 32 | 0.900 | 1.000 | 1.333 | 30.0x | 2.67x | 0.50x | 2.25 |" in report
-    assert "| 64 | 32 | 0.833 | 0.960 | 1.000 | n/a | n/a | n/a | n/a |" in report
+    assert "| 16 | 32 | 0.900 | 1.000 | 1.333 | 30.0x | 2.67x | 0.50x | 2.25 | 0.900x |" in report
+    assert "| 64 | 32 | 0.833 | 0.960 | 1.000 | n/a | n/a | n/a | n/a | n/a |" in report
     assert "skipped (above --lockstep-max-concurrency 16)" in report
 
 
