@@ -255,7 +255,8 @@ def run_engine_bench(config: EngineBenchConfig, models: BenchModels) -> dict:
     tps = {system: {c: run.tokens_per_second for c, run in by_c.items()} for system, by_c in runs.items()}
     return {
         "num_experts": num_experts,
-        "expert_parameters": [parameter_count(folder) for folder in models.expert_dirs],
+        "expert_parameters": [parameter_count(folder) for folder in models.expert_dirs],  # an adapter's own
+        "base_parameters": parameter_count(models.base_dir) if models.base_dir is not None else None,
         "single_parameters": parameter_count(models.single_dir),
         "models": models.describe(),
         "config": {**asdict(config), "random": asdict(config.random) if config.random.random_experts else None},
@@ -297,8 +298,12 @@ def _sizes_line(result: dict) -> str:
     sizes = result["expert_parameters"]
     experts = (f"{len(sizes)} x {_millions(sizes[0])}" if len(set(sizes)) == 1
                else " + ".join(_millions(size) for size in sizes))
-    return (f"expert parameters: {experts} (total {_millions(sum(sizes))}); "
-            f"single expert {_millions(result['single_parameters'])}")
+    single = f"single expert {_millions(result['single_parameters'])}"
+    base = result.get("base_parameters")
+    if base is not None:  # LoRA experts: the base once, each adapter's own factors
+        return (f"parameters: base {_millions(base)} + adapters {experts} (total {_millions(base + sum(sizes))}); "
+                f"{single} (the base)")
+    return f"expert parameters: {experts} (total {_millions(sum(sizes))}); {single}"
 
 
 def _tps_cell(tps: float | None, decode: float | None) -> str:

@@ -133,3 +133,14 @@ def test_project_models_are_its_experts_its_composite_and_its_first_expert(tiny_
     assert models.composite_dir == project.composite_dir
     assert json.loads((models.composite_dir / "config.json").read_text())["gatemix"][
         "expert_names"] == ["code", "legal"]
+
+
+def test_the_sizes_line_counts_a_lora_base_once_and_each_adapter_s_own_factors():
+    from gatemix.bench.engine_bench import _sizes_line
+
+    lora = {"expert_parameters": [20_000, 20_000, 20_000], "base_parameters": 12_000_000,
+            "single_parameters": 12_000_000}
+    assert _sizes_line(lora) == ("parameters: base 12.00M + adapters 3 x 0.02M (total 12.06M); "
+                                 "single expert 12.00M (the base)")
+    full = {"expert_parameters": [1_000_000, 2_000_000], "base_parameters": None, "single_parameters": 1_000_000}
+    assert _sizes_line(full) == "expert parameters: 1.00M + 2.00M (total 3.00M); single expert 1.00M"

@@ -7,7 +7,12 @@ from types import SimpleNamespace
 import pytest
 
 from gatemix.bench import engine_timing
-from gatemix.bench.engine_timing import TimedRun, best_runs, decode_tokens_per_second, paired_figures
+from gatemix.bench.engine_timing import (
+    TimedRun,
+    best_runs,
+    decode_tokens_per_second,
+    paired_figures,
+)
 
 
 def _output(tokens: int, first: float, last: float, with_stats: bool = True):
