@@ -79,10 +79,6 @@ class DistillRun:
         """``loss.DIVERGENCE_KINDS``: total variation for ``--loss tv``, else the JSD family."""
         return "tv" if self.config.loss == "tv" else "jsd"
 
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.project.tokenizer_dir
-
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Multiplier of the peak LR after ``step`` updates: linear warmup, then cosine to ``min_ratio``."""

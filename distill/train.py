@@ -147,7 +147,7 @@ def _evaluate(run: DistillRun, state: ckpt.TrainerState) -> dict:
     if state.best_metric is None or metric < state.best_metric:
         state.best_step, state.best_metric = state.step, metric
         if run.dist.is_main:
-            save_student(unwrap(run.model), run.tokenizer_dir, run.run_dir / BEST_SUBDIR,
+            save_student(unwrap(run.model), run.project.tokenizer_dir, run.run_dir / BEST_SUBDIR,
                          {**run.record, "step": state.step, "heldout": result})
     run.dist.barrier()
     return result
@@ -175,7 +175,7 @@ def finish(run: DistillRun, state: ckpt.TrainerState) -> Path:
             model = AutoModelForCausalLM.from_pretrained(best, dtype=torch.float32)
         else:
             model = unwrap(run.model).cpu()
-        save_student(model, run.tokenizer_dir, run.out_dir, record)
+        save_student(model, run.project.tokenizer_dir, run.out_dir, record)
         logger.info("student (%s step %d) written to %s", record["kept"], record["kept_step"],
                     run.out_dir)
     run.dist.barrier()
