@@ -161,11 +161,29 @@ def test_serve_project_serves_the_lora_composite_behind_the_student_exactly(fitt
         reload = httpx.post(f"{url}/admin/gate", json={"path": str(constant)}, headers={"Authorization": "Bearer k"})
         assert reload.status_code == 200, reload.text
         reloaded = _completion(client)
+        weighted = _weighted_tokens(httpx.get(f"{url}/metrics").text)
+    # The metrics count the LoRA composite's experts as a full composite's: each expert's weight summed over
+    # the tokens served, which add up to the tokens (3 completions of 8).
+    served = sum(completion[3].sum(0) for completion in (routed, pinned, reloaded))  # (K,)
+    assert list(weighted) == list(ADAPTERS)
+    torch.testing.assert_close(torch.tensor(list(weighted.values()), dtype=torch.float64), served, atol=1e-3, rtol=0)
+    assert sum(weighted.values()) == pytest.approx(24.0, abs=1e-3)
     teacher = EnsembleTeacher.load(info.path, project.expert_folders())
     _check_against(teacher, *routed)
     _check_against(teacher, *pinned, pin=1)
     assert torch.allclose(reloaded[3], torch.tensor([[0.5, 0.3, 0.2]] * 8, dtype=torch.float64), atol=1e-5)
     _check_against(teacher, *reloaded[:3], None, weights=torch.tensor([0.5, 0.3, 0.2]))
+
+
+def _weighted_tokens(metrics_text: str) -> dict[str, float]:
+    """``gatemix_gate_weighted_tokens_total`` of the ensemble, by expert."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from server_harness import ENSEMBLE
+
+    return {sample.labels["expert"]: sample.value
+            for family in text_string_to_metric_families(metrics_text) if family.name == "gatemix_gate_weighted_tokens"
+            for sample in family.samples
+            if sample.name == "gatemix_gate_weighted_tokens_total" and sample.labels.get("model") == ENSEMBLE}
 
 
 def _check_against(teacher, prompt_ids, token_ids, logprobs, served_weights, pin=None, weights=None):
