@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gatemix.engine.decode_run import DecodeRun, surviving_rows
 from gatemix.engine.sampled_rows import SampledRows
 from gatemix.engine.slot_logprobs import SlotLogprobs
 from gatemix.gate.posterior import final_state, forgetting_scan
@@ -133,20 +134,6 @@ class BatchLayout:
     max_query_len: int  # 1: a decode step, one token per row
 
 
-@dataclass
-class DecodeRun:
-    """Rows ``0 .. R-1`` decoding one token per step with no batch change: their states stay dense.
-
-    The steady state of serving. Each step is then three tensor operations
-    with no host sync and no per-row Python; the rows' ``PrefixState`` objects
-    catch up (``flush``) when the batch changes or a step is not a pure decode.
-    """
-
-    states: torch.Tensor  # (R, K) S of each row through its last token
-    forgetting: torch.Tensor  # (R, 1) each row's gate's lambda
-    steps: int = 0  # steps since the PrefixState objects were last written
-
-
 class PrefixStates:
     """Every batch row's ``PrefixState`` and the last sampling call's expert log-probs."""
 
@@ -168,12 +155,28 @@ class PrefixStates:
         # vllm: deferred, the server imports this module (via request_gates) without an engine
         from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-        if batch_update is not None:
+        if batch_update is not None and not self._carry_decode_run(batch_update):
             self._flush_decode_run()
         process_dict_updates(
             self.rows, batch_update,
             lambda params, _prompt, _output: PrefixState(gate_version=self._version_asked(params)),
         )
+
+    def _carry_decode_run(self, batch_update) -> bool:
+        """Keep the decode run through an update that only removes and moves rows; False if it cannot be."""
+        run = self._decode_run
+        if run is None or self._awaiting_sample_rows or self.pending is None:
+            return False
+        num_rows = run.states.shape[0]
+        if self.pending.shape[0] != num_rows or len(self.rows) != num_rows:
+            return False
+        rows = surviving_rows(batch_update, num_rows)
+        if rows is None:
+            return False
+        index = torch.tensor(rows, device=run.states.device, dtype=torch.long)
+        run.keep_rows(index)
+        self.pending = self.pending[index.to(self.pending.device)]
+        return True
 
     def _version_asked(self, params) -> str | None:
         """The version the request names (the server's at its arrival), else the current one."""
@@ -257,15 +260,16 @@ class PrefixStates:
     def _flush_decode_run(self) -> None:
         """Write a decode run's dense states back to its rows' ``PrefixState`` objects, and end it."""
         run, self._decode_run = self._decode_run, None
-        if run is None or run.steps == 0:
+        if run is None:
             return
         sampled = self._awaiting_sample_rows == 0  # the run's last step was sampled: its log-probs are pending
         for row, row_state in enumerate(run.states.unbind(0)):
             state = self.rows[row]
-            state.log_likelihood = row_state
-            state.next_position += run.steps
-            state.pending_slot = row if sampled else None
-            state.recent_states, state.pending_earlier = None, None
+            state.pending_slot = row if sampled else None  # rows may have moved since: the pending rows did too
+            if run.steps:
+                state.log_likelihood = row_state
+                state.next_position += run.steps
+                state.recent_states, state.pending_earlier = None, None
 
     def _scan(self, chunks, token_logprobs: torch.Tensor, states: torch.Tensor, forgetting_of_row, num_experts: int) -> None:
         """Fold each chunk's ``(T, K)`` log-probs into its row's state; ``states`` gets every token's."""

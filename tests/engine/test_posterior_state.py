@@ -74,3 +74,22 @@ def test_each_of_n_samples_carries_its_own_state(chunked_engine, teacher):
     assert len(output.outputs) == 2
     for sample in output.outputs:
         check_generation(teacher, prompt, sample, None)
+
+
+@pytest.mark.slow
+def test_requests_ending_one_by_one_keep_their_own_states(chunked_engine, teacher, trace_socket):
+    """Four requests of different lengths: as each ends, vLLM removes its row and moves the last row into
+    the hole, and the steady decode path carries every remaining row's state along (``engine/decode_run.py``)."""
+    socket, address = trace_socket
+    prompts = [list(range(60 + 5 * i, 60 + 5 * i + 9 + 3 * i)) for i in range(4)]  # 9-18 tokens
+    lengths = [4, 9, 15, 24]
+    params = [
+        SamplingParams(max_tokens=length, temperature=0.0, ignore_eos=True, logprobs=3,
+                       extra_args=gate_request_args(trace_id=f"end{i}", trace_to=address))
+        for i, length in enumerate(lengths)
+    ]
+    outputs = chunked_engine.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    traced = collect_trace(socket, {f"end{i}": length for i, length in enumerate(lengths)})
+    for i, (prompt, output) in enumerate(zip(prompts, outputs)):
+        assert len(output.outputs[0].token_ids) == lengths[i]
+        check_generation(teacher, prompt, output.outputs[0], traced[f"end{i}"], greedy=True)
