@@ -17,7 +17,9 @@ every token of the request's own sequence, prompt included
   size (``chunked_target_logprobs``: never a tokens x K x V log-softmax); the
   chunk's first token's comes from the previous step's logits at its
   predecessor, which the engine's sampling call (``compute_logits``, one row per
-  request) left behind (``store_sampled``). A decode step costs no extra LM head.
+  request) left behind (``store_sampled``). A decode step costs no extra LM head,
+  and while every row decodes (requests ending included) the states stay one
+  dense tensor updated without per-row Python or host syncs (``engine/decode_run.py``).
 * **Prefix caching.** With caching on, every computed token's expert log-probs
   and every block's last hidden states go to a side table keyed by KV slot
   (``engine/slot_logprobs.py``). A request whose first chunk starts after cached
