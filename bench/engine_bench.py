@@ -41,7 +41,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from gatemix.bench.engine_timing import TimedRun, best_runs, paired_runs, random_prompts, timed_run
+from gatemix.bench.engine_timing import (
+    TimedRun,
+    best_run,
+    best_runs,
+    paired_runs,
+    random_prompts,
+    timed_run,
+)
 from gatemix.bench.models import (
     BenchModels,
     RandomExpertsConfig,
@@ -134,7 +141,7 @@ def parameter_count(model_dir: str | Path) -> int:
 def _vllm_tokens_per_second(
     model_dir: str, settings: EngineSettings, config: EngineBenchConfig, vocab_size: int
 ) -> dict[int, TimedRun]:
-    """The best run per concurrency (whole-request and decode-alone tokens/s)."""
+    """``best_run`` of the repeats per concurrency (whole-request and decode-alone tokens/s)."""
     # vllm: deferred, `gatemix bench --help` imports this module for its config
     from vllm import LLM, SamplingParams
 
@@ -144,8 +151,7 @@ def _vllm_tokens_per_second(
         llm.generate(_requests(vocab_size, 2, config), params, use_tqdm=False)  # warm-up
         for concurrency in config.concurrency:
             requests = _requests(vocab_size, concurrency, config)
-            runs = [timed_run(llm, requests, params) for _ in range(config.repeats)]
-            results[concurrency] = max(runs, key=lambda run: run.tokens_per_second)
+            results[concurrency] = best_run([timed_run(llm, requests, params) for _ in range(config.repeats)])
     return results
 
 

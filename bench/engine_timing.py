@@ -82,19 +82,21 @@ def paired_figures(rounds: list[tuple[TimedRun, TimedRun]]) -> dict:
                      for base, candidate in rounds
                      if base.decode_tokens_per_second and candidate.decode_tokens_per_second]
     return {
-        "baseline": max(base.tokens_per_second for base, _ in rounds),
-        "candidate": max(candidate.tokens_per_second for _, candidate in rounds),
+        "baseline": best_run([base for base, _ in rounds]).tokens_per_second,
+        "candidate": best_run([candidate for _, candidate in rounds]).tokens_per_second,
         "ratios": ratios, "ratio": statistics.median(ratios),
         "decode_ratios": decode_ratios, "decode_ratio": statistics.median(decode_ratios) if decode_ratios else None,
         "rounds": [{"baseline": asdict(base), "candidate": asdict(candidate)} for base, candidate in rounds],
     }
 
 
+def best_run(runs: list[TimedRun]) -> TimedRun:
+    """The best whole-request and the best decode tokens/s of repeated runs (each its own best)."""
+    decode = [run.decode_tokens_per_second for run in runs if run.decode_tokens_per_second]
+    return TimedRun(max(run.tokens_per_second for run in runs), max(decode) if decode else None)
+
+
 def best_runs(paired: dict[int, dict], side: str) -> dict[int, TimedRun]:
-    """One side's (``"baseline"`` or ``"candidate"``) best whole-request and decode tokens/s per concurrency."""
-    best = {}
-    for concurrency, figures in paired.items():
-        runs = [TimedRun(**round_[side]) for round_ in figures["rounds"]]
-        decode = [run.decode_tokens_per_second for run in runs if run.decode_tokens_per_second]
-        best[concurrency] = TimedRun(max(run.tokens_per_second for run in runs), max(decode) if decode else None)
-    return best
+    """One side's (``"baseline"`` or ``"candidate"``) ``best_run`` per concurrency."""
+    return {concurrency: best_run([TimedRun(**round_[side]) for round_ in figures["rounds"]])
+            for concurrency, figures in paired.items()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,7 +179,8 @@ def hidden_router_composite(models: BenchModels) -> Path:
     Its cost is any hidden-state router's: a small head over the experts' final
     hidden states, no per-request state. Its weights are not fitted.
     """
-    return _composite_with_router(models, "-hidden-router", posterior=False)
+    return _composite_with_router(models, "-hidden-router", lambda widths: HiddenStateRouter(
+        RouterForm.for_experts(widths)))
 
 
 def uniform_composite(models: BenchModels) -> Path:
@@ -187,7 +189,7 @@ def uniform_composite(models: BenchModels) -> Path:
     What a posterior gate's cost is measured against (``bench engine``), whatever
     gate the project's own composite serves.
     """
-    return _composite_with_router(models, "-uniform", posterior=False, uniform=True)
+    return _composite_with_router(models, "-uniform", lambda widths: constant_router([1.0] * len(widths), widths))
 
 
 def posterior_composite(models: BenchModels) -> Path:
@@ -197,21 +199,26 @@ def posterior_composite(models: BenchModels) -> Path:
     the prefill's extra LM head over every prompt token and the bookkeeping of
     each step (``engine/prefix_state.py``).
     """
-    return _composite_with_router(models, "-posterior", posterior=True)
+    return _composite_with_router(models, "-posterior", _bayes_posterior_router)
 
 
-def _composite_with_router(models: BenchModels, suffix: str, posterior: bool, uniform: bool = False) -> Path:
+def _bayes_posterior_router(widths: list[int]) -> HiddenStateRouter:
+    """A posterior router with a uniform prior and a zero head: the Bayes posterior."""
+    router = HiddenStateRouter(RouterForm.for_experts(widths, posterior=True))
+    with torch.no_grad():
+        router.proj_out.weight.zero_()
+        router.proj_out.bias.zero_()
+    return router
+
+
+def _composite_with_router(models: BenchModels, suffix: str,
+                           make_router: Callable[[list[int]], HiddenStateRouter]) -> Path:
+    """The composite's experts packed beside it (``<name><suffix>``) with ``make_router(expert widths)``."""
     info = CompositeInfo.read(models.composite_dir)
     out = models.composite_dir.with_name(models.composite_dir.name + suffix)
     widths = json.loads((models.composite_dir / "config.json").read_text())["gatemix"]["expert_hidden_sizes"]
-    torch.manual_seed(0)
-    router = HiddenStateRouter(RouterForm.for_experts(widths, posterior=posterior))
-    if uniform:
-        router = constant_router([1.0] * len(widths), widths)
-    if posterior:  # uniform prior, zero head: the Bayes posterior
-        with torch.no_grad():
-            router.proj_out.weight.zero_()
-            router.proj_out.bias.zero_()
+    torch.manual_seed(0)  # a random router is the same at every run
+    router = make_router(widths)
     artifact = RouterArtifact(router, info.expert_names, info.expert_hashes, method=f"bench{suffix}")
     if models.base_dir is not None:  # LoRA experts: the same adapters over their base
         pack_lora_composite(models.base_dir, models.expert_dirs, out, gate=artifact, names=info.expert_names,

@@ -9,6 +9,7 @@ import pytest
 from gatemix.bench import engine_timing
 from gatemix.bench.engine_timing import (
     TimedRun,
+    best_run,
     best_runs,
     decode_tokens_per_second,
     paired_figures,
@@ -49,6 +50,12 @@ def test_paired_figures_are_per_round_ratios_and_their_medians():
     best = best_runs({4: figures}, "candidate")[4]
     assert best == TimedRun(90.0, 196.0)
     assert best_runs({4: figures}, "baseline")[4] == TimedRun(100.0, 200.0)
+
+
+def test_a_best_run_takes_each_figure_s_own_best():
+    """The fastest whole run need not have the fastest decode; a run without timestamps adds none."""
+    assert best_run([TimedRun(10.0, 5.0), TimedRun(8.0, 9.0), TimedRun(12.0, None)]) == TimedRun(12.0, 9.0)
+    assert best_run([TimedRun(3.0, None)]) == TimedRun(3.0, None)
 
 
 def test_paired_runs_alternate_the_engines_on_the_same_requests(monkeypatch):
