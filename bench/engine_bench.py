@@ -47,6 +47,7 @@ from gatemix.bench.engine_timing import (
     best_runs,
     paired_runs,
     random_prompts,
+    random_requests,
     timed_run,
 )
 from gatemix.bench.models import (
@@ -156,7 +157,7 @@ def _vllm_tokens_per_second(
 
 
 def _requests(vocab_size: int, count: int, config: EngineBenchConfig) -> list[dict]:
-    return [{"prompt_token_ids": prompt} for prompt in random_prompts(vocab_size, count, config.prompt_len)]
+    return random_requests(vocab_size, count, config.prompt_len)
 
 
 def _paired_engines(baseline: tuple[str, EngineSettings], candidate: tuple[str, EngineSettings],

@@ -23,6 +23,11 @@ def random_prompts(vocab_size: int, count: int, length: int, seed: int = 0) -> l
     return torch.randint(16, vocab_size, (count, length), generator=generator).tolist()
 
 
+def random_requests(vocab_size: int, count: int, length: int) -> list[dict]:
+    """``random_prompts`` as offline ``LLM.generate`` requests."""
+    return [{"prompt_token_ids": prompt} for prompt in random_prompts(vocab_size, count, length)]
+
+
 def timed_tps(llm, requests: list[dict], params) -> float:
     return timed_run(llm, requests, params).tokens_per_second
 

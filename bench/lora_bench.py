@@ -37,7 +37,7 @@ import torch
 from gatemix.adapter_folder import ADAPTER_MODULES, ADAPTER_WEIGHTS, read_adapter
 from gatemix.atomic_write import atomic_folder
 from gatemix.bench.engine_bench import ENGINE_DTYPES
-from gatemix.bench.engine_timing import random_prompts, timed_tps
+from gatemix.bench.engine_timing import random_requests, timed_tps
 from gatemix.bench.random_adapters import (
     ALL_LINEAR_MODULES,
     ATTENTION_MODULES,
@@ -276,10 +276,6 @@ def _engine_pids(llm) -> list[int]:
     return [process.pid for process in processes] or [os.getpid()]
 
 
-def _requests(vocab_size: int, count: int, length: int) -> list[dict]:
-    return [{"prompt_token_ids": prompt} for prompt in random_prompts(vocab_size, count, length)]
-
-
 def measure_side_by_side(composites: dict[str, Path], config: LoRABenchConfig, vocab_size: int) -> dict:
     """Both engines alive; per concurrency, ``repeats`` rounds timing each once on the same prompts,
     the order alternating by round. Best tokens/s per system, the per-round ratios of the first
@@ -300,10 +296,10 @@ def measure_side_by_side(composites: dict[str, Path], config: LoRABenchConfig, v
         usages = {name: stack.enter_context(ProcessUsage(_engine_pids(llm), interval_s=0.25))
                   for name, llm in engines.items()}
         for llm in engines.values():
-            llm.generate(_requests(vocab_size, max(config.concurrency), config.prompt_len), warm_up, use_tqdm=False)
+            llm.generate(random_requests(vocab_size, max(config.concurrency), config.prompt_len), warm_up, use_tqdm=False)
         best, rounds = {name: {} for name in names}, {}
         for concurrency in config.concurrency:
-            requests = _requests(vocab_size, concurrency, config.prompt_len)
+            requests = random_requests(vocab_size, concurrency, config.prompt_len)
             timed = []
             for index in range(config.repeats):
                 order = names if index % 2 == 0 else names[::-1]
