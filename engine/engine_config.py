@@ -43,12 +43,11 @@ from gatemix.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# No async scheduling: the per-token gate trace indexes tokens by the output list's length,
-# which its in-flight placeholders would shift, and the posterior's first-token log-probs come
-# from the previous sampling call. Neither is verified under it: vLLM's CPU backend forces it
-# off, so only a GPU run could test it.
 # The worker extension lets the server swap the gate while serving (engine/gate_reload.py).
-COMPOSITE_ENGINE_ARGS = {"async_scheduling": False, "worker_extension_cls": WORKER_EXTENSION}
+# Async scheduling stays vLLM's choice: the gate trace indexes a token by its position, not by
+# the worker's output list (which holds placeholders for steps in flight), and the posterior
+# state reads the tokens of each forward pass itself (tests/engine/test_async_scheduling.py).
+COMPOSITE_ENGINE_ARGS = {"worker_extension_cls": WORKER_EXTENSION}
 # CUDA graphs for the experts' compiled graph only (the ensemble, captured piecewise between
 # attention ops). The router head and the per-request pins run eagerly every step: they read
 # which request sits in which batch row, host-side state that a full-model graph would freeze
@@ -108,6 +107,11 @@ class EngineSettings(BaseModel):
         "proposes tokens the composite verifies in one pass: vLLM's speculative decoding, outputs unchanged",
     )
     num_draft_tokens: int = Field(3, ge=1, le=16, description="tokens the draft proposes per step (with --draft)")
+    async_scheduling: bool | None = Field(
+        None,
+        description="schedule the next engine step while the device runs this one (vLLM's async "
+        "scheduling); default: vLLM's choice, on for GPUs (vLLM's CPU backend turns it off)",
+    )
     seed: int = Field(0, description="engine seed (requests without a seed draw from it)")
     compile_mixing: bool = Field(
         False,
@@ -170,6 +174,8 @@ def engine_kwargs(model_dir: str | Path, settings: EngineSettings) -> dict:
     if on_cpu():
         # The CPU backend sizes its KV cache from this variable, read at engine start.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(settings.kv_cache_gib))
+        if settings.async_scheduling:
+            logger.warning("--async-scheduling: vLLM's CPU backend turns async scheduling off")
     kwargs = {
         "model": str(model_dir),
         "dtype": resolved_dtype(model_dir, settings.dtype),
@@ -186,6 +192,7 @@ def engine_kwargs(model_dir: str | Path, settings: EngineSettings) -> dict:
         "max_model_len": settings.max_model_len,
         "max_num_batched_tokens": settings.max_num_batched_tokens,
         "distributed_executor_backend": settings.distributed_executor_backend,
+        "async_scheduling": settings.async_scheduling,
     }
     kwargs.update({name: value for name, value in optional.items() if value is not None})
     if settings.draft is not None:

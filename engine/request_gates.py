@@ -67,10 +67,14 @@ class RequestGate:
     expert_mask: torch.Tensor | None  # (K,) bool
     trace_id: str | None
     trace_to: str | None
-    output_token_ids: list[int]  # vLLM's live list: its length is the next token's index
+    # A sampled token's output index is its position less this: the same whatever the order of
+    # steps. vLLM's output list is not: async scheduling puts placeholders in it, one per step in
+    # flight, and with a draft as many as the draft tokens, optimistically, until the next step.
+    # None (prompt embeddings, which composites do not take): not traced.
+    num_prompt_tokens: int | None
 
 
-def parse_request_gate(extra_args: dict | None, output_token_ids: list[int]) -> RequestGate | None:
+def parse_request_gate(extra_args: dict | None, prompt_token_ids: list[int] | None) -> RequestGate | None:
     args = (extra_args or {}).get(GATE_ARGS_KEY)
     if not args:
         return None
@@ -85,7 +89,7 @@ def parse_request_gate(extra_args: dict | None, output_token_ids: list[int]) -> 
         expert_mask=torch.tensor(mask, dtype=torch.bool) if mask is not None else None,
         trace_id=args.get("trace_id"),
         trace_to=args.get("trace_to"),
-        output_token_ids=output_token_ids,
+        num_prompt_tokens=None if prompt_token_ids is None else len(prompt_token_ids),
     )
 
 
@@ -163,25 +167,42 @@ class BatchGateTable:
         """The last sampling call's weights, grouped by destination address.
 
         ``num_rows``: the rows the sampler applies logits processors to, one per
-        request. Each record names the draft tokens its weights are conditioned
-        on (none without a draft), so the server keeps it only if they were accepted.
+        request. Each record's token index comes from the position its row
+        samples after, so it does not depend on which steps the worker has seen
+        the tokens of; each names the draft tokens its weights are conditioned
+        on (none without a draft), so the server keeps it only if they were
+        accepted. A row that samples inside its prompt (a prefill chunk that is
+        not the last, whose token vLLM discards) sends nothing.
         """
         log_weights, sampled = self.last_sample_log_weights, self.last_sampled
         if log_weights is None or (sampled is None and log_weights.shape[0] != num_rows):
             return {}
         if sampled is None:
-            sampled = SampledRows(list(range(num_rows)), [0] * num_rows, [0] * num_rows, [[] for _ in range(num_rows)])
+            positions = self._last_positions(num_rows)
+            if positions is None:
+                return {}
+            sampled = SampledRows(list(range(num_rows)), [0] * num_rows, positions, [[] for _ in range(num_rows)])
         by_address: dict[str, list[TraceRecord]] = {}
         weights = None
-        for index, (row, offset) in enumerate(zip(sampled.batch_rows, sampled.offsets)):
+        for index, (row, position) in enumerate(zip(sampled.batch_rows, sampled.positions)):
             gate = self.rows.get(row)
-            if gate is None or gate.trace_id is None:
+            if gate is None or gate.trace_id is None or gate.num_prompt_tokens is None:
+                continue
+            token_index = position + 1 - gate.num_prompt_tokens
+            if token_index < 0:
                 continue
             if weights is None:
                 weights = log_weights.float().exp().cpu().tolist()
-            record = (gate.trace_id, len(gate.output_token_ids) + offset, weights[index], sampled.conditioning[index])
+            record = (gate.trace_id, token_index, weights[index], sampled.conditioning[index])
             by_address.setdefault(gate.trace_to, []).append(record)
         return by_address
+
+    def _last_positions(self, num_rows: int) -> list[int] | None:
+        """The position of each of the first ``num_rows`` batch rows' last token in the last forward pass."""
+        if self.forward_batch is None or not any(gate.trace_id is not None for gate in self.rows.values()):
+            return None
+        query_start_loc, _, positions = self.forward_batch
+        return positions[query_start_loc[1 : num_rows + 1] - 1].tolist()
 
 
 _WORKER_TABLE: BatchGateTable | None = None
@@ -292,7 +313,7 @@ class RequestGateProcessor(_LogitsProcessor):
         if self.active and _process_dict_updates(
             self.table.rows,
             batch_update,
-            lambda params, _prompt_ids, output_ids: parse_request_gate(params.extra_args, output_ids),
+            lambda params, prompt_ids, _output_ids: parse_request_gate(params.extra_args, prompt_ids),
         ):
             self.table.rows_changed()
 

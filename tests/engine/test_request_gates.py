@@ -10,7 +10,7 @@ from gatemix.engine.request_gates import BatchGateTable, gate_request_args, pars
 def _table(rows: dict[int, dict]) -> BatchGateTable:
     table = BatchGateTable()
     for row, args in rows.items():
-        table.rows[row] = parse_request_gate(gate_request_args(**args), output_token_ids=[])
+        table.rows[row] = parse_request_gate(gate_request_args(**args), prompt_token_ids=[1, 2, 3])
     return table
 
 
@@ -39,11 +39,18 @@ def test_subset_restriction_renormalizes_the_router_weights():
     torch.testing.assert_close(weights[1], torch.tensor([0.5, 0.3, 0.2]))
 
 
-def test_trace_records_carry_the_next_token_index_per_destination():
-    table = _table({0: {"trace_id": "a", "trace_to": "ipc://x"}, 2: {"trace_id": "b", "trace_to": "ipc://y"}})
-    table.rows[0].output_token_ids.extend([5, 6])
-    table.last_sample_log_weights = torch.log(torch.tensor([[0.25, 0.75], [0.5, 0.5], [1.0, 0.0]]))
-    records = table.trace_records(num_rows=3)
+def test_trace_records_carry_the_sampled_token_s_index_per_destination():
+    """The index is the sampled token's position less the prompt's length, whatever vLLM's output
+    list holds (async scheduling's placeholders); a row still inside its prompt sends nothing."""
+    table = _table({0: {"trace_id": "a", "trace_to": "ipc://x"}, 2: {"trace_id": "b", "trace_to": "ipc://y"},
+                    3: {"trace_id": "c", "trace_to": "ipc://y"}})
+    # Prompts of 3 tokens. Row 0 decodes after its 2nd output token (position 4), row 1 is
+    # untraced, row 2 ends its prompt (position 2), row 3 is a first prefill chunk (position 1).
+    table.forward_batch = (torch.tensor([0, 1, 2, 5, 7]), torch.zeros(7, dtype=torch.long),
+                           torch.tensor([4, 9, 0, 1, 2, 0, 1]))
+    table.last_sample_log_weights = torch.log(torch.tensor([[0.25, 0.75], [0.5, 0.5], [1.0, 0.0], [0.5, 0.5]]))
+    records = table.trace_records(num_rows=4)
     assert records["ipc://x"] == [("a", 2, [0.25, 0.75], [])]
-    assert records["ipc://y"][0][:2] == ("b", 0) and math.isclose(records["ipc://y"][0][2][0], 1.0)
-    assert table.trace_records(num_rows=2) == {}  # a call of another shape is not this step's sample
+    assert [record[:2] for record in records["ipc://y"]] == [("b", 0)]
+    assert math.isclose(records["ipc://y"][0][2][0], 1.0)
+    assert table.trace_records(num_rows=3) == {}  # a call of another shape is not this step's sample

@@ -37,8 +37,9 @@ def test_sampled_rows_name_request_position_and_the_draft_tokens_each_row_assume
 
 def test_trace_records_of_verified_rows_carry_their_index_and_assumed_drafts():
     table = BatchGateTable()
-    table.rows[1] = RequestGate(None, None, "t", "ipc://x", [4, 4, 4])  # three tokens out so far
-    table.forward_batch = (torch.tensor([0, 2, 5]), torch.tensor([1, 2, 60, 61, 62]), torch.arange(5))
+    table.rows[1] = RequestGate(None, None, "t", "ipc://x", num_prompt_tokens=8)  # three tokens out so far
+    # Row 1 verifies its last output token (position 10) and two draft tokens after it.
+    table.forward_batch = (torch.tensor([0, 2, 5]), torch.tensor([1, 2, 60, 61, 62]), torch.tensor([0, 1, 10, 11, 12]))
     log_weights = torch.log(torch.tensor([[0.5, 0.5], [0.1, 0.9], [0.2, 0.8], [0.3, 0.7]]))
     table.note_sampling_call(log_weights, torch.tensor([1, 2, 3, 4]))
     (records,) = table.trace_records(num_rows=2).values()

@@ -99,16 +99,19 @@ def test_a_project_draft_applies_where_no_flag_names_one(argv, env, expected, mo
     assert (engine.draft, engine.num_draft_tokens) == expected
 
 
-def test_a_composite_on_gpu_gets_piecewise_cuda_graphs_and_no_async_scheduling(composite_dir, monkeypatch):
+def test_a_composite_on_gpu_gets_piecewise_cuda_graphs_and_vllm_s_async_scheduling(composite_dir, monkeypatch):
     """Full-model CUDA graphs would freeze the per-request pins read in forward(); the experts'
-    compiled graph is captured piecewise instead. A plain folder keeps vLLM's own choice."""
+    compiled graph is captured piecewise instead. A plain folder keeps vLLM's own choice, and
+    both keep vLLM's choice of async scheduling unless it is asked for."""
     from gatemix.engine import engine_config
 
     monkeypatch.setattr(engine_config, "on_cpu", lambda: False)
     composite = engine_config.engine_kwargs(composite_dir, EngineSettings())
-    assert composite["enforce_eager"] is False and composite["async_scheduling"] is False
+    assert composite["enforce_eager"] is False and "async_scheduling" not in composite
     assert composite["compilation_config"] == {"cudagraph_mode": "PIECEWISE"}
     eager = engine_config.engine_kwargs(composite_dir, EngineSettings(enforce_eager=True))
     assert "compilation_config" not in eager
     plain = engine_config.engine_kwargs(composite_dir / "expert_configs" / "a", EngineSettings())
     assert "compilation_config" not in plain and "async_scheduling" not in plain
+    asked = engine_config.engine_kwargs(composite_dir, EngineSettings(async_scheduling=False))
+    assert asked["async_scheduling"] is False

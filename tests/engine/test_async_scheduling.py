@@ -1,0 +1,108 @@
+"""Under vLLM's async scheduling every output of the composite stays exact.
+
+With async scheduling (vLLM's default on GPUs) the engine core schedules step
+N+1 before step N's tokens reach it: the worker's output lists hold placeholders
+for tokens in flight, with a draft as many as its tokens, assumed accepted
+until the next step corrects them, and a finished request can run one step
+more. vLLM's CPU backend turns it off; ``cpu_async`` turns it back on with
+vLLM's own scheduler and model runner, only the CUDA stream calls stubbed.
+
+Two engines over the posterior composite (``conftest.posterior_composite``),
+fp32, blocks of 32, each asserted to run async in its worker:
+
+* no draft, prefix caching on, a 16-token budget per step (chunked prefill) and
+  a tiny KV cache: shared prefixes hit the cache, requests end one by one and
+  some are preempted;
+* one of the demo's experts as a draft (accepted and rejected, so the state
+  rolls back) and a tiny KV cache (preemption).
+
+Each request is held to the exact offline reference (``posterior_harness``):
+per-token weights from the gate trace within 1e-4, top-20 log-probs within
+1e-3, greedy tokens the mixture's argmax.
+"""
+
+from __future__ import annotations
+
+import pytest
+from vllm import LLM, SamplingParams
+
+from gatemix.engine.engine_config import EngineSettings, engine_kwargs, stopping
+from gatemix.engine.request_gates import gate_request_args
+from tests.engine.cpu_async import ASYNC_CPU_WORKER_EXTENSION, async_scheduling_on_cpu
+from tests.engine.posterior_harness import check_generation, collect_trace
+
+BLOCK = 32
+TOP = 20
+
+
+def _async_engine(composite, engine_args: dict, **settings) -> LLM:
+    settings = EngineSettings(dtype="float32", max_model_len=192, max_num_seqs=4, async_scheduling=True, **settings)
+    kwargs = {**engine_kwargs(composite, settings), "worker_extension_cls": ASYNC_CPU_WORKER_EXTENSION}
+    with async_scheduling_on_cpu():
+        llm = LLM(**kwargs, **engine_args, block_size=BLOCK, disable_log_stats=False)
+    assert llm.collective_rpc("runs_async_scheduling") == [True]
+    return llm
+
+
+@pytest.fixture(scope="module")
+def async_engine(posterior_composite):
+    """8 blocks (one vLLM's null block) for four requests of up to 114 tokens: preemption."""
+    with stopping(_async_engine(posterior_composite, {"num_gpu_blocks_override": 8}, max_num_batched_tokens=16)) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def async_draft_engine(posterior_composite, demo_paths):
+    """12 blocks of 32, shared with the draft's layers: five requests of 88 preempt."""
+    draft = {"draft": str(demo_paths.expert_dirs["code"]), "num_draft_tokens": 3}
+    with stopping(_async_engine(posterior_composite, {"num_gpu_blocks_override": 12}, **draft)) as llm:
+        yield llm
+
+
+def _counter(llm: LLM, name: str) -> float:
+    return sum(getattr(metric, "value", 0) for metric in llm.get_metrics() if metric.name == name)
+
+
+def _prompts(count: int, length: int, shared: int = 0) -> list[list[int]]:
+    """``count`` prompts whose first ``shared`` tokens are the same."""
+    return [[(17 + 7 * i + 13 * j * (i >= shared)) % 1900 + 20 for i in range(length)] for j in range(count)]
+
+
+def _check_traced(teacher, llm, prompts, max_tokens: list[int], trace_socket, tag: str) -> None:
+    socket, address = trace_socket
+    params = [
+        SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, logprobs=TOP,
+                       extra_args=gate_request_args(trace_id=f"{tag}{i}", trace_to=address))
+        for i, tokens in enumerate(max_tokens)
+    ]
+    outputs = [request.outputs[0] for request in llm.generate(
+        [{"prompt_token_ids": prompt} for prompt in prompts], params, use_tqdm=False)]
+    traced = collect_trace(socket, {f"{tag}{i}": tokens for i, tokens in enumerate(max_tokens)})
+    for i, (prompt, output) in enumerate(zip(prompts, outputs)):
+        assert len(output.token_ids) == max_tokens[i]
+        check_generation(teacher, prompt, output, traced[f"{tag}{i}"], greedy=True)
+
+
+@pytest.mark.slow
+def test_chunked_cached_and_preempted_requests_are_exact_under_async_scheduling(async_engine, teacher, trace_socket):
+    """Four prompts of 74 tokens sharing their first 32, decoding 40 down to 10 tokens (ending one
+    by one), twice: the second round hits the cache; the 7 usable blocks cannot hold all four."""
+    hits, preemptions = (_counter(async_engine, name) for name in ("vllm:prefix_cache_hits", "vllm:num_preemptions"))
+    prompts = _prompts(4, 74, shared=32)
+    for repeat in range(2):
+        _check_traced(teacher, async_engine, prompts, [40, 30, 20, 10], trace_socket, f"async{repeat}-")
+    assert _counter(async_engine, "vllm:prefix_cache_hits") > hits, "the shared prefix should hit the cache"
+    assert _counter(async_engine, "vllm:num_preemptions") > preemptions, "the tiny KV cache should preempt"
+
+
+@pytest.mark.slow
+def test_drafted_and_preempted_requests_are_exact_under_async_scheduling(async_draft_engine, teacher, trace_socket):
+    """With a draft the worker assumes every draft token accepted until the next step: the trace
+    and the state must not. 48 tokens for 5 prompts of 40."""
+    counters = ("vllm:spec_decode_num_accepted_tokens", "vllm:spec_decode_num_draft_tokens", "vllm:num_preemptions")
+    accepted, drafted, preemptions = (_counter(async_draft_engine, name) for name in counters)
+    _check_traced(teacher, async_draft_engine, _prompts(5, 40), [48] * 5, trace_socket, "async-draft")
+    accepted, drafted, preempted = (
+        _counter(async_draft_engine, name) - before for name, before in zip(counters, (accepted, drafted, preemptions)))
+    assert 0 < accepted < drafted, "drafts should be both accepted and rejected, so the state rolls back"
+    assert preempted > 0, "the small KV cache should preempt"
