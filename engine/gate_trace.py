@@ -8,7 +8,12 @@ engine step holding ``(trace_id, token_index, weights)`` records. The server
 binds the PULL end (``GateTraceReceiver``) and waits, per request, until the
 weights of every token it has received from the engine have arrived.
 
-Sends never block the engine: with no receiver, or a full queue, the records are
+Sends never block the engine. On a GPU the step's weights are copied to the
+host without waiting for the device, and a sender thread sends them once the
+copy is done, so the worker's thread goes on to the next step as vLLM's async
+scheduling expects. On a CPU they are on the host already and are sent at once:
+there is no copy to overlap, and a thread would only wait for a core while the
+server waits for the weights. With no receiver, or a full queue, the records are
 dropped and counted, and the server reports the request's weights as missing
 rather than stalling decoding.
 """
@@ -18,9 +23,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import tempfile
+import threading
 import uuid
 from collections.abc import Sequence
+from typing import Protocol
 
 import msgspec
 import zmq
@@ -32,13 +40,51 @@ logger = logging.getLogger(__name__)
 TraceRecord = tuple[str, int, list[float], list[int]]
 
 
+class StepRecords(Protocol):
+    """One sampling call's records, whose weights may still be on their way to the host."""
+
+    copying: bool  # a device-to-host copy is still in flight: ``wait`` waits for it
+
+    def wait(self) -> None: ...
+
+    def records(self) -> dict[str, list[TraceRecord]]: ...
+
+
 class TraceSender:
-    """Worker side: non-blocking PUSH sockets, one per destination address."""
+    """Worker side: non-blocking PUSH sockets, one per destination address.
+
+    ``submit`` sends a step's records at once when they are on the host, and
+    otherwise hands them to one sender thread, which waits for the copy and
+    sends steps in order. A worker's steps are all on its one device, so its
+    sockets are used by one thread only (ZeroMQ sockets are not thread-safe).
+    """
 
     def __init__(self) -> None:
         self._context: zmq.Context | None = None
         self._sockets: dict[str, zmq.Socket] = {}
         self.dropped_records = 0
+        self._steps: queue.SimpleQueue | None = None
+
+    def submit(self, step: StepRecords) -> None:
+        if not step.copying:
+            self._send_step(step)
+            return
+        if self._steps is None:
+            self._steps = queue.SimpleQueue()
+            threading.Thread(target=self._send_steps, name="gatemix-trace-sender", daemon=True).start()
+        self._steps.put(step)
+
+    def _send_steps(self) -> None:
+        while True:
+            self._send_step(self._steps.get())
+
+    def _send_step(self, step: StepRecords) -> None:
+        try:
+            step.wait()
+            for address, records in step.records().items():
+                self.send(address, records)
+        except Exception:  # one bad step must not stop the trace: every later weight would be lost
+            logger.exception("dropping a step of gate trace records")
 
     def _socket(self, address: str) -> zmq.Socket:
         if address not in self._sockets:

@@ -163,46 +163,83 @@ class BatchGateTable:
             self.last_sampled = sampled_rows(token_index, query_start_loc, input_ids, positions)
         return self.last_sampled
 
-    def trace_records(self, num_rows: int) -> dict[str, list[TraceRecord]]:
-        """The last sampling call's weights, grouped by destination address.
+    def traced_step(self, num_rows: int) -> TracedStep | None:
+        """The last sampling call's traced rows, their weights on their way to the host; None if none.
 
         ``num_rows``: the rows the sampler applies logits processors to, one per
-        request. Each record's token index comes from the position its row
-        samples after, so it does not depend on which steps the worker has seen
-        the tokens of; each names the draft tokens its weights are conditioned
-        on (none without a draft), so the server keeps it only if they were
-        accepted. A row that samples inside its prompt (a prefill chunk that is
-        not the last, whose token vLLM discards) sends nothing.
+        request. Nothing here waits for the device: the copies are queued behind
+        the step (``TracedStep.wait``).
         """
         log_weights, sampled = self.last_sample_log_weights, self.last_sampled
         if log_weights is None or (sampled is None and log_weights.shape[0] != num_rows):
-            return {}
-        if sampled is None:
-            positions = self._last_positions(num_rows)
-            if positions is None:
-                return {}
-            sampled = SampledRows(list(range(num_rows)), [0] * num_rows, positions, [[] for _ in range(num_rows)])
-        by_address: dict[str, list[TraceRecord]] = {}
-        weights = None
-        for index, (row, position) in enumerate(zip(sampled.batch_rows, sampled.positions)):
-            gate = self.rows.get(row)
-            if gate is None or gate.trace_id is None or gate.num_prompt_tokens is None:
-                continue
-            token_index = position + 1 - gate.num_prompt_tokens
-            if token_index < 0:
-                continue
-            if weights is None:
-                weights = log_weights.float().exp().cpu().tolist()
-            record = (gate.trace_id, token_index, weights[index], sampled.conditioning[index])
-            by_address.setdefault(gate.trace_to, []).append(record)
-        return by_address
-
-    def _last_positions(self, num_rows: int) -> list[int] | None:
-        """The position of each of the first ``num_rows`` batch rows' last token in the last forward pass."""
-        if self.forward_batch is None or not any(gate.trace_id is not None for gate in self.rows.values()):
             return None
-        query_start_loc, _, positions = self.forward_batch
-        return positions[query_start_loc[1 : num_rows + 1] - 1].tolist()
+        batch_rows = range(num_rows) if sampled is None else sampled.batch_rows
+        rows = [
+            (index, gate, [] if sampled is None else sampled.conditioning[index])
+            for index, row in enumerate(batch_rows)
+            if (gate := self.rows.get(row)) is not None and gate.trace_id is not None
+            and gate.num_prompt_tokens is not None
+        ]
+        if not rows:
+            return None
+        if sampled is not None:
+            positions = sampled.positions
+        elif self.forward_batch is not None:
+            query_start_loc, _, forward_positions = self.forward_batch
+            positions = forward_positions[query_start_loc[1 : num_rows + 1] - 1].to("cpu", non_blocking=True)
+        else:
+            return None
+        weights = log_weights.float().exp().to("cpu", non_blocking=True)  # (N, K)
+        copied = None
+        if log_weights.is_cuda:  # the copies run behind the step on the device's stream
+            copied = torch.cuda.Event()
+            copied.record()
+        return TracedStep(rows, weights, positions, copied)
+
+    def trace_records(self, num_rows: int) -> dict[str, list[TraceRecord]]:
+        """``traced_step``'s records, waited for here (the worker's sender thread waits instead)."""
+        step = self.traced_step(num_rows)
+        if step is None:
+            return {}
+        step.wait()
+        return step.records()
+
+
+@dataclass
+class TracedStep:
+    """One sampling call's traced rows: what ``gate_trace.TraceSender`` sends once the copies are done."""
+
+    rows: list[tuple[int, RequestGate, list[int]]]  # (sampled row, its request's gate, the draft tokens it assumes)
+    weights: torch.Tensor  # (N, K) on the host once copied
+    positions: torch.Tensor | list[int]  # (N,) the position each row samples after
+    copied: torch.cuda.Event | None  # None: already on the host
+
+    @property
+    def copying(self) -> bool:
+        return self.copied is not None
+
+    def wait(self) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()
+
+    def records(self) -> dict[str, list[TraceRecord]]:
+        """Records grouped by destination address.
+
+        A record's token index is the position its row samples after, plus one,
+        less the prompt's length: it does not depend on which steps the worker
+        has seen the tokens of. Each names the draft tokens its weights are
+        conditioned on (none without a draft), so the server keeps it only if
+        they were accepted. A row that samples inside its prompt (a prefill
+        chunk that is not the last, whose token vLLM discards) sends nothing.
+        """
+        weights = self.weights.tolist()
+        positions = self.positions if isinstance(self.positions, list) else self.positions.tolist()
+        by_address: dict[str, list[TraceRecord]] = {}
+        for index, gate, conditioning in self.rows:
+            token_index = positions[index] + 1 - gate.num_prompt_tokens
+            if token_index >= 0:
+                by_address.setdefault(gate.trace_to, []).append((gate.trace_id, token_index, weights[index], conditioning))
+        return by_address
 
 
 _WORKER_TABLE: BatchGateTable | None = None
@@ -319,6 +356,7 @@ class RequestGateProcessor(_LogitsProcessor):
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.active and self.table.rows:
-            for address, records in self.table.trace_records(logits.shape[0]).items():
-                self.table.sender.send(address, records)
+            step = self.table.traced_step(logits.shape[0])
+            if step is not None:
+                self.table.sender.submit(step)
         return logits

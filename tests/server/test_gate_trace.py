@@ -182,3 +182,59 @@ def test_a_record_assuming_rejected_draft_tokens_waits_for_the_accepted_one(tmp_
             await receiver.close()
 
     asyncio.run(main())
+
+
+class _Step:
+    """A step whose records come out after ``wait`` (the device copy), or whose records raise."""
+
+    copying = True
+
+    def __init__(self, records: dict | None, waited: list) -> None:
+        self._records, self._waited = records, waited
+
+    def wait(self) -> None:
+        self._waited.append(self)
+
+    def records(self) -> dict:
+        if self._records is None:
+            raise RuntimeError("a step that cannot be read")
+        assert self._waited[-1] is self, "records are read only after the step's copy is waited for"
+        return self._records
+
+
+def test_submitted_steps_are_sent_in_order_from_the_sender_thread_past_a_bad_one(tmp_path):
+    """The worker hands each step over without waiting; a step that fails is dropped, the later ones still go."""
+    async def scenario():
+        receiver = await _receiver(tmp_path)
+        sender = TraceSender()
+        try:
+            trace, waited = receiver.new_trace_id(), []
+            sender.submit(_Step({receiver.address: [(trace, 0, [0.9, 0.1], [])]}, waited))
+            sender.submit(_Step(None, waited))
+            sender.submit(_Step({receiver.address: [(trace, 0, [0.3, 0.7], []), (trace, 1, _weights(1), [])]}, waited))
+            assert await receiver.wait_for(trace, 2, timeout=5) == [[0.3, 0.7], _weights(1)]
+            await asyncio.sleep(0.1)  # the first step, had it come last, would overwrite index 0 by now
+            assert await receiver.wait_for(trace, 2, timeout=5) == [[0.3, 0.7], _weights(1)]
+            assert len(waited) == 3
+        finally:
+            await receiver.close()
+
+    run(scenario())
+
+
+def test_records_already_on_the_host_are_sent_by_the_caller(tmp_path):
+    """On a CPU the weights are on the host when the step is submitted: no thread, no wait."""
+    async def scenario():
+        receiver = await _receiver(tmp_path)
+        sender = TraceSender()
+        try:
+            trace, waited = receiver.new_trace_id(), []
+            step = _Step({receiver.address: [(trace, 0, _weights(0), [])]}, waited)
+            step.copying = False
+            sender.submit(step)
+            assert waited == [step]  # waited for (a no-op there) in the caller, before submit returned
+            assert await receiver.wait_for(trace, 1, timeout=5) == [_weights(0)]
+        finally:
+            await receiver.close()
+
+    run(scenario())
