@@ -86,7 +86,8 @@ class EngineSettings(BaseModel):
         1, ge=1, description="pipeline stages (each holds a slice of every expert's layers)"
     )
     data_parallel_size: int = Field(
-        1, ge=1, description="engine replicas behind one server (a plain model folder only)"
+        1, ge=1, description="engine replicas behind one server, each request on one of them (vLLM's "
+        "data parallelism; a gate reload reaches every replica)"
     )
     distributed_executor_backend: Literal["mp", "ray"] | None = Field(
         None, description="vLLM executor: mp (one node) or ray (across nodes); default: vLLM's choice"
@@ -157,12 +158,6 @@ def check_engine_settings(model_dir: str | Path, settings: EngineSettings) -> No
     """Refuse, in one line, what a composite cannot run with yet."""
     if settings.draft is not None:
         check_draft(model_dir, settings.draft)
-    if settings.data_parallel_size > 1 and is_composite_folder(model_dir):
-        raise UserError(
-            "--data-parallel-size > 1 is not supported for a composite yet: its per-request gates, gate "
-            "trace, posterior state and gate reload live in one engine's workers; run one server per "
-            "replica behind a load balancer instead"
-        )
     parallel = settings.tensor_parallel_size * settings.pipeline_parallel_size
     if parallel > 1 and is_lora_composite_folder(model_dir):
         raise UserError(LORA_PARALLEL_REFUSAL)

@@ -41,13 +41,10 @@ def test_auto_dtype_stays_vllms_where_bf16_is_native_or_on_a_gpu(composite_dir, 
     assert engine_kwargs(composite_dir, EngineSettings())["dtype"] == "auto"
 
 
-def test_data_parallelism_is_refused_for_a_composite_in_one_line(composite_dir):
-    from tests.cli_runner import run_gatemix
-
-    result = run_gatemix("serve", "--model-dir", str(composite_dir), "--data-parallel-size", "2")
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "--data-parallel-size" in result.stderr, result.stderr
+def test_data_parallelism_reaches_vllm_for_a_composite(composite_dir):
+    """Replicas of a composite serve it (tests/server/test_data_parallel.py); one is the default."""
     assert engine_kwargs(composite_dir, EngineSettings())["data_parallel_size"] == 1
+    assert engine_kwargs(composite_dir, EngineSettings(data_parallel_size=2))["data_parallel_size"] == 2
 
 
 def test_prefix_caching_is_on_for_every_composite_unless_turned_off(composite_dir):
