@@ -120,6 +120,10 @@ class EngineSettings(BaseModel):
         f"{COMPILE_MIXING_ENV}=1 also turns it on)",
     )
 
+    def running_capacity(self) -> int:
+        """Sequences the engine decodes at once: ``max_num_seqs`` in each replica."""
+        return self.max_num_seqs * self.data_parallel_size
+
     def resolved_enforce_eager(self) -> bool:
         return on_cpu() if self.enforce_eager is None else self.enforce_eager
 

@@ -126,9 +126,9 @@ def _install_serving(app: FastAPI, settings: Settings, *, engine, tokenizer, mod
     app.state.models = models
     app.state.metrics = metrics
     app.state.serving_core = core
-    # The engine runs max_num_seqs requests at once; max_queued_requests more may wait.
+    # The engine runs max_num_seqs requests at once in each replica; max_queued_requests more may wait.
     app.state.admission = Admission(
-        capacity=settings.engine.max_num_seqs + settings.max_queued_requests,
+        capacity=settings.engine.running_capacity() + settings.max_queued_requests,
         retry_after_s=settings.retry_after_s,
     )
     app.state.serving_completion = OpenAIServingCompletion(core=core)

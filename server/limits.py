@@ -11,8 +11,8 @@ jobs must happen outside FastAPI:
   tied to a stream generator would be lost when the generator never starts.
 
 Admission counts engine requests (choices, so ``n=4`` counts 4): the engine
-runs ``max_num_seqs`` of them at once and ``max_queued_requests`` more may
-wait; a request that would go past that is answered 429 with ``Retry-After``
+runs ``max_num_seqs`` of them at once in each replica and ``max_queued_requests``
+more may wait; a request that would go past that is answered 429 with ``Retry-After``
 instead of queueing without bound.
 """
 

@@ -103,7 +103,7 @@ class Settings(BaseSettings):
         256,
         ge=0,
         description="most engine requests (choices) admitted beyond the engine's max_num_seqs "
-        "slots; a request that would queue past it is refused with 429 and Retry-After",
+        "slots (in every replica); a request that would queue past it is refused with 429 and Retry-After",
     )
     retry_after_s: int = Field(
         1, ge=0, description="the Retry-After header (seconds) of a 429 answer"

@@ -45,6 +45,8 @@ def test_data_parallelism_reaches_vllm_for_a_composite(composite_dir):
     """Replicas of a composite serve it (tests/server/test_data_parallel.py); one is the default."""
     assert engine_kwargs(composite_dir, EngineSettings())["data_parallel_size"] == 1
     assert engine_kwargs(composite_dir, EngineSettings(data_parallel_size=2))["data_parallel_size"] == 2
+    # The server admits as many running requests as every replica decodes (server/limits.py).
+    assert EngineSettings(max_num_seqs=16, data_parallel_size=2).running_capacity() == 32
 
 
 def test_prefix_caching_is_on_for_every_composite_unless_turned_off(composite_dir):

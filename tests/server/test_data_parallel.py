@@ -6,7 +6,8 @@ replicas is the gate trace (every replica's workers push to the server's one
 socket) and a gate reload (vLLM sends a ``collective_rpc`` to every engine).
 The composite is the routed one (``conftest.routed_composite``: a random router
 whose weights move with every token), so a trace record crossed between two
-requests on two replicas would show.
+requests on two replicas would show. Two slots a replica and no queue: the
+server admits four requests at once, the slots of both replicas.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import httpx
 import openai
 import pytest
 import torch
-from server_harness import ENSEMBLE, serving
+from server_harness import ENSEMBLE, serving, wait_until_idle
 from test_routed_mixture_report import offline_weights
 
 from gatemix.distill.teacher import EnsembleTeacher
@@ -27,7 +28,8 @@ from gatemix.expert_folder import read_expert
 from gatemix.gate.artifact import save_router
 
 ADMIN = {"Authorization": "Bearer data-parallel-admin"}
-REQUESTS = 8
+SLOTS_PER_REPLICA = 2
+REQUESTS = 2 * SLOTS_PER_REPLICA  # every slot of both replicas
 TOKENS = 12
 CONSTANT = [0.6, 0.3, 0.1]
 
@@ -35,8 +37,8 @@ CONSTANT = [0.6, 0.3, 0.1]
 @pytest.fixture(scope="module")
 def dp_server(routed_composite, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("gatemix-serve-dp")
-    with serving(routed_composite, log_dir, "--data-parallel-size", "2",
-                 "--admin-key", ADMIN["Authorization"].split()[1]) as process:
+    with serving(routed_composite, log_dir, "--data-parallel-size", "2", "--max-num-seqs", str(SLOTS_PER_REPLICA),
+                 "--max-queued-requests", "0", "--admin-key", ADMIN["Authorization"].split()[1]) as process:
         yield process.url
 
 
@@ -84,6 +86,20 @@ def test_requests_on_both_replicas_get_their_own_exact_weights(dp_server, dp_cli
         assert per_token.shape == (TOKENS, 3)
         expected = offline_weights(offline_router, extra["prompt_token_ids"], extra["token_ids"])
         torch.testing.assert_close(per_token, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_the_server_admits_as_many_requests_as_both_replicas_run(dp_server):
+    """One streamed request of ``n=4`` holds every slot of both replicas; the next is refused with 429."""
+    long = {"model": ENSEMBLE, "prompt": "abc", "max_tokens": 200, "ignore_eos": True, "stream": True, "n": REQUESTS}
+    with httpx.Client(base_url=dp_server, timeout=60) as http:
+        wait_until_idle(dp_server, 30)
+        with http.stream("POST", "/v1/completions", json=long) as stream:
+            lines = stream.iter_lines()  # kept: a dropped line iterator closes the stream
+            assert next(lines).startswith('data: {"id"'), "four choices fit in two replicas' slots"
+            refused = http.post("/v1/completions", json={**long, "n": 1, "stream": False})
+            assert refused.status_code == 429, refused.text
+        wait_until_idle(dp_server, 30)
 
 
 @pytest.mark.slow
