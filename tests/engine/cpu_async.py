@@ -39,3 +39,13 @@ def async_scheduling_on_cpu():
     finally:
         cpu.CpuPlatform.check_and_update_config = original
 
+
+
+def async_llm(engine_args: dict):
+    """A ``vllm.LLM`` of ``engine_args`` (``engine_kwargs`` and more) under vLLM's async scheduling, checked in its worker."""
+    from vllm import LLM  # vllm: deferred, as above
+
+    with async_scheduling_on_cpu():
+        llm = LLM(**{**engine_args, "async_scheduling": True, "worker_extension_cls": ASYNC_CPU_WORKER_EXTENSION})
+    assert llm.collective_rpc("runs_async_scheduling") == [True], "the worker did not take vLLM's async path"
+    return llm

@@ -7,14 +7,11 @@ until the next step corrects them, and a finished request can run one step
 more. vLLM's CPU backend turns it off; ``cpu_async`` turns it back on with
 vLLM's own scheduler and model runner, only the CUDA stream calls stubbed.
 
-Two engines over the posterior composite (``conftest.posterior_composite``),
-fp32, blocks of 32, each asserted to run async in its worker:
-
-* no draft, prefix caching on, a 16-token budget per step (chunked prefill) and
-  a tiny KV cache: shared prefixes hit the cache, requests end one by one and
-  some are preempted;
-* one of the demo's experts as a draft (accepted and rejected, so the state
-  rolls back) and a tiny KV cache (preemption).
+One engine over the posterior composite (``conftest.posterior_composite``),
+fp32, blocks of 32, asserted to run async in its worker: no draft, prefix
+caching on, a 16-token budget per step (chunked prefill) and a tiny KV cache, so
+shared prefixes hit the cache, requests end one by one and some are preempted.
+With a draft, ``test_spec_decode.py``'s posterior engine runs async too.
 
 Each request is held to the exact offline reference (``posterior_harness``):
 per-token weights from the gate trace within 1e-4, top-20 log-probs within
@@ -28,7 +25,7 @@ from vllm import LLM, SamplingParams
 
 from gatemix.engine.engine_config import EngineSettings, engine_kwargs, stopping
 from gatemix.engine.request_gates import gate_request_args
-from tests.engine.cpu_async import ASYNC_CPU_WORKER_EXTENSION, async_scheduling_on_cpu
+from tests.engine.cpu_async import async_llm
 from tests.engine.posterior_harness import check_generation, collect_trace
 
 BLOCK = 32
@@ -36,26 +33,15 @@ TOP = 20
 
 
 def _async_engine(composite, engine_args: dict, **settings) -> LLM:
-    settings = EngineSettings(dtype="float32", max_model_len=192, max_num_seqs=4, async_scheduling=True, **settings)
-    kwargs = {**engine_kwargs(composite, settings), "worker_extension_cls": ASYNC_CPU_WORKER_EXTENSION}
-    with async_scheduling_on_cpu():
-        llm = LLM(**kwargs, **engine_args, block_size=BLOCK, disable_log_stats=False)
-    assert llm.collective_rpc("runs_async_scheduling") == [True]
-    return llm
+    settings = EngineSettings(dtype="float32", max_model_len=192, max_num_seqs=4, **settings)
+    return async_llm({**engine_kwargs(composite, settings), **engine_args, "block_size": BLOCK,
+                      "disable_log_stats": False})
 
 
 @pytest.fixture(scope="module")
 def async_engine(posterior_composite):
     """8 blocks (one vLLM's null block) for four requests of up to 114 tokens: preemption."""
     with stopping(_async_engine(posterior_composite, {"num_gpu_blocks_override": 8}, max_num_batched_tokens=16)) as llm:
-        yield llm
-
-
-@pytest.fixture(scope="module")
-def async_draft_engine(posterior_composite, demo_paths):
-    """12 blocks of 32, shared with the draft's layers: five requests of 88 preempt."""
-    draft = {"draft": str(demo_paths.expert_dirs["code"]), "num_draft_tokens": 3}
-    with stopping(_async_engine(posterior_composite, {"num_gpu_blocks_override": 12}, **draft)) as llm:
         yield llm
 
 
@@ -93,16 +79,3 @@ def test_chunked_cached_and_preempted_requests_are_exact_under_async_scheduling(
         _check_traced(teacher, async_engine, prompts, [40, 30, 20, 10], trace_socket, f"async{repeat}-")
     assert _counter(async_engine, "vllm:prefix_cache_hits") > hits, "the shared prefix should hit the cache"
     assert _counter(async_engine, "vllm:num_preemptions") > preemptions, "the tiny KV cache should preempt"
-
-
-@pytest.mark.slow
-def test_drafted_and_preempted_requests_are_exact_under_async_scheduling(async_draft_engine, teacher, trace_socket):
-    """With a draft the worker assumes every draft token accepted until the next step: the trace
-    and the state must not. 48 tokens for 5 prompts of 40."""
-    counters = ("vllm:spec_decode_num_accepted_tokens", "vllm:spec_decode_num_draft_tokens", "vllm:num_preemptions")
-    accepted, drafted, preemptions = (_counter(async_draft_engine, name) for name in counters)
-    _check_traced(teacher, async_draft_engine, _prompts(5, 40), [48] * 5, trace_socket, "async-draft")
-    accepted, drafted, preempted = (
-        _counter(async_draft_engine, name) - before for name, before in zip(counters, (accepted, drafted, preemptions)))
-    assert 0 < accepted < drafted, "drafts should be both accepted and rejected, so the state rolls back"
-    assert preempted > 0, "the small KV cache should preempt"

@@ -6,9 +6,10 @@ Two engines, fp32, each with vLLM's own draft-model speculative decoding:
   the experts' hidden states and their posterior, forgetting 0.9) with one of the
   demo's trained experts as the draft, which is often right, so drafts are
   accepted and rejected and the state is rolled back; its KV cache is tiny, so
-  requests are preempted;
+  requests are preempted; it runs under vLLM's async scheduling (``cpu_async``);
 * a composite whose router has its own causal context model, with a random-init
-  one-layer draft that disagrees on purpose.
+  one-layer draft that disagrees on purpose, scheduled synchronously (a CPU's
+  default).
 
 The reference is the offline router over ``transformers`` experts
 (``posterior_harness``), which the engine without a draft matches
@@ -48,6 +49,7 @@ from gatemix.gate.mixing import mix_logits, restrict_log_weights
 from gatemix.gate.router import context_config_like
 from gatemix.server.choices import DraftAcceptance
 from tests.engine.arch_experts import make_expert
+from tests.engine.cpu_async import async_llm
 from tests.engine.posterior_harness import accepted_weights, check_generation, collect_trace
 from tests.random_router import random_router_artifact
 
@@ -57,16 +59,20 @@ DECODED = 48
 DRAFT_TOKENS = 3
 
 
-def _engine(composite, draft, **overrides) -> LLM:
+def _engine(composite, draft, async_scheduling: bool = False, **overrides) -> LLM:
     settings = EngineSettings(dtype="float32", max_model_len=192, max_num_seqs=4, draft=str(draft),
                               num_draft_tokens=DRAFT_TOKENS)
-    return LLM(**engine_kwargs(composite, settings), block_size=BLOCK, disable_log_stats=False, **overrides)
+    engine_args = {**engine_kwargs(composite, settings), "block_size": BLOCK, "disable_log_stats": False, **overrides}
+    return async_llm(engine_args) if async_scheduling else LLM(**engine_args)
 
 
 @pytest.fixture(scope="module")
 def spec_engine(posterior_composite, demo_paths):
-    """12 blocks of 32 tokens (one is vLLM's null block), shared with the draft's layers: 5 requests of 90 preempt."""
-    with stopping(_engine(posterior_composite, demo_paths.expert_dirs["code"], num_gpu_blocks_override=12)) as llm:
+    """12 blocks of 32 tokens (one is vLLM's null block), shared with the draft's layers: 5 requests of 90
+    preempt. Under vLLM's async scheduling (``cpu_async``), the GPU default: the worker assumes every draft
+    token accepted until the next step corrects it, which the state and the gate trace must not."""
+    draft = demo_paths.expert_dirs["code"]
+    with stopping(_engine(posterior_composite, draft, async_scheduling=True, num_gpu_blocks_override=12)) as llm:
         yield llm
 
 
