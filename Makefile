@@ -47,7 +47,7 @@ serve: $(STAMP)
 
 # Two workers: while one waits on a server or an engine starting, the other computes.
 # Tests that share a session server or a module's engine run in one worker (tests/scheduling.py).
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 XDIST := -n $(TEST_WORKERS) --dist loadgroup
 
 test: $(STAMP) prometheus
