@@ -19,10 +19,9 @@ import torch
 
 @dataclass
 class SampledRows:
-    """Per row of the sampling call: batch row, offset in its request's run, position, conditioning."""
+    """Per row of the sampling call: batch row, position, conditioning."""
 
     batch_rows: list[int]
-    offsets: list[int]  # 0: the request's first sampled row (its last committed token)
     positions: list[int]
     conditioning: list[list[int]]  # the draft tokens after the committed output the row sees
 
@@ -38,7 +37,7 @@ def sampled_rows(
     batch_rows = [bisect.bisect_right(starts, index) - 1 for index in indices]
     offsets, conditioning = [], []
     for i, row in enumerate(batch_rows):
-        offset = offsets[-1] + 1 if i and batch_rows[i - 1] == row else 0
+        offset = offsets[-1] + 1 if i and batch_rows[i - 1] == row else 0  # 0: the request's last committed token
         offsets.append(offset)
         conditioning.append(ids[i - offset + 1 : i + 1])
-    return SampledRows(batch_rows, offsets, token_positions, conditioning)
+    return SampledRows(batch_rows, token_positions, conditioning)

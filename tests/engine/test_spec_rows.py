@@ -30,7 +30,6 @@ def test_sampled_rows_name_request_position_and_the_draft_tokens_each_row_assume
     positions = torch.tensor([0, 1, 2, 10, 11, 12])
     rows = sampled_rows(torch.tensor([2, 3, 4, 5]), query_start_loc, input_ids, positions)
     assert rows.batch_rows == [0, 1, 1, 1]
-    assert rows.offsets == [0, 0, 1, 2]
     assert rows.positions == [2, 10, 11, 12]
     assert rows.conditioning == [[], [], [51], [51, 52]]
 
