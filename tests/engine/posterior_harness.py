@@ -20,6 +20,16 @@ GENERATED = 32
 FORGETTING = 0.9
 
 
+def engine_counter(llm, name: str) -> float:
+    """A vLLM metric's total over its labels (a metric without a value counts 0)."""
+    return sum(getattr(metric, "value", 0) for metric in llm.get_metrics() if metric.name == name)
+
+
+def token_prompts(count: int, length: int, shared: int = 0) -> list[list[int]]:
+    """``count`` prompts of ``length`` token ids whose first ``shared`` tokens are the same."""
+    return [[(17 + 7 * i + 13 * j * (i >= shared)) % 1900 + 20 for i in range(length)] for j in range(count)]
+
+
 def chunked_prompts() -> list[list[int]]:
     return [list(range(40 + 3 * i, 40 + 3 * i + 37)) for i in range(2)]
 

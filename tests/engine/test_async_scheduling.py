@@ -26,7 +26,12 @@ from vllm import LLM, SamplingParams
 from gatemix.engine.engine_config import EngineSettings, engine_kwargs, stopping
 from gatemix.engine.request_gates import gate_request_args
 from tests.engine.cpu_async import async_llm
-from tests.engine.posterior_harness import check_generation, collect_trace
+from tests.engine.posterior_harness import (
+    check_generation,
+    collect_trace,
+    engine_counter,
+    token_prompts,
+)
 
 BLOCK = 32
 TOP = 20
@@ -43,15 +48,6 @@ def async_engine(posterior_composite):
     """8 blocks (one vLLM's null block) for four requests of up to 114 tokens: preemption."""
     with stopping(_async_engine(posterior_composite, {"num_gpu_blocks_override": 8}, max_num_batched_tokens=16)) as llm:
         yield llm
-
-
-def _counter(llm: LLM, name: str) -> float:
-    return sum(getattr(metric, "value", 0) for metric in llm.get_metrics() if metric.name == name)
-
-
-def _prompts(count: int, length: int, shared: int = 0) -> list[list[int]]:
-    """``count`` prompts whose first ``shared`` tokens are the same."""
-    return [[(17 + 7 * i + 13 * j * (i >= shared)) % 1900 + 20 for i in range(length)] for j in range(count)]
 
 
 def _check_traced(teacher, llm, prompts, max_tokens: list[int], trace_socket, tag: str) -> None:
@@ -73,9 +69,9 @@ def _check_traced(teacher, llm, prompts, max_tokens: list[int], trace_socket, ta
 def test_chunked_cached_and_preempted_requests_are_exact_under_async_scheduling(async_engine, teacher, trace_socket):
     """Four prompts of 74 tokens sharing their first 32, decoding 40 down to 10 tokens (ending one
     by one), twice: the second round hits the cache; the 7 usable blocks cannot hold all four."""
-    hits, preemptions = (_counter(async_engine, name) for name in ("vllm:prefix_cache_hits", "vllm:num_preemptions"))
-    prompts = _prompts(4, 74, shared=32)
+    hits, preemptions = (engine_counter(async_engine, name) for name in ("vllm:prefix_cache_hits", "vllm:num_preemptions"))
+    prompts = token_prompts(4, 74, shared=32)
     for repeat in range(2):
         _check_traced(teacher, async_engine, prompts, [40, 30, 20, 10], trace_socket, f"async{repeat}-")
-    assert _counter(async_engine, "vllm:prefix_cache_hits") > hits, "the shared prefix should hit the cache"
-    assert _counter(async_engine, "vllm:num_preemptions") > preemptions, "the tiny KV cache should preempt"
+    assert engine_counter(async_engine, "vllm:prefix_cache_hits") > hits, "the shared prefix should hit the cache"
+    assert engine_counter(async_engine, "vllm:num_preemptions") > preemptions, "the tiny KV cache should preempt"

@@ -19,6 +19,7 @@ from tests.engine.posterior_harness import (
     GENERATED,
     check_generation,
     collect_trace,
+    engine_counter,
 )
 
 BLOCK = 32
@@ -42,10 +43,6 @@ def tiny_cache_engine(posterior_composite):
     """8 blocks of 32 tokens (one of them vLLM's null block) for requests of up to 131 tokens: eviction, preemption."""
     with stopping(_engine(posterior_composite, max_model_len=192, num_gpu_blocks_override=8)) as llm:
         yield llm
-
-
-def _counter(llm: LLM, name: str) -> float:
-    return sum(metric.value for metric in llm.get_metrics() if metric.name == name)
 
 
 def _generate(llm, prompts, socket_address=None, tag="", max_tokens=GENERATED):
@@ -76,10 +73,10 @@ def _tokens(start: int, count: int) -> list[int]:
 @pytest.mark.slow
 def test_a_repeated_prompt_continues_from_its_cached_blocks(cached_engine, teacher, trace_socket):
     prompt = _tokens(5, 3 * BLOCK + 5)
-    hits = _counter(cached_engine, "vllm:prefix_cache_hits")
+    hits = engine_counter(cached_engine, "vllm:prefix_cache_hits")
     _check_all(teacher, cached_engine, [prompt], trace_socket, "repeat-a")
     _check_all(teacher, cached_engine, [prompt], trace_socket, "repeat-b")
-    assert _counter(cached_engine, "vllm:prefix_cache_hits") - hits >= 3 * BLOCK
+    assert engine_counter(cached_engine, "vllm:prefix_cache_hits") - hits >= 3 * BLOCK
 
 
 @pytest.mark.slow
@@ -87,21 +84,21 @@ def test_prompts_sharing_three_blocks_with_different_tails(cached_engine, teache
     """One batch: the second and third prompts hit blocks the first computes in the same step."""
     shared = _tokens(11, 3 * BLOCK)
     prompts = [shared + _tokens(100 + 13 * i, 9 + i) for i in range(3)]
-    hits = _counter(cached_engine, "vllm:prefix_cache_hits")
+    hits = engine_counter(cached_engine, "vllm:prefix_cache_hits")
     _check_all(teacher, cached_engine, prompts, trace_socket, "shared")
-    assert _counter(cached_engine, "vllm:prefix_cache_hits") - hits >= 2 * 3 * BLOCK
+    assert engine_counter(cached_engine, "vllm:prefix_cache_hits") - hits >= 2 * 3 * BLOCK
 
 
 @pytest.mark.slow
 def test_a_three_turn_chat_reuses_each_earlier_turn(cached_engine, teacher, trace_socket):
     conversation = _tokens(17, 40)
-    hits = _counter(cached_engine, "vllm:prefix_cache_hits")
+    hits = engine_counter(cached_engine, "vllm:prefix_cache_hits")
     for turn in range(3):
         (output,) = _check_all(teacher, cached_engine, [conversation], trace_socket, f"turn{turn}-")
         conversation = conversation + list(output.token_ids) + _tokens(300 + turn, 12)
     # Turn 1 leaves KV for 71 tokens (40 + 31: the last sampled token is never run), 2 full blocks, which
     # turn 2 (84 tokens) reuses; turn 2 leaves 115, 3 blocks, which turn 3 (128 tokens) reuses.
-    assert _counter(cached_engine, "vllm:prefix_cache_hits") - hits >= 5 * BLOCK
+    assert engine_counter(cached_engine, "vllm:prefix_cache_hits") - hits >= 5 * BLOCK
 
 
 @pytest.mark.slow
@@ -125,18 +122,18 @@ def test_evicted_blocks_are_recomputed_and_rewritten(tiny_cache_engine, teacher,
     _check_all(teacher, tiny_cache_engine, [first], trace_socket, "evict-a")
     for i in range(2):
         _check_all(teacher, tiny_cache_engine, [_tokens(500 + 31 * i, 3 * BLOCK + 3)], trace_socket, f"evict-b{i}")
-    hits = _counter(tiny_cache_engine, "vllm:prefix_cache_hits")
+    hits = engine_counter(tiny_cache_engine, "vllm:prefix_cache_hits")
     _check_all(teacher, tiny_cache_engine, [first], trace_socket, "evict-c")
     _check_all(teacher, tiny_cache_engine, [first[: 3 * BLOCK] + _tokens(900, 4)], trace_socket, "evict-d")
-    assert _counter(tiny_cache_engine, "vllm:prefix_cache_hits") - hits >= 3 * BLOCK
+    assert engine_counter(tiny_cache_engine, "vllm:prefix_cache_hits") - hits >= 3 * BLOCK
 
 
 @pytest.mark.slow
 def test_preempted_requests_stay_exact_with_caching_on(tiny_cache_engine, teacher):
     """Four requests of 69 tokens in 7 blocks: some are preempted, freed, and recomputed when they resume."""
-    preemptions = _counter(tiny_cache_engine, "vllm:num_preemptions")
+    preemptions = engine_counter(tiny_cache_engine, "vllm:num_preemptions")
     prompts = [_tokens(30 + 5 * i, 37) for i in range(4)]
     outputs = _generate(tiny_cache_engine, prompts)
-    assert _counter(tiny_cache_engine, "vllm:num_preemptions") > preemptions, "the tiny KV cache should preempt"
+    assert engine_counter(tiny_cache_engine, "vllm:num_preemptions") > preemptions, "the tiny KV cache should preempt"
     for prompt, output in zip(prompts, outputs):
         check_generation(teacher, prompt, output, None, greedy=True)

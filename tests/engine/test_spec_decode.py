@@ -50,7 +50,13 @@ from gatemix.gate.router import context_config_like
 from gatemix.server.choices import DraftAcceptance
 from tests.engine.arch_experts import make_expert
 from tests.engine.cpu_async import async_llm
-from tests.engine.posterior_harness import accepted_weights, check_generation, collect_trace
+from tests.engine.posterior_harness import (
+    accepted_weights,
+    check_generation,
+    collect_trace,
+    engine_counter,
+    token_prompts,
+)
 from tests.random_router import random_router_artifact
 
 BLOCK = 32
@@ -93,14 +99,6 @@ def random_draft_engine(context_composite, demo_paths, tmp_path_factory):
         yield llm
 
 
-def _counter(llm: LLM, name: str) -> float:
-    return sum(getattr(metric, "value", 0) for metric in llm.get_metrics() if metric.name == name)
-
-
-def _prompts(count: int = 5, length: int = 40) -> list[list[int]]:
-    return [[(17 + 7 * i + 13 * j) % 1900 + 20 for i in range(length)] for j in range(count)]
-
-
 def _generate(llm, prompts, address, tag, max_tokens=DECODED, **gate_args):
     params = [
         SamplingParams(
@@ -125,14 +123,14 @@ def _check_traced(teacher, llm, prompts, trace_socket, tag):
 @pytest.mark.slow
 def test_greedy_decodes_weights_and_logprobs_are_exact_with_a_draft(spec_engine, teacher, trace_socket):
     """48 tokens for 5 prompts; drafts are accepted and rejected, and some requests are preempted."""
-    accepted = _counter(spec_engine, "vllm:spec_decode_num_accepted_tokens")
-    drafted = _counter(spec_engine, "vllm:spec_decode_num_draft_tokens")
-    preemptions = _counter(spec_engine, "vllm:num_preemptions")
-    outputs = _check_traced(teacher, spec_engine, _prompts(), trace_socket, "greedy")
-    accepted = _counter(spec_engine, "vllm:spec_decode_num_accepted_tokens") - accepted
-    drafted = _counter(spec_engine, "vllm:spec_decode_num_draft_tokens") - drafted
+    accepted = engine_counter(spec_engine, "vllm:spec_decode_num_accepted_tokens")
+    drafted = engine_counter(spec_engine, "vllm:spec_decode_num_draft_tokens")
+    preemptions = engine_counter(spec_engine, "vllm:num_preemptions")
+    outputs = _check_traced(teacher, spec_engine, token_prompts(5, 40), trace_socket, "greedy")
+    accepted = engine_counter(spec_engine, "vllm:spec_decode_num_accepted_tokens") - accepted
+    drafted = engine_counter(spec_engine, "vllm:spec_decode_num_draft_tokens") - drafted
     assert 0 < accepted < drafted, "drafts should be both accepted and rejected, so the state rolls back"
-    assert _counter(spec_engine, "vllm:num_preemptions") > preemptions, "the small KV cache should preempt"
+    assert engine_counter(spec_engine, "vllm:num_preemptions") > preemptions, "the small KV cache should preempt"
     # Each choice's own acceptance (what the server's /metrics counts per dominant expert) adds up
     # to the engine's, preemptions included.
     per_choice = [DraftAcceptance.of(output) for output in outputs]
@@ -157,7 +155,7 @@ def _fixed_mixture(teacher, sequence: torch.Tensor, pinned=None, mask=None) -> t
 @pytest.mark.parametrize("gate", [{"pinned_weights": [0.2, 0.0, 0.8]}, {"expert_mask": [True, False, True]}])
 def test_pinned_and_subset_requests_are_exact_with_a_draft(spec_engine, teacher, trace_socket, gate):
     socket, address = trace_socket
-    prompts = _prompts(2, 30)
+    prompts = token_prompts(2, 30)
     tag = "pin" if "pinned_weights" in gate else "subset"
     outputs = _generate(spec_engine, prompts, address, tag, **gate)
     traced = collect_trace(socket, {f"{tag}{i}": DECODED for i in range(len(prompts))})
@@ -178,14 +176,14 @@ def test_pinned_and_subset_requests_are_exact_with_a_draft(spec_engine, teacher,
 @pytest.mark.slow
 def test_the_draft_bench_counts_what_the_engine_counts(spec_engine):
     """``gatemix bench draft``'s per-domain figures are vLLM's own acceptance, split by domain."""
-    accepted = _counter(spec_engine, "vllm:spec_decode_num_accepted_tokens")
-    drafted = _counter(spec_engine, "vllm:spec_decode_num_draft_tokens")
-    prompts = _prompts(4, 24)
+    accepted = engine_counter(spec_engine, "vllm:spec_decode_num_accepted_tokens")
+    drafted = engine_counter(spec_engine, "vllm:spec_decode_num_draft_tokens")
+    prompts = token_prompts(4, 24)
     by_domain = domain_acceptance(spec_engine, {"first": prompts[:2], "second": prompts[2:]}, 24)
     assert sum(row["accepted_tokens"] for row in by_domain.values()) == (
-        _counter(spec_engine, "vllm:spec_decode_num_accepted_tokens") - accepted)
+        engine_counter(spec_engine, "vllm:spec_decode_num_accepted_tokens") - accepted)
     assert sum(row["draft_tokens"] for row in by_domain.values()) == (
-        _counter(spec_engine, "vllm:spec_decode_num_draft_tokens") - drafted)
+        engine_counter(spec_engine, "vllm:spec_decode_num_draft_tokens") - drafted)
     for row in by_domain.values():
         assert row["prompts"] == 2 and 1 <= row["mean_acceptance_length"] <= DRAFT_TOKENS + 1
         assert row["acceptance_rate"] == pytest.approx(row["accepted_tokens"] / row["draft_tokens"])
@@ -236,7 +234,7 @@ def test_a_gate_swapped_mid_request_with_a_draft(spec_engine, teacher, posterior
     fixed_version = save_router(parse_gate_spec(",".join(map(str, pinned)), experts), tmp_path / "fixed").version
     engine, outputs = spec_engine.llm_engine, {}
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=TOP)
-    prompt = _prompts(1, 30)[0]
+    prompt = token_prompts(1, 30)[0]
     engine.add_request("before", {"prompt_token_ids": prompt}, params)
     for _ in range(3):  # mid-generation: a few verify steps in
         engine.step()
@@ -253,7 +251,7 @@ def test_a_gate_swapped_mid_request_with_a_draft(spec_engine, teacher, posterior
 
 @pytest.mark.slow
 def test_n_and_echo_prompt_logprobs_with_a_draft(spec_engine, teacher):
-    prompt = _prompts(1, 33)[0]
+    prompt = token_prompts(1, 33)[0]
     params = SamplingParams(n=2, max_tokens=16, temperature=1.0, seed=7, ignore_eos=True, logprobs=TOP,
                             prompt_logprobs=TOP)
     (request,) = spec_engine.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
@@ -365,9 +363,9 @@ def context_teacher(context_composite, demo_paths):
 @pytest.mark.slow
 def test_a_random_draft_is_mostly_rejected_and_outputs_stay_exact(random_draft_engine, context_teacher, trace_socket):
     """The context-model router with a draft that knows nothing: exactness does not rest on the draft."""
-    accepted = _counter(random_draft_engine, "vllm:spec_decode_num_accepted_tokens")
-    drafted = _counter(random_draft_engine, "vllm:spec_decode_num_draft_tokens")
-    _check_traced(context_teacher, random_draft_engine, _prompts(), trace_socket, "random")
-    accepted = _counter(random_draft_engine, "vllm:spec_decode_num_accepted_tokens") - accepted
-    drafted = _counter(random_draft_engine, "vllm:spec_decode_num_draft_tokens") - drafted
+    accepted = engine_counter(random_draft_engine, "vllm:spec_decode_num_accepted_tokens")
+    drafted = engine_counter(random_draft_engine, "vllm:spec_decode_num_draft_tokens")
+    _check_traced(context_teacher, random_draft_engine, token_prompts(5, 40), trace_socket, "random")
+    accepted = engine_counter(random_draft_engine, "vllm:spec_decode_num_accepted_tokens") - accepted
+    drafted = engine_counter(random_draft_engine, "vllm:spec_decode_num_draft_tokens") - drafted
     assert drafted > 0 and accepted / drafted < 0.3, (accepted, drafted)
