@@ -5,7 +5,11 @@ shares one runs in the same worker: the tests of one file form one group, and
 every file that uses a session server joins the one group of both servers.
 Groups run longest first (the sum of their files' last measured seconds,
 ``durations.json``, rewritten by ``pytest --record-durations``), so the short
-ones fill in at the end instead of one long group starting last.
+ones fill in at the end instead of one long group starting last. One exception:
+on a fresh clone the first test that needs the demo builds it (about two
+minutes) while every other that needs it waits on the build's lock, so of the
+groups the workers start with, only one needs the demo; the others start with
+the longest groups that do not, and use the cores the build leaves idle.
 
 Tests that build or serve real models are marked ``slow``; ``make test-fast``
 runs the rest.
@@ -41,6 +45,9 @@ HEAVY_FIXTURES = frozenset({
     "server", "routed_server", "micro_demo", "tiny_project", "tiny_student",
     "lambda_composite",
 })
+
+# The session fixture every test that needs the demo depends on: built once, under a lock.
+SHARED_BUILD_FIXTURE = "demo_paths"
 
 # A file never measured (a new one) is assumed to cost this many seconds.
 UNMEASURED_FILE_S = 20.0
@@ -98,6 +105,22 @@ def group_seconds(groups: dict[str, str], file_seconds: dict[str, float]) -> dic
     return totals
 
 
+def start_order(seconds: dict[str, float], waiting: set[str], workers: int) -> list[str]:
+    """Groups longest first, except that of the first ``workers`` at most one is ``waiting``
+    (needs the shared build): the longest of those, beside the longest groups that are not.
+
+    ``seconds`` is in first-seen order, which breaks ties.
+    """
+    longest_first = sorted(seconds, key=lambda group: -seconds[group])
+    starting: list[str] = []
+    for group in longest_first:
+        if len(starting) == workers:
+            break
+        if group not in waiting or not waiting & set(starting):
+            starting.append(group)
+    return starting + [group for group in longest_first if group not in starting]
+
+
 def record_seconds(file_seconds: dict[str, float]) -> None:
     """Write what this run measured, per file, for the next run's order."""
     rounded = {path: round(seconds, 1) for path, seconds in sorted(file_seconds.items())}
@@ -117,17 +140,16 @@ def schedule(config: pytest.Config, items: list[pytest.Item]) -> None:
     groups_file = getattr(config, "workerinput", {}).get(GROUPS_FILE_KEY)
     if groups_file:
         write_atomically(groups_file, json.dumps(groups))
-    seconds = group_seconds(groups, measured_seconds())
     group_of = {}
+    waiting = set()
     for item in items:
         group = groups[item.nodeid.split("::")[0]]
         group_of[item.nodeid] = group
         if is_heavy(item):
             item.add_marker(pytest.mark.slow)
-    first_seen = {}
-    for index, item in enumerate(items):
-        first_seen.setdefault(group_of[item.nodeid], index)
-    items.sort(key=lambda item: (
-        -seconds[group_of[item.nodeid]],
-        first_seen[group_of[item.nodeid]],
-    ))
+        if SHARED_BUILD_FIXTURE in item.fixturenames:
+            waiting.add(group)
+    seconds = group_seconds(groups, measured_seconds())  # in first-seen order
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    rank = {group: index for index, group in enumerate(start_order(seconds, waiting, workers))}
+    items.sort(key=lambda item: rank[group_of[item.nodeid]])

@@ -7,7 +7,8 @@ keys, so every client here sends one; the auth tests leave it out on purpose.
 
 A second server (``routed_server``, started only by the tests that ask for it)
 serves a composite with a random router, whose per-token weights vary with the
-context, with small limits and tool calling.
+context, on two engine replicas (vLLM's data parallelism), with small limits and
+tool calling.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def api(stack):
 # ---------------------------------------------------------------- the routed server
 
 TOOLS_TEMPLATE = Path(__file__).with_name("tools_chat_template.jinja")
-ROUTED_MAX_NUM_SEQS = 2
+ROUTED_REPLICAS = 2  # --data-parallel-size
+ROUTED_MAX_NUM_SEQS = 2  # a replica
 ROUTED_MAX_QUEUED = 2
 ROUTED_MAX_OUTPUT_TOKENS = 1000
 
@@ -157,11 +159,14 @@ class RoutedServer:
 
 @pytest.fixture(scope="session")
 def routed_server(routed_composite, tmp_path_factory):
-    """A second server, on the random-router composite, with small limits (2 engine slots,
-    2 queued, 1000 output tokens a request), tool calling (a Hermes template and parser) and
-    the admin API (gate reloads; the test that swaps its gate swaps the original back)."""
+    """A second server, on the random-router composite: two engine replicas (each request runs
+    on one; the tests of ``--data-parallel-size`` share this server instead of starting their
+    own), small limits (2 engine slots a replica, 2 queued, 1000 output tokens a request), tool
+    calling (a Hermes template and parser) and the admin API (gate reloads; the test that swaps
+    its gate swaps the original back)."""
     gate_artifact = tmp_path_factory.mktemp("sighup-gate")
     flags = (
+        "--data-parallel-size", str(ROUTED_REPLICAS),
         "--max-num-seqs", str(ROUTED_MAX_NUM_SEQS),
         "--max-queued-requests", str(ROUTED_MAX_QUEUED),
         "--max-output-tokens", str(ROUTED_MAX_OUTPUT_TOKENS),

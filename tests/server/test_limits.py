@@ -14,7 +14,13 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import ENSEMBLE, ROUTED_MAX_NUM_SEQS, ROUTED_MAX_OUTPUT_TOKENS, ROUTED_MAX_QUEUED
+from conftest import (
+    ENSEMBLE,
+    ROUTED_MAX_NUM_SEQS,
+    ROUTED_MAX_OUTPUT_TOKENS,
+    ROUTED_MAX_QUEUED,
+    ROUTED_REPLICAS,
+)
 from server_harness import wait_until_idle
 
 pytestmark = pytest.mark.slow
@@ -78,7 +84,9 @@ def test_the_output_budget_caps_n_times_max_tokens(routed_client):
 
 
 def test_past_the_queue_depth_requests_get_429_with_retry_after(routed_server, routed_client):
-    capacity = ROUTED_MAX_NUM_SEQS + ROUTED_MAX_QUEUED
+    """The server admits the slots of both replicas and its queue, no more: one streamed request
+    of that many choices is admitted, the next is refused."""
+    capacity = ROUTED_MAX_NUM_SEQS * ROUTED_REPLICAS + ROUTED_MAX_QUEUED
     url = routed_server.base_url
     long = {"model": ENSEMBLE, "prompt": "abc", "max_tokens": 240, "ignore_eos": True,
             "stream": True, "n": capacity}
