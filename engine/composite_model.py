@@ -64,8 +64,8 @@ from gatemix.engine.composite_folder import (
     expert_module_key,
 )
 from gatemix.engine.gate_versions import GateVersions, load_swappable
+from gatemix.engine.head_logprobs import ExpertHeads
 from gatemix.engine.mixing_step import MixingStep
-from gatemix.engine.prefix_state import chunked_target_logprobs, target_chunk_rows
 from gatemix.engine.request_gates import (
     batch_layout_from_forward_context,
     query_start_loc_from_forward_context,
@@ -235,7 +235,10 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         cache_config = vllm_config.cache_config
         if cache_config.enable_prefix_caching:
             self.gate_table.prefix_states.configure_caching(cache_config.block_size, lambda: cache_config.num_gpu_blocks)
-        self.target_chunk_rows = target_chunk_rows(vllm_config.model_config.get_vocab_size())
+        # The posterior state's log-prob of each prompt token, per expert (engine/head_logprobs.py).
+        self.target_logprobs = ExpertHeads(
+            self.num_experts, vllm_config.model_config.get_vocab_size(), self._expert_columns, self._expert_model
+        )
         self.with_draft = vllm_config.speculative_config is not None  # engine/spec_decode.py
         self.make_empty_intermediate_tensors = self.ensemble.make_empty_intermediate_tensors
 
@@ -303,23 +306,26 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
 
     def _logits_of(self, expert: int, expert_hidden: torch.Tensor) -> torch.Tensor | None:
         """``(N, sum_k H_k)`` -> ``(N, V)`` expert k's logits, or None on a TP rank that receives none."""
-        start = sum(self.expert_widths[:expert])
-        hidden = expert_hidden[:, start : start + self.expert_widths[expert]]
         # The expert's own compute_logits: its LM head, tensor-parallel gather and any scaling.
-        return self.ensemble.experts[self.ensemble.keys[expert]].compute_logits(hidden)
+        return self._expert_model(expert).compute_logits(self._expert_columns(expert, expert_hidden))
+
+    def _expert_columns(self, expert: int, expert_hidden: torch.Tensor) -> torch.Tensor:
+        """``(N, sum_k H_k)`` -> ``(N, H_k)``: expert k's hidden states."""
+        start = sum(self.expert_widths[:expert])
+        return expert_hidden[:, start : start + self.expert_widths[expert]]
+
+    def _expert_model(self, expert: int) -> nn.Module:
+        """Expert k's vLLM model: its LM head and ``compute_logits``."""
+        return self.ensemble.experts[self.ensemble.keys[expert]]
 
     def _posterior_states(self, input_ids, positions, expert_hidden: torch.Tensor) -> torch.Tensor:
         """``(T, K)`` posterior state of every token (``engine/prefix_state.py``)."""
         if input_ids is None:
             raise ValueError("a posterior gate reads the token ids; prompt embeddings are not supported")
 
-        def target_logprobs(hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
-            return chunked_target_logprobs(self._logits_of, self.num_experts, hidden, targets, self.target_chunk_rows)
-
         layout = batch_layout_from_forward_context()
-        if layout is None:  # vLLM's profiling run: the log-prob gather at its largest chunk, so it is counted
-            rows = self.target_chunk_rows
-            target_logprobs(expert_hidden[:rows], input_ids[:rows])
+        if layout is None:  # vLLM's profiling run: the log-prob gather at its largest, so it is counted
+            self.target_logprobs.exercise_worst_case(expert_hidden, input_ids)
         prefix_states, no_forgetting = self.gate_table.prefix_states, torch.tensor(1.0)
 
         def forgetting_of_row(row: int) -> torch.Tensor:
@@ -327,7 +333,7 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
             return head.forgetting.detach() if head.form.posterior else no_forgetting
 
         return prefix_states.token_states(
-            input_ids, positions, layout, target_logprobs, forgetting_of_row, expert_hidden, self.num_experts,
+            input_ids, positions, layout, self.target_logprobs, forgetting_of_row, expert_hidden, self.num_experts,
         )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

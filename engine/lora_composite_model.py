@@ -126,10 +126,14 @@ class GatemixLoRAForCausalLM(GatemixForCausalLM):
         logits = self.ensemble.base.compute_logits(expert_hidden.reshape(num_rows * self.num_experts, -1))
         return logits.view(num_rows, self.num_experts, -1)
 
-    def _logits_of(self, expert: int, expert_hidden: torch.Tensor) -> torch.Tensor:
-        """``(N, K*H)`` -> ``(N, V)`` expert k's logits (the posterior state's targets)."""
+    def _expert_columns(self, expert: int, expert_hidden: torch.Tensor) -> torch.Tensor:
+        """``(N, K*H)`` -> ``(N, H)``: expert k's hidden states."""
         width = self.expert_widths[expert]
-        return self.ensemble.base.compute_logits(expert_hidden[:, expert * width : (expert + 1) * width])
+        return expert_hidden[:, expert * width : (expert + 1) * width]
+
+    def _expert_model(self, expert: int) -> nn.Module:
+        """The shared base: every expert's LM head is the base's (adapters leave it alone)."""
+        return self.ensemble.base
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """The base's own tensors (names unchanged) to its loader; then each expert's factors.

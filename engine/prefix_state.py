@@ -13,8 +13,8 @@ every token of the request's own sequence, prompt included
 * **How it updates.** In ``forward`` each scheduled chunk of a request (a prefill
   chunk, or the one token of a decode step) continues its state: the log-prob of
   a token whose predecessor is in the same chunk comes from the experts' logits
-  at that predecessor, gathered at the target token in row chunks of bounded
-  size (``chunked_target_logprobs``: never a tokens x K x V log-softmax); the
+  at that predecessor, gathered at the target token in pieces of bounded
+  size (``engine/head_logprobs.py``: never a tokens x K x V log-softmax); the
   chunk's first token's comes from the previous step's logits at its
   predecessor, which the engine's sampling call (``compute_logits``, one row per
   request) left behind (``store_sampled``). A decode step costs no extra LM head,
@@ -47,44 +47,6 @@ from gatemix.engine.decode_run import DecodeRun, surviving_rows
 from gatemix.engine.sampled_rows import SampledRows
 from gatemix.engine.slot_logprobs import SlotLogprobs
 from gatemix.gate.posterior import final_state, forgetting_scan
-
-# Most logits (rows x V, one expert at a time) the state's log-prob gather holds at once: 32 MiB of
-# fp32, as much again for their log-softmax. On CPU much larger chunks are no faster (the
-# log-softmax then reads its input back from memory, not cache), much smaller ones slow the matmul.
-TARGET_CHUNK_ELEMENTS = 1 << 23
-
-
-def target_chunk_rows(vocab_size: int, max_elements: int = TARGET_CHUNK_ELEMENTS) -> int:
-    return max(1, max_elements // vocab_size)
-
-
-def chunked_target_logprobs(
-    expert_logits: Callable[[int, torch.Tensor], torch.Tensor | None],
-    num_experts: int,
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    chunk_rows: int,
-) -> torch.Tensor | None:
-    """``(M, H)`` hidden states, ``(M,)`` next tokens -> ``(M, K)`` ``log pi_k(target | ctx)``.
-
-    ``expert_logits(k, hidden)``: ``(m, H) -> (m, V)``, expert k's logits (None
-    on a tensor-parallel rank without logits). One expert's logits for at most
-    ``chunk_rows`` rows exist at once, so prefill memory does not grow with
-    tokens x vocabulary.
-    """
-    pieces = []
-    for start in range(0, hidden.shape[0], chunk_rows):
-        rows, rows_targets = hidden[start : start + chunk_rows], targets[start : start + chunk_rows, None]
-        per_expert = []
-        for expert in range(num_experts):
-            logits = expert_logits(expert, rows)  # (m, V)
-            if logits is None:
-                return None
-            # log_softmax is one fused kernel on CPU, where logsumexp is several.
-            per_expert.append(torch.log_softmax(logits.float(), dim=-1).gather(-1, rows_targets))
-            del logits
-        pieces.append(torch.cat(per_expert, dim=-1))  # (m, K)
-    return torch.cat(pieces) if pieces else None
 
 
 @dataclass
@@ -202,8 +164,8 @@ class PrefixStates:
         """``(T, K)`` state at every token of this forward pass, each row's state continued.
 
         ``target_logprobs(hidden, targets)`` -> ``(M, K)`` experts' log-probs of
-        ``targets`` after those ``(M, H)`` hidden states, in bounded chunks
-        (``chunked_target_logprobs``); None on a tensor-parallel rank that does
+        ``targets`` after those ``(M, H)`` hidden states, in bounded pieces
+        (``engine/head_logprobs.py``); None on a tensor-parallel rank that does
         not receive logits: its gate weights are never used, so its state stays zero.
         """
         states = torch.zeros(input_ids.shape[0], num_experts, device=input_ids.device)

@@ -117,6 +117,45 @@ def test_attention_metadata_marks_where_each_request_starts():
     assert layout <= set(CPUAttentionMetadata.__dataclass_fields__)
 
 
+def test_a_plain_heads_logits_are_a_matmul_with_its_weight():
+    """What ``engine/head_logprobs.plain_head_weight`` reads to take the tiled path.
+
+    The processor's logits are the head's quant method applied to the hidden
+    states, gathered only across tensor-parallel ranks, cut to the unpadded
+    vocabulary, then soft-capped and scaled, nothing else; the unquantized
+    method is a matmul with the head's ``weight``; and the experts'
+    architectures' ``compute_logits`` is the processor on the head, no more.
+    (A head that passes all this but whose logits still differ fails the
+    run-time probe, ``agrees_with_compute_logits``.)
+    """
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+    from vllm.model_executor.models import llama, mistral, qwen2, qwen3
+
+    assert _self_attributes(LogitsProcessor.forward) == {"logits_as_input", "_get_logits", "soft_cap", "scale"}
+    get_logits = inspect.getsource(LogitsProcessor._get_logits)
+    assert "if lm_head.tp_size > 1:" in get_logits and "logits[..., : self.org_vocab_size]" in get_logits
+    apply_head = inspect.getsource(LogitsProcessor._apply_head)
+    assert "if self.head_dtype is None or self.head_dtype == hidden_states.dtype:" in apply_head
+    assert "lm_head.quant_method.apply(" in apply_head
+    assert "dispatch_unquantized_gemm()(layer, x, layer.weight, bias)" in inspect.getsource(
+        UnquantizedEmbeddingMethod.apply
+    )
+    for model in (llama.LlamaForCausalLM, mistral.MistralForCausalLM, qwen2.Qwen2ForCausalLM, qwen3.Qwen3ForCausalLM):
+        body = [line.strip() for line in inspect.getsource(model.compute_logits).splitlines()]
+        assert "logits = self.logits_processor(self.lm_head, hidden_states)" in body, model
+        assert body[-1] == "return logits", model
+
+
+def _self_attributes(function) -> set[str]:
+    """The attributes of ``self`` a method reads."""
+    tree = ast.parse(inspect.getsource(function).strip())
+    return {
+        node.attr for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
+    }
+
+
 def test_the_worker_learns_the_kv_cache_size_before_serving():
     """The posterior's side table is sized from ``cache_config.num_gpu_blocks``, set on the worker's config."""
     from vllm.v1.worker.cpu_worker import CPUWorker
