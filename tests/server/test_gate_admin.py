@@ -97,7 +97,8 @@ def test_a_reload_under_load_spares_streams_in_flight_and_serves_new_requests(
             extra_body={"mixture": {"per_token": True}},
         )
         assert _served_version(url) == new_version
-        assert _gate_info(url) == {original: 0.0, new_version: 1.0}
+        served = _gate_info(url)  # other tests on this server may have swapped gates in and out too
+        assert served[original] == 0.0 and served[new_version] == 1.0 and sum(served.values()) == 1.0
     finally:
         assert _post(url, routed_server.model_dir / GATE_SUBDIR).status_code == 200
 

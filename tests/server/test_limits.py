@@ -88,8 +88,8 @@ def test_past_the_queue_depth_requests_get_429_with_retry_after(routed_server, r
     of that many choices is admitted, the next is refused."""
     capacity = ROUTED_MAX_NUM_SEQS * ROUTED_REPLICAS + ROUTED_MAX_QUEUED
     url = routed_server.base_url
-    long = {"model": ENSEMBLE, "prompt": "abc", "max_tokens": 240, "ignore_eos": True,
-            "stream": True, "n": capacity}
+    long = {"model": ENSEMBLE, "prompt": "abc", "max_tokens": ROUTED_MAX_OUTPUT_TOKENS // capacity,
+            "ignore_eos": True, "stream": True, "n": capacity}
     with httpx.Client(base_url=url, timeout=60) as http:
         wait_until_idle(url, 30)
         with http.stream("POST", "/v1/completions", json=long) as stream:
