@@ -89,7 +89,7 @@ def tiled_target_logprobs(
     """
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     in_place = weight.dtype == torch.float32  # else each tile's logits are cast to float32, a copy
-    buffer = torch.empty(min(tile_rows, hidden.shape[0]) * tile_vocab, dtype=weight.dtype, device=hidden.device)
+    buffer = torch.empty(min(tile_rows, hidden.shape[0]) * tile_vocab if in_place else 0, device=hidden.device)
     for start in range(0, hidden.shape[0], tile_rows):
         rows = hidden[start : start + tile_rows]  # (m, H)
         tiles = []
