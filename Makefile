@@ -45,7 +45,7 @@ serve: $(STAMP)
 	$(VENV)/bin/gatemix build-demo --out $(DEMO_DIR)
 	$(VENV)/bin/gatemix serve --demo-dir $(DEMO_DIR)
 
-# Two workers: while one waits on a server or an engine starting, the other computes.
+# Three workers on two cores: while one waits on a server or an engine starting, the others compute.
 # Tests that share a session server or a module's engine run in one worker (tests/scheduling.py).
 TEST_WORKERS ?= 3
 XDIST := -n $(TEST_WORKERS) --dist loadgroup

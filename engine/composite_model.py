@@ -236,7 +236,7 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
         if cache_config.enable_prefix_caching:
             self.gate_table.prefix_states.configure_caching(cache_config.block_size, lambda: cache_config.num_gpu_blocks)
         # The posterior state's log-prob of each prompt token, per expert (engine/head_logprobs.py).
-        self.target_logprobs = ExpertHeads(
+        self.expert_heads = ExpertHeads(
             self.num_experts, vllm_config.model_config.get_vocab_size(), self._expert_columns, self._expert_model
         )
         self.with_draft = vllm_config.speculative_config is not None  # engine/spec_decode.py
@@ -301,13 +301,8 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
 
     def _expert_logits(self, expert_hidden: torch.Tensor) -> torch.Tensor | None:
         """``(N, sum_k H_k)`` -> ``(N, K, V)``, or None on a TP rank that receives no logits."""
-        per_expert = [self._logits_of(k, expert_hidden) for k in range(self.num_experts)]
+        per_expert = [self.expert_heads.logits_of(k, expert_hidden) for k in range(self.num_experts)]
         return None if per_expert[0] is None else torch.stack(per_expert, dim=1)
-
-    def _logits_of(self, expert: int, expert_hidden: torch.Tensor) -> torch.Tensor | None:
-        """``(N, sum_k H_k)`` -> ``(N, V)`` expert k's logits, or None on a TP rank that receives none."""
-        # The expert's own compute_logits: its LM head, tensor-parallel gather and any scaling.
-        return self._expert_model(expert).compute_logits(self._expert_columns(expert, expert_hidden))
 
     def _expert_columns(self, expert: int, expert_hidden: torch.Tensor) -> torch.Tensor:
         """``(N, sum_k H_k)`` -> ``(N, H_k)``: expert k's hidden states."""
@@ -325,7 +320,7 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
 
         layout = batch_layout_from_forward_context()
         if layout is None:  # vLLM's profiling run: the log-prob gather at its largest, so it is counted
-            self.target_logprobs.exercise_worst_case(expert_hidden, input_ids)
+            self.expert_heads.exercise_worst_case(expert_hidden, input_ids)
         prefix_states, no_forgetting = self.gate_table.prefix_states, torch.tensor(1.0)
 
         def forgetting_of_row(row: int) -> torch.Tensor:
@@ -333,7 +328,7 @@ class GatemixForCausalLM(nn.Module, SupportsPP):
             return head.forgetting.detach() if head.form.posterior else no_forgetting
 
         return prefix_states.token_states(
-            input_ids, positions, layout, self.target_logprobs, forgetting_of_row, expert_hidden, self.num_experts,
+            input_ids, positions, layout, self.expert_heads, forgetting_of_row, expert_hidden, self.num_experts,
         )
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

@@ -174,12 +174,12 @@ class ExpertHeads:
             return hidden.new_zeros(0, self.num_experts, dtype=torch.float32)
         self._decide(hidden)
         columns = []
-        for expert, weight in enumerate(self.plain_weights or [None] * self.num_experts):
+        for expert, weight in enumerate(self.plain_weights):
             if weight is not None:
                 columns.append(tiled_target_logprobs(weight, self.hidden_of(expert, hidden), targets)[:, None])
                 continue
             column = chunked_target_logprobs(
-                lambda _, rows, expert=expert: self._logits_of(expert, rows), 1, hidden, targets, self.chunk_rows
+                lambda _, rows, expert=expert: self.logits_of(expert, rows), 1, hidden, targets, self.chunk_rows
             )
             if column is None:
                 return None
@@ -209,5 +209,7 @@ class ExpertHeads:
             return None
         return weight
 
-    def _logits_of(self, expert: int, hidden: torch.Tensor) -> torch.Tensor | None:
+    def logits_of(self, expert: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        """``(N, sum_k H_k)`` -> ``(N, V)`` expert k's logits, or None on a TP rank that receives none:
+        the expert's own ``compute_logits`` (its LM head, tensor-parallel gather and any scaling)."""
         return self.model_of(expert).compute_logits(self.hidden_of(expert, hidden))

@@ -1,4 +1,4 @@
-"""How the suite is split across pytest-xdist workers (``make test`` runs ``-n 2``).
+"""How the suite is split across pytest-xdist workers (``make test`` runs ``-n 3``).
 
 A session server or a module's engine is costly to start, so every test that
 shares one runs in the same worker: the tests of one file form one group, and
