@@ -23,25 +23,8 @@ Negative cases are left alone: the server must refuse every one of them.
 
 from __future__ import annotations
 
-import threading
-
 import requests
 import schemathesis
-from hypothesis.internal import lambda_sources
-
-_describe_lambda = lambda_sources.lambda_description
-_describing = threading.Lock()
-
-
-def _one_lambda_description_at_a_time(f):
-    # Hypothesis describes the coverage phase's filter lambdas (a path parameter's) through
-    # caches and an ast.parse that are not thread-safe: two workers doing it at once raise a
-    # KeyError or a SystemError inside schemathesis ("Runtime Error", no request to blame).
-    with _describing:
-        return _describe_lambda(f)
-
-
-lambda_sources.lambda_description = _one_lambda_description_at_a_time
 
 PROMPT_CHARS = 32  # byte-level BPE: at most 4 tokens a character, so 129 tokens with BOS
 MAX_TOKENS = 16
