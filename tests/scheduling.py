@@ -2,7 +2,8 @@
 
 A session server or a module's engine is costly to start, so every test that
 shares one runs in the same worker: the tests of one file form one group, and
-every file that uses a session server joins the one group of both servers.
+every file that uses a session server joins that server's group (one group for
+servers some file uses together).
 Groups run longest first (the sum of their files' last measured seconds,
 ``durations.json``, rewritten by ``pytest --record-durations``), so the short
 ones fill in at the end instead of one long group starting last. One exception:
@@ -35,9 +36,8 @@ from gatemix.atomic_write import write_atomically
 
 DURATIONS_FILE = Path(__file__).with_name("durations.json")
 
-# Session fixtures that start a server: every file using one joins the servers' group.
+# Session fixtures that start a server: every file using one joins that server's group.
 SHARED_SERVERS = ("routed_server", "server")
-SERVERS_GROUP = "session servers"
 
 # Fixtures that build, train, pack or serve real models: a test using one is `slow`.
 HEAVY_FIXTURES = frozenset({
@@ -77,17 +77,29 @@ class GroupScheduling(LoadScopeScheduling):
 
 
 def file_groups(items: list[pytest.Item]) -> dict[str, str]:
-    """Test file -> its xdist group: ``SERVERS_GROUP`` if any of its tests uses a session server,
-    else itself. One group for both servers: a file using both (a key shared across servers, a
-    report compared between them) would otherwise start one of them again in the other worker."""
-    groups: dict[str, str] = {}
+    """Test file -> its xdist group: its session server's group if it uses one, else itself."""
+    servers_of_file: dict[str, set[str]] = {}
     for item in items:
         path = item.nodeid.split("::")[0]
-        if any(name in item.fixturenames for name in SHARED_SERVERS):
-            groups[path] = SERVERS_GROUP
-        else:
-            groups.setdefault(path, path)
-    return groups
+        servers_of_file.setdefault(path, set()).update(
+            name for name in SHARED_SERVERS if name in item.fixturenames
+        )
+    group_of_server = server_groups(servers_of_file.values())
+    return {
+        path: group_of_server[min(servers)] if servers else path
+        for path, servers in servers_of_file.items()
+    }
+
+
+def server_groups(server_sets) -> dict[str, str]:
+    """Server fixture -> its group's name. Servers a file uses together share a group (else that
+    file's worker would start one of them again); the others have one each, run side by side."""
+    members: dict[str, set[str]] = {}
+    for servers in server_sets:
+        joined = set(servers).union(*(members.get(name, ()) for name in servers))
+        for name in joined:
+            members[name] = joined
+    return {name: "session servers: " + ", ".join(sorted(group)) for name, group in members.items()}
 
 
 def measured_seconds() -> dict[str, float]:

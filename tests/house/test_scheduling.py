@@ -1,8 +1,9 @@
-"""The suite's order across xdist workers (``tests/scheduling.py``): longest first, one demo build waited on."""
+"""The suite's order across xdist workers (``tests/scheduling.py``): longest first, one demo build
+waited on, one group a session server (servers used together share one)."""
 
 from __future__ import annotations
 
-from scheduling import start_order
+from scheduling import server_groups, start_order
 
 
 def test_groups_run_longest_first_when_none_waits_on_the_build():
@@ -30,3 +31,14 @@ def test_one_worker_or_too_few_free_groups_keep_every_group_once():
 def test_ties_keep_the_order_groups_were_first_seen_in():
     seconds = {"seen first": 50.0, "seen second": 50.0, "longer": 60.0}
     assert start_order(seconds, set(), workers=2) == ["longer", "seen first", "seen second"]
+
+
+def test_servers_no_file_uses_together_get_a_group_each():
+    groups = server_groups([{"server"}, set(), {"routed_server"}, {"server"}])
+    assert groups == {"server": "session servers: server", "routed_server": "session servers: routed_server"}
+
+
+def test_servers_a_file_uses_together_share_one_group_transitively():
+    groups = server_groups([{"a"}, {"b"}, {"c"}, {"a", "b"}, {"b", "c"}, {"d"}])
+    assert {groups[name] for name in "abc"} == {"session servers: a, b, c"}
+    assert groups["d"] == "session servers: d"

@@ -1,10 +1,13 @@
-"""API keys: /v1/* need one of the configured keys; /health and /metrics stay open."""
+"""API keys: /v1/* need one of the configured keys; /health and /metrics stay open; the admin
+API is off without ``--admin-key``, whatever key is sent."""
 
 from __future__ import annotations
 
 import httpx
 import openai
 import pytest
+
+from gatemix.engine.composite_folder import GATE_SUBDIR
 
 pytestmark = pytest.mark.slow
 
@@ -46,3 +49,12 @@ def test_health_and_metrics_need_no_key(server):
     metrics = httpx.get(f"{server.base_url}/metrics")
     assert metrics.status_code == 200 and "gatemix_" in metrics.text
     assert httpx.get(f"{server.base_url}/openapi.json").json()["info"]["title"] == "gatemix"
+
+
+def test_without_an_admin_key_the_admin_api_is_off_even_for_api_keys(server):
+    # The served gate's own artifact: were it not refused, it would load.
+    gate = {"path": str(server.model_dir / GATE_SUBDIR)}
+    for key in server.api_keys:
+        response = httpx.post(f"{server.base_url}/admin/gate", json=gate,
+                              headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        assert response.status_code == 403 and "--admin-key" in response.json()["error"]["message"]
