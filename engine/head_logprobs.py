@@ -46,32 +46,26 @@ def target_chunk_rows(vocab_size: int, max_elements: int = TARGET_CHUNK_ELEMENTS
 
 
 def chunked_target_logprobs(
-    expert_logits: Callable[[int, torch.Tensor], torch.Tensor | None],
-    num_experts: int,
+    logits_of: Callable[[torch.Tensor], torch.Tensor | None],
     hidden: torch.Tensor,
     targets: torch.Tensor,
     chunk_rows: int,
 ) -> torch.Tensor | None:
-    """``(M, H)`` hidden states, ``(M,)`` next tokens -> ``(M, K)`` ``log pi_k(target | ctx)``.
+    """``(M, ...)`` hidden states, ``(M,)`` next tokens -> ``(M,)`` one expert's ``log pi(target | ctx)``.
 
-    ``expert_logits(k, hidden)``: ``(m, H) -> (m, V)``, expert k's logits (None
-    on a tensor-parallel rank without logits). One expert's logits for at most
-    ``chunk_rows`` rows exist at once, so prefill memory does not grow with
-    tokens x vocabulary.
+    ``logits_of(rows)``: ``(m, ...) -> (m, V)``, the expert's logits (None on a
+    tensor-parallel rank without logits). At most ``chunk_rows`` rows of logits
+    exist at once, so prefill memory does not grow with tokens x vocabulary.
     """
     pieces = []
     for start in range(0, hidden.shape[0], chunk_rows):
-        rows, rows_targets = hidden[start : start + chunk_rows], targets[start : start + chunk_rows, None]
-        per_expert = []
-        for expert in range(num_experts):
-            logits = expert_logits(expert, rows)  # (m, V)
-            if logits is None:
-                return None
-            # log_softmax is one fused kernel on CPU, where logsumexp is several.
-            per_expert.append(torch.log_softmax(logits.float(), dim=-1).gather(-1, rows_targets))
-            del logits
-        pieces.append(torch.cat(per_expert, dim=-1))  # (m, K)
-    return torch.cat(pieces) if pieces else None
+        logits = logits_of(hidden[start : start + chunk_rows])  # (m, V)
+        if logits is None:
+            return None
+        # log_softmax is one fused kernel on CPU, where logsumexp is several.
+        pieces.append(torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[start : start + chunk_rows, None]))
+        del logits
+    return torch.cat(pieces)[:, 0] if pieces else None
 
 
 def tiled_target_logprobs(
@@ -179,11 +173,11 @@ class ExpertHeads:
                 columns.append(tiled_target_logprobs(weight, self.hidden_of(expert, hidden), targets)[:, None])
                 continue
             column = chunked_target_logprobs(
-                lambda _, rows, expert=expert: self.logits_of(expert, rows), 1, hidden, targets, self.chunk_rows
+                lambda rows, expert=expert: self.logits_of(expert, rows), hidden, targets, self.chunk_rows
             )
             if column is None:
                 return None
-            columns.append(column)
+            columns.append(column[:, None])
         return torch.cat(columns, dim=-1)
 
     def exercise_worst_case(self, hidden: torch.Tensor, targets: torch.Tensor) -> None:
