@@ -116,6 +116,12 @@ def serving(
         server.stop()
 
 
+def post_gate(url: str, artifact: Path | None, headers: dict[str, str]) -> httpx.Response:
+    """``POST /admin/gate``: serve the gate artifact at ``artifact`` (None: the configured one)."""
+    return httpx.post(f"{url}/admin/gate", json={"path": None if artifact is None else str(artifact)},
+                      headers=headers, timeout=120)
+
+
 def wait_until_idle(url: str, timeout_s: float) -> dict:
     """The server's /health once nothing is admitted and nothing is left in the engine."""
     deadline = time.monotonic() + timeout_s

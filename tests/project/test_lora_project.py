@@ -142,7 +142,7 @@ def test_serve_project_serves_the_lora_composite_behind_the_student_exactly(fitt
     distilled student as the speculative draft (its proposals must leave no trace)."""
     import httpx
     import openai
-    from server_harness import ENSEMBLE, running_server
+    from server_harness import ENSEMBLE, post_gate, running_server
 
     from gatemix.distill.teacher import EnsembleTeacher
     from gatemix.engine.pack import parse_gate_spec
@@ -158,7 +158,7 @@ def test_serve_project_serves_the_lora_composite_behind_the_student_exactly(fitt
         assert card["experts"] == list(ADAPTERS) and card["draft"]["model"] == str(student)
         routed = _completion(client)
         pinned = _completion(client, weights={"legal": 1.0})
-        reload = httpx.post(f"{url}/admin/gate", json={"path": str(constant)}, headers={"Authorization": "Bearer k"})
+        reload = post_gate(url, constant, {"Authorization": "Bearer k"})
         assert reload.status_code == 200, reload.text
         reloaded = _completion(client)
         weighted = _weighted_tokens(httpx.get(f"{url}/metrics").text)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from server_harness import post_gate
 
 from gatemix.engine.composite_folder import GATE_SUBDIR
 
@@ -53,8 +54,6 @@ def test_health_and_metrics_need_no_key(server):
 
 def test_without_an_admin_key_the_admin_api_is_off_even_for_api_keys(server):
     # The served gate's own artifact: were it not refused, it would load.
-    gate = {"path": str(server.model_dir / GATE_SUBDIR)}
     for key in server.api_keys:
-        response = httpx.post(f"{server.base_url}/admin/gate", json=gate,
-                              headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        response = post_gate(server.base_url, server.model_dir / GATE_SUBDIR, {"Authorization": f"Bearer {key}"})
         assert response.status_code == 403 and "--admin-key" in response.json()["error"]["message"]

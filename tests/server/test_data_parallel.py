@@ -17,7 +17,7 @@ import concurrent.futures
 import httpx
 import torch
 from conftest import ADMIN_KEY, ROUTED_MAX_NUM_SEQS, ROUTED_REPLICAS
-from server_harness import ENSEMBLE, wait_until_idle
+from server_harness import ENSEMBLE, post_gate, wait_until_idle
 from test_routed_mixture_report import offline_weights
 
 from gatemix.engine.composite_folder import GATE_SUBDIR
@@ -77,16 +77,14 @@ def test_a_gate_reload_reaches_every_replica(routed_server, routed_client, demo_
     experts = [read_expert(path, name) for name, path in demo_paths.expert_dirs.items()]
     constant = save_router(parse_gate_spec(",".join(map(str, CONSTANT)), experts), tmp_path / "constant")
     wait_until_idle(url, 30)
-    response = httpx.post(f"{url}/admin/gate", json={"path": str(tmp_path / "constant")}, headers=ADMIN,
-                          timeout=120)
+    response = post_gate(url, tmp_path / "constant", ADMIN)
     assert response.status_code == 200, response.text
     try:
         before = _finished_per_engine(url)
         choices = _completions(routed_client)
         _served_by_both(url, before)
     finally:
-        restored = httpx.post(f"{url}/admin/gate", json={"path": str(routed_server.model_dir / GATE_SUBDIR)},
-                              headers=ADMIN, timeout=120)
+        restored = post_gate(url, routed_server.model_dir / GATE_SUBDIR, ADMIN)
         assert restored.status_code == 200, restored.text
     for choice in choices:
         report = choice.model_extra["mixture"]

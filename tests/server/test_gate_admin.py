@@ -19,7 +19,7 @@ import httpx
 import pytest
 import torch
 from conftest import ADMIN_KEY
-from server_harness import ENSEMBLE
+from server_harness import ENSEMBLE, post_gate
 from test_routed_mixture_report import offline_weights
 
 from gatemix.engine.composite_folder import GATE_SUBDIR
@@ -43,11 +43,6 @@ def gates(routed_server, demo_paths, tmp_path_factory):
     (root / "corrupt" / "router.safetensors").write_bytes(b"\0" * 8)
     original = load_router(routed_server.model_dir / GATE_SUBDIR)
     return root, constant.version, original.version
-
-
-def _post(url: str, path, headers=ADMIN) -> httpx.Response:
-    return httpx.post(f"{url}/admin/gate", json={"path": None if path is None else str(path)},
-                      headers=headers, timeout=120)
 
 
 def _served_version(url: str) -> str:
@@ -88,7 +83,7 @@ def test_a_reload_under_load_spares_streams_in_flight_and_serves_new_requests(
     stream.start()
     try:
         assert started.wait(60)
-        response = _post(url, root / "constant")
+        response = post_gate(url, root / "constant", ADMIN)
         assert response.status_code == 200, response.text
         assert response.json() == {"version": new_version, "method": "constant", "previous_version": original}
         stream.join(120)
@@ -100,7 +95,7 @@ def test_a_reload_under_load_spares_streams_in_flight_and_serves_new_requests(
         served = _gate_info(url)  # other tests on this server may have swapped gates in and out too
         assert served[original] == 0.0 and served[new_version] == 1.0 and sum(served.values()) == 1.0
     finally:
-        assert _post(url, routed_server.model_dir / GATE_SUBDIR).status_code == 200
+        assert post_gate(url, routed_server.model_dir / GATE_SUBDIR, ADMIN).status_code == 200
 
     chunks = results["in flight"]
     assert {c.choices[0].model_extra["mixture"]["gate_version"] for c in chunks if c.choices} == {original}
@@ -125,7 +120,7 @@ def test_a_reload_under_load_spares_streams_in_flight_and_serves_new_requests(
 ])
 def test_a_bad_gate_is_refused_and_the_old_one_serves(routed_server, routed_client, gates, artifact, status, fragment):
     root, _, original = gates
-    response = _post(routed_server.base_url, root / artifact)
+    response = post_gate(routed_server.base_url, root / artifact, ADMIN)
     assert response.status_code == status and fragment in response.json()["error"]["message"]
     assert response.json()["error"]["param"] == "path"
     assert _served_version(routed_server.base_url) == original
@@ -137,8 +132,8 @@ def test_a_bad_gate_is_refused_and_the_old_one_serves(routed_server, routed_clie
 def test_the_admin_api_takes_its_own_key(routed_server, gates):
     # A server started without --admin-key refuses it with 403: test_auth.py.
     root, _, original = gates
-    assert _post(routed_server.base_url, root / "constant", headers={}).status_code == 401
-    assert _post(routed_server.base_url, root / "constant", headers={"Authorization": "Bearer no"}).status_code == 401
+    assert post_gate(routed_server.base_url, root / "constant", {}).status_code == 401
+    assert post_gate(routed_server.base_url, root / "constant", {"Authorization": "Bearer no"}).status_code == 401
     assert _served_version(routed_server.base_url) == original
 
 
@@ -154,5 +149,5 @@ def test_sighup_rereads_the_configured_artifact(routed_server, gates):
             time.sleep(0.2)
         assert _served_version(url) == new_version
     finally:
-        assert _post(url, routed_server.model_dir / GATE_SUBDIR).status_code == 200
+        assert post_gate(url, routed_server.model_dir / GATE_SUBDIR, ADMIN).status_code == 200
     assert _served_version(url) == original
